@@ -1,0 +1,209 @@
+//! The envelopes that travel between gateways and logic servers.
+//!
+//! Each envelope is a MessagePack map with named fields (see [`crate::codec`]), so a
+//! newer peer can add optional fields that an older one ignores. Every envelope starts
+//! with `v`, the [`ProtocolVersion`] of its writer.
+//!
+//! Bodies are opaque bytes: the gateway puts the client's JSON there verbatim and the
+//! handler's JSON answer comes back the same way. The codec therefore never parses
+//! user-controlled structure, only the envelope's own fixed shape.
+//!
+//! Later envelopes (context deltas and snapshots, heartbeats, control messages) sit
+//! beside these two, each with its own `v` and its own [`Envelope::KIND`].
+
+use crate::version::ProtocolVersion;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A message type of the protocol.
+pub trait Envelope: Serialize + DeserializeOwned {
+    /// A short name used in error messages and logs, e.g. `"request"`.
+    const KIND: &'static str;
+
+    /// The protocol version the writer of this message spoke.
+    fn version(&self) -> ProtocolVersion;
+}
+
+/// A call of one handler, published by a gateway (or the client API) and consumed by
+/// exactly one logic server.
+///
+/// ```
+/// use keelson_protocol::{Request, decode, encode};
+///
+/// let req = Request::new("r-1", "echo", br#"{"hi":1}"#.to_vec(), 1_700_000_000_000);
+/// let bytes = encode(&req).unwrap();
+/// let back: Request = decode(&bytes).unwrap();
+/// assert_eq!(back, req);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version of the writer.
+    pub v: ProtocolVersion,
+    /// Unique id of this request; the reply carries the same id. The gateway uses the
+    /// HTTP `X-Request-Id`.
+    pub id: String,
+    /// Name of the handler to run, e.g. `counter.increment`. Also the routing key.
+    pub handler: String,
+    /// The verified user this request acts for, or `None` when anonymous. Only a
+    /// gateway that verified a token may set it.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// An opaque session id, when the client has one.
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Absolute deadline, milliseconds since the Unix epoch. Work not finished by then
+    /// is abandoned; its reply would be discarded anyway.
+    pub deadline_unix_ms: u64,
+    /// 1 for the first attempt; a retry by the caller increments it.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+    /// A caller-chosen key that makes retries of one logical operation recognisable.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Trace context and other propagated metadata (`traceparent`, ...).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The request body: UTF-8 JSON, as the client sent it.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+impl Request {
+    /// A first-attempt request with no user, session or headers.
+    pub fn new(
+        id: impl Into<String>,
+        handler: impl Into<String>,
+        body: Vec<u8>,
+        deadline_unix_ms: u64,
+    ) -> Self {
+        Self {
+            v: ProtocolVersion::CURRENT,
+            id: id.into(),
+            handler: handler.into(),
+            user: None,
+            session: None,
+            deadline_unix_ms,
+            attempt: 1,
+            idempotency_key: None,
+            headers: BTreeMap::new(),
+            body,
+        }
+    }
+}
+
+impl Envelope for Request {
+    const KIND: &'static str = "request";
+    fn version(&self) -> ProtocolVersion {
+        self.v
+    }
+}
+
+/// How a request ended, as the logic server saw it.
+///
+/// Each status maps to one HTTP status at the gateway; unknown statuses written by a
+/// newer peer decode as [`ReplyStatus::Unknown`] (served as a handler failure) rather
+/// than failing the whole reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ReplyStatus {
+    /// The handler succeeded; `body` is its JSON answer.
+    Ok,
+    /// The handler rejected the input.
+    BadRequest,
+    /// The handler needs a verified user and the request had none.
+    Unauthorized,
+    /// The handler refused the verified user.
+    Forbidden,
+    /// No handler of that name on the server that took the request.
+    NotFound,
+    /// A client-visible conflict (e.g. a state precondition failed).
+    Conflict,
+    /// The user's context would exceed its size limit.
+    PayloadTooLarge,
+    /// The handler failed or panicked.
+    HandlerError,
+    /// The deadline passed while the handler ran.
+    Timeout,
+    /// The server could not take the work.
+    Overloaded,
+    /// A status this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A machine-readable error code and a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Stable, snake_case code, e.g. `unknown_handler`.
+    pub code: String,
+    /// Human-readable explanation, safe to show to the caller.
+    pub message: String,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Protocol version of the writer.
+    pub v: ProtocolVersion,
+    /// The id of the request this answers.
+    pub id: String,
+    /// How the request ended.
+    pub status: ReplyStatus,
+    /// On [`ReplyStatus::Ok`], the handler's JSON answer; empty otherwise.
+    #[serde(with = "serde_bytes", default)]
+    pub body: Vec<u8>,
+    /// On any other status, what went wrong.
+    #[serde(default)]
+    pub error: Option<ErrorInfo>,
+    /// Node id of the logic server that produced the reply.
+    #[serde(default)]
+    pub served_by: String,
+}
+
+impl Reply {
+    /// A successful reply carrying a JSON body.
+    pub fn ok(id: impl Into<String>, body: Vec<u8>, served_by: impl Into<String>) -> Self {
+        Self {
+            v: ProtocolVersion::CURRENT,
+            id: id.into(),
+            status: ReplyStatus::Ok,
+            body,
+            error: None,
+            served_by: served_by.into(),
+        }
+    }
+
+    /// A failed reply.
+    pub fn error(
+        id: impl Into<String>,
+        status: ReplyStatus,
+        code: impl Into<String>,
+        message: impl Into<String>,
+        served_by: impl Into<String>,
+    ) -> Self {
+        Self {
+            v: ProtocolVersion::CURRENT,
+            id: id.into(),
+            status,
+            body: Vec::new(),
+            error: Some(ErrorInfo {
+                code: code.into(),
+                message: message.into(),
+            }),
+            served_by: served_by.into(),
+        }
+    }
+}
+
+impl Envelope for Reply {
+    const KIND: &'static str = "reply";
+    fn version(&self) -> ProtocolVersion {
+        self.v
+    }
+}

@@ -1,0 +1,23 @@
+//! The wire contract of Keelson.
+//!
+//! Everything that crosses a process boundary is defined here and nowhere else:
+//!
+//! * [`envelope`]: the messages ([`Request`], [`Reply`]) and the protocol version
+//!   each carries;
+//! * [`codec`]: the one [`encode`]/[`decode`] pair (MessagePack with named fields),
+//!   bounded so that untrusted bytes can never panic or exhaust the decoder;
+//! * [`transport`]: the [`Transport`] trait family for the messaging patterns the
+//!   mesh uses, and its implementations.
+//!
+//! This crate never depends on HTTP or on the handler API: it is what handler
+//! authors and peers written in other languages read.
+
+pub mod codec;
+pub mod envelope;
+pub mod transport;
+pub mod version;
+
+pub use codec::{DecodeError, EncodeError, decode, encode};
+pub use envelope::{ErrorInfo, Reply, ReplyStatus, Request};
+pub use transport::{Transport, TransportConfig};
+pub use version::ProtocolVersion;

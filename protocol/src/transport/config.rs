@@ -1,0 +1,49 @@
+//! Choosing a transport by configuration: one enum arm per implementation.
+
+use super::Transport;
+use super::TransportError;
+use super::memory::MemoryTransport;
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// The `[transport]` section of every Keelson configuration file.
+///
+/// ```toml
+/// [transport]
+/// kind = "memory"
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum TransportConfig {
+    /// In-process queues: gateway and logic server share one process.
+    Memory(MemoryConfig),
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig::Memory(MemoryConfig::default())
+    }
+}
+
+/// Settings of the in-memory transport.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {}
+
+impl TransportConfig {
+    /// Build the configured transport. `node_id` names this process to the broker.
+    pub async fn build(&self, node_id: &str) -> Result<Arc<dyn Transport>, TransportError> {
+        let _ = node_id;
+        match self {
+            TransportConfig::Memory(_) => Ok(Arc::new(MemoryTransport::new())),
+        }
+    }
+
+    /// Short name of the transport kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TransportConfig::Memory(_) => "memory",
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The conformance suite every [`Transport`] must pass.
+//!
+//! Each check is a plain async function taking a fresh, isolated transport (its own
+//! queues, its own channels). [`crate::transport_conformance_tests!`] turns them into
+//! `#[tokio::test]`s for one implementation:
+//!
+//! ```ignore
+//! keelson_protocol::transport_conformance_tests!(my_transport_factory().await);
+//! ```
+//!
+//! The suite asserts what a user of the mesh observes: that a request gets its one
+//! reply, that each message reaches one consumer, that settling works, that pausing
+//! hands work to peers, and that broadcasts reach every subscriber.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use super::{DEAD_LETTER_REASON_HEADER, Message, RequestError, ServiceSpec, Transport};
+use bytes::Bytes;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a check waits for something that should happen promptly.
+const PROMPT: Duration = Duration::from_secs(5);
+/// How long a check watches for something that must not happen.
+const QUIET: Duration = Duration::from_millis(300);
+
+fn service(name: &str, routes: &[&str]) -> ServiceSpec {
+    ServiceSpec {
+        name: name.to_owned(),
+        routes: routes.iter().map(|r| (*r).to_owned()).collect(),
+    }
+}
+
+fn soon() -> Instant {
+    Instant::now() + PROMPT
+}
+
+async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(PROMPT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A consumer that replies to every request with the payload prefixed by `tag`.
+fn spawn_echo(consumer: Box<dyn super::Consumer>, tag: &'static str) {
+    let mut consumer = consumer;
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let mut out = tag.as_bytes().to_vec();
+            out.extend_from_slice(&d.payload);
+            d.reply(out).await.unwrap();
+            d.ack().await.unwrap();
+        }
+    });
+}
+
+pub async fn request_reply_round_trip(t: Arc<dyn Transport>) {
+    t.declare_service(&service("svc", &["echo"])).await.unwrap();
+    spawn_echo(t.consume("svc", 4).await.unwrap(), "re:");
+    let reply = t
+        .request("echo", Message::new(&b"hello"[..]), soon())
+        .await
+        .unwrap();
+    assert_eq!(reply, Bytes::from_static(b"re:hello"));
+}
+
+pub async fn concurrent_requests_get_their_own_replies(t: Arc<dyn Transport>) {
+    t.declare_service(&service("svc", &["echo"])).await.unwrap();
+    spawn_echo(t.consume("svc", 8).await.unwrap(), "");
+    spawn_echo(t.consume("svc", 8).await.unwrap(), "");
+    let calls = (0..64).map(|i| {
+        let t = t.clone();
+        async move {
+            let body = format!("m{i}");
+            let reply = t
+                .request("echo", Message::new(body.clone().into_bytes()), soon())
+                .await
+                .unwrap();
+            assert_eq!(reply, Bytes::from(body));
+        }
+    });
+    within("64 replies", futures_join_all(calls)).await;
+}
+
+pub async fn unbound_route_is_unroutable_at_once(t: Arc<dyn Transport>) {
+    t.declare_service(&service("svc", &["echo"])).await.unwrap();
+    let started = Instant::now();
+    let err = t
+        .request("nobody.serves.this", Message::new(&b"x"[..]), soon())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RequestError::Unroutable(_)), "got {err:?}");
+    assert!(started.elapsed() < PROMPT / 2, "unroutable took {:?}", started.elapsed());
+}
+
+pub async fn request_without_reply_times_out_at_deadline(t: Arc<dyn Transport>) {
+    t.declare_service(&service("svc", &["silent"])).await.unwrap();
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(300);
+    let err = t
+        .request("silent", Message::new(&b"x"[..]), deadline)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RequestError::Timeout), "got {err:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(290), "returned early: {took:?}");
+    assert!(took < Duration::from_secs(2), "returned late: {took:?}");
+}
+
+pub async fn expired_request_is_not_delivered(t: Arc<dyn Transport>) {
+    t.declare_service(&service("svc", &["late"])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let err = t
+        .request("late", Message::new(&b"stale"[..]), deadline)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RequestError::Timeout), "got {err:?}");
+    // A consumer that arrives after the deadline must not see the stale request.
+    let mut c = t.consume("svc", 1).await.unwrap();
+    let got = tokio::time::timeout(QUIET, c.next()).await;
+    assert!(got.is_err(), "an expired request was delivered: {got:?}");
+}
+
+pub async fn late_reply_is_discarded(t: Arc<dyn Transport>) {
+    t.declare_service(&service("svc", &["slow"])).await.unwrap();
+    let mut c = t.consume("svc", 1).await.unwrap();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let req = {
+        let t = t.clone();
+        tokio::spawn(async move { t.request("slow", Message::new(&b"1"[..]), deadline).await })
+    };
+    let d = within("delivery", c.next()).await.unwrap().unwrap();
+    let err = req.await.unwrap().unwrap_err();
+    assert!(matches!(err, RequestError::Timeout), "got {err:?}");
+    // Replying after the requester gave up is not an error for the replier.
+    d.reply(&b"too late"[..]).await.unwrap();
+    d.ack().await.unwrap();
+    // And the next request still gets its own reply, not the stale one.
+    spawn_echo(c, "fresh:");
+    let reply = t.request("slow", Message::new(&b"2"[..]), soon()).await.unwrap();
+    assert_eq!(reply, Bytes::from_static(b"fresh:2"));
+}
+
+pub async fn competing_consumers_each_message_once(t: Arc<dyn Transport>) {
+    t.declare_service(&service("work", &["job"])).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for consumer_no in 0..3 {
+        let mut c = t.consume("work", 2).await.unwrap();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = c.next().await {
+                tx.send((consumer_no, d.payload.clone())).unwrap();
+                d.reply(&b"ok"[..]).await.unwrap();
+                d.ack().await.unwrap();
+            }
+        });
+    }
+    drop(tx);
+    let n = 90;
+    let calls = (0..n).map(|i| {
+        let t = t.clone();
+        async move {
+            t.request("job", Message::new(format!("{i}").into_bytes()), soon())
+                .await
+                .unwrap()
+        }
+    });
+    within("all jobs", futures_join_all(calls)).await;
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let (_, payload) = within("consumption record", rx.recv()).await.unwrap();
+        assert!(seen.insert(payload.clone()), "delivered twice: {payload:?}");
+    }
+    assert_eq!(seen.len(), n);
+    let extra = tokio::time::timeout(QUIET, rx.recv()).await;
+    assert!(!matches!(extra, Ok(Some(_))), "a message was consumed twice");
+}
+
+pub async fn prefetch_limits_unsettled_deliveries(t: Arc<dyn Transport>) {
+    t.declare_service(&service("pf", &["pf"])).await.unwrap();
+    let mut c = t.consume("pf", 2).await.unwrap();
+    for i in 0..3 {
+        let t = t.clone();
+        tokio::spawn(async move {
+            let _ = t.request("pf", Message::new(format!("{i}").into_bytes()), soon()).await;
+        });
+    }
+    let a = within("first", c.next()).await.unwrap().unwrap();
+    let _b = within("second", c.next()).await.unwrap().unwrap();
+    let third = tokio::time::timeout(QUIET, c.next()).await;
+    assert!(third.is_err(), "a third delivery arrived while two were unsettled");
+    a.ack().await.unwrap();
+    let _c = within("third after an ack", c.next()).await.unwrap().unwrap();
+}
+
+pub async fn requeue_redelivers(t: Arc<dyn Transport>) {
+    t.declare_service(&service("rq", &["rq"])).await.unwrap();
+    let mut c = t.consume("rq", 1).await.unwrap();
+    let req = {
+        let t = t.clone();
+        tokio::spawn(async move { t.request("rq", Message::new(&b"again"[..]), soon()).await })
+    };
+    let first = within("delivery", c.next()).await.unwrap().unwrap();
+    assert!(!first.redelivered);
+    first.requeue().await.unwrap();
+    let second = within("redelivery", c.next()).await.unwrap().unwrap();
+    assert!(second.redelivered, "a requeued message must be marked redelivered");
+    assert_eq!(second.payload, Bytes::from_static(b"again"));
+    second.reply(&b"done"[..]).await.unwrap();
+    second.ack().await.unwrap();
+    assert_eq!(req.await.unwrap().unwrap(), Bytes::from_static(b"done"));
+}
+
+pub async fn dropped_delivery_is_requeued(t: Arc<dyn Transport>) {
+    t.declare_service(&service("dr", &["dr"])).await.unwrap();
+    let mut c = t.consume("dr", 1).await.unwrap();
+    let req = {
+        let t = t.clone();
+        tokio::spawn(async move { t.request("dr", Message::new(&b"x"[..]), soon()).await })
+    };
+    drop(within("delivery", c.next()).await.unwrap().unwrap());
+    let again = within("redelivery", c.next()).await.unwrap().unwrap();
+    assert!(again.redelivered);
+    again.reply(&b"y"[..]).await.unwrap();
+    again.ack().await.unwrap();
+    assert_eq!(req.await.unwrap().unwrap(), Bytes::from_static(b"y"));
+}
+
+pub async fn reject_dead_letters_with_reason(t: Arc<dyn Transport>) {
+    t.declare_service(&service("dl", &["dl"])).await.unwrap();
+    let mut dead = t.consume_dead_letters(10).await.unwrap();
+    let mut c = t.consume("dl", 1).await.unwrap();
+    let mut msg = Message::new(&b"poison"[..]);
+    msg.headers.insert("x-test".into(), "kept".into());
+    let t2 = t.clone();
+    let req = tokio::spawn(async move {
+        t2.request("dl", msg, Instant::now() + Duration::from_millis(500)).await
+    });
+    let d = within("delivery", c.next()).await.unwrap().unwrap();
+    d.reject("cannot decode: test").await.unwrap();
+    // Rejected messages are never retried on the service queue.
+    let retried = tokio::time::timeout(QUIET, c.next()).await;
+    assert!(retried.is_err(), "a rejected message came back: {retried:?}");
+    let mut found = false;
+    while !found {
+        let dl = within("dead letter", dead.next()).await.unwrap().unwrap();
+        if dl.payload == Bytes::from_static(b"poison") {
+            assert_eq!(
+                dl.headers.get(DEAD_LETTER_REASON_HEADER).map(String::as_str),
+                Some("cannot decode: test")
+            );
+            assert_eq!(dl.headers.get("x-test").map(String::as_str), Some("kept"));
+            found = true;
+        }
+        dl.ack().await.unwrap();
+    }
+    assert!(matches!(req.await.unwrap(), Err(RequestError::Timeout)));
+}
+
+pub async fn paused_consumer_leaves_work_to_peers(t: Arc<dyn Transport>) {
+    t.declare_service(&service("pz", &["pz"])).await.unwrap();
+    let mut busy = t.consume("pz", 4).await.unwrap();
+    busy.pause().await.unwrap();
+    assert!(busy.is_paused());
+    spawn_echo(t.consume("pz", 4).await.unwrap(), "peer:");
+    for i in 0..20 {
+        let reply = t
+            .request("pz", Message::new(format!("{i}").into_bytes()), soon())
+            .await
+            .unwrap();
+        assert_eq!(reply, Bytes::from(format!("peer:{i}")));
+    }
+    let got = tokio::time::timeout(QUIET, busy.next()).await;
+    assert!(got.is_err(), "a paused consumer received a delivery");
+    busy.resume().await.unwrap();
+    assert!(!busy.is_paused());
+}
+
+pub async fn resumed_consumer_takes_work_again(t: Arc<dyn Transport>) {
+    t.declare_service(&service("rs", &["rs"])).await.unwrap();
+    let mut c = t.consume("rs", 4).await.unwrap();
+    c.pause().await.unwrap();
+    let req = {
+        let t = t.clone();
+        tokio::spawn(async move { t.request("rs", Message::new(&b"waiting"[..]), soon()).await })
+    };
+    // The request waits on the queue while the only consumer is paused ...
+    let got = tokio::time::timeout(QUIET, c.next()).await;
+    assert!(got.is_err(), "a paused consumer received a delivery");
+    // ... and is served once it resumes.
+    c.resume().await.unwrap();
+    let d = within("delivery after resume", c.next()).await.unwrap().unwrap();
+    assert_eq!(d.payload, Bytes::from_static(b"waiting"));
+    d.reply(&b"served"[..]).await.unwrap();
+    d.ack().await.unwrap();
+    assert_eq!(req.await.unwrap().unwrap(), Bytes::from_static(b"served"));
+}
+
+pub async fn fanout_reaches_every_subscriber(t: Arc<dyn Transport>) {
+    let mut a = t.subscribe("events").await.unwrap();
+    let mut b = t.subscribe("events").await.unwrap();
+    let mut other = t.subscribe("other").await.unwrap();
+    for i in 0..10u8 {
+        let mut m = Message::new(vec![i]);
+        m.headers.insert("n".into(), i.to_string());
+        t.broadcast("events", m).await.unwrap();
+    }
+    for sub in [&mut a, &mut b] {
+        for i in 0..10u8 {
+            let m = within("broadcast", sub.next()).await.unwrap();
+            assert_eq!(m.payload, Bytes::from(vec![i]), "out of order or lost");
+            assert_eq!(m.headers.get("n"), Some(&i.to_string()));
+        }
+    }
+    let leak = tokio::time::timeout(QUIET, other.next()).await;
+    assert!(leak.is_err(), "a broadcast leaked to another channel");
+}
+
+pub async fn headers_travel_with_requests(t: Arc<dyn Transport>) {
+    t.declare_service(&service("hd", &["hd"])).await.unwrap();
+    let mut c = t.consume("hd", 1).await.unwrap();
+    let mut m = Message::new(&b"h"[..]);
+    m.headers.insert("traceparent".into(), "00-abc-def-01".into());
+    let req = {
+        let t = t.clone();
+        tokio::spawn(async move { t.request("hd", m, soon()).await })
+    };
+    let d = within("delivery", c.next()).await.unwrap().unwrap();
+    assert_eq!(
+        d.headers.get("traceparent").map(String::as_str),
+        Some("00-abc-def-01")
+    );
+    assert!(d.expects_reply);
+    d.reply(&b"ok"[..]).await.unwrap();
+    d.ack().await.unwrap();
+    req.await.unwrap().unwrap();
+}
+
+pub async fn closed_transport_ends_consumers(t: Arc<dyn Transport>) {
+    t.declare_service(&service("cl", &["cl"])).await.unwrap();
+    let mut c = t.consume("cl", 1).await.unwrap();
+    let mut s = t.subscribe("cl-events").await.unwrap();
+    t.close().await;
+    assert!(within("consumer end", c.next()).await.is_none());
+    assert!(within("subscription end", s.next()).await.is_none());
+    assert!(!t.is_ready());
+    let err = t.request("cl", Message::new(&b"x"[..]), soon()).await.unwrap_err();
+    assert!(matches!(err, RequestError::Unavailable(_)), "got {err:?}");
+}
+
+async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("a conformance task panicked"));
+    }
+    out
+}
+
+/// Generate one `#[tokio::test]` per conformance check for the transport that
+/// `$make` (an expression, may use `.await`) builds afresh for each test.
+#[macro_export]
+macro_rules! transport_conformance_tests {
+    ($make:expr) => {
+        $crate::transport_conformance_tests!(@tests $make;
+            request_reply_round_trip,
+            concurrent_requests_get_their_own_replies,
+            unbound_route_is_unroutable_at_once,
+            request_without_reply_times_out_at_deadline,
+            expired_request_is_not_delivered,
+            late_reply_is_discarded,
+            competing_consumers_each_message_once,
+            prefetch_limits_unsettled_deliveries,
+            requeue_redelivers,
+            dropped_delivery_is_requeued,
+            reject_dead_letters_with_reason,
+            paused_consumer_leaves_work_to_peers,
+            resumed_consumer_takes_work_again,
+            fanout_reaches_every_subscriber,
+            headers_travel_with_requests,
+            closed_transport_ends_consumers,
+        );
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let transport: ::std::sync::Arc<dyn $crate::transport::Transport> = $make;
+                $crate::transport::conformance::$name(transport.clone()).await;
+                transport.close().await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,116 @@
+//! A message handed to a consumer, and how it is settled.
+
+use super::{Headers, TransportError};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::fmt;
+
+/// How a delivery ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: remove it from the queue.
+    Ack,
+    /// Not processed: put it back for any consumer (marked redelivered).
+    Requeue,
+    /// Unprocessable: move it to the dead-letter queue with this reason; never retried.
+    Reject {
+        /// Why, for the operator reading the dead-letter queue.
+        reason: String,
+    },
+}
+
+/// The transport-specific half of a [`Delivery`]: how to reply and settle.
+///
+/// Implemented by each transport; handler code never sees it.
+#[async_trait]
+pub trait Settle: Send + Sync + fmt::Debug {
+    /// Publish `payload` to the requester's reply address, if the message has one.
+    /// A reply nobody awaits any longer is discarded without error.
+    async fn reply(&self, payload: Bytes) -> Result<(), TransportError>;
+
+    /// Settle the delivery. Called at most once.
+    async fn settle(&self, outcome: Outcome) -> Result<(), TransportError>;
+
+    /// The delivery was dropped unsettled: requeue it without waiting.
+    fn abandon(&self);
+}
+
+/// A message taken from a service queue by one consumer.
+///
+/// Settle it exactly once: [`ack`](Delivery::ack), [`requeue`](Delivery::requeue) or
+/// [`reject`](Delivery::reject). Dropping it unsettled requeues it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The encoded envelope.
+    pub payload: Bytes,
+    /// Message headers.
+    pub headers: Headers,
+    /// Whether this message was delivered before (requeued or its consumer died).
+    pub redelivered: bool,
+    /// Whether the sender awaits a reply.
+    pub expects_reply: bool,
+    settle: Option<Box<dyn Settle>>,
+}
+
+impl Delivery {
+    /// Assemble a delivery; used by transport implementations.
+    pub fn new(
+        payload: Bytes,
+        headers: Headers,
+        redelivered: bool,
+        expects_reply: bool,
+        settle: Box<dyn Settle>,
+    ) -> Self {
+        Self {
+            payload,
+            headers,
+            redelivered,
+            expects_reply,
+            settle: Some(settle),
+        }
+    }
+
+    /// Send `payload` to whoever awaits the reply. Does not settle the delivery: the
+    /// contract is reply first, then ack, so that a crash in between leads to a
+    /// redelivery rather than a lost answer.
+    pub async fn reply(&self, payload: impl Into<Bytes>) -> Result<(), TransportError> {
+        match &self.settle {
+            Some(s) if self.expects_reply => s.reply(payload.into()).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Remove the message from the queue.
+    pub async fn ack(self) -> Result<(), TransportError> {
+        self.finish(Outcome::Ack).await
+    }
+
+    /// Put the message back on its queue for any consumer.
+    pub async fn requeue(self) -> Result<(), TransportError> {
+        self.finish(Outcome::Requeue).await
+    }
+
+    /// Move the message to the dead-letter queue with `reason`; it is never retried.
+    pub async fn reject(self, reason: impl Into<String>) -> Result<(), TransportError> {
+        self.finish(Outcome::Reject {
+            reason: reason.into(),
+        })
+        .await
+    }
+
+    /// Settle with an explicit outcome.
+    pub async fn finish(mut self, outcome: Outcome) -> Result<(), TransportError> {
+        match self.settle.take() {
+            Some(s) => s.settle(outcome).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(s) = self.settle.take() {
+            s.abandon();
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The transport abstraction: the messaging patterns of the mesh, independent of any
+//! broker.
+//!
+//! A [`Transport`] carries four patterns:
+//!
+//! * **request/reply** ([`Transport::request`]): a message is routed by its route (the
+//!   handler name) to the service queue bound for it, consumed by exactly one
+//!   consumer, and its reply is awaited until a deadline;
+//! * **competing consumption** ([`Transport::consume`]): every message of a service
+//!   queue goes to exactly one of its consumers, each consumer holding at most
+//!   `prefetch` unsettled deliveries; deliveries are settled by ack, requeue, or
+//!   reject-to-dead-letter; intake can be paused and resumed;
+//! * **fanout broadcast** ([`Transport::broadcast`] / [`Transport::subscribe`]): every
+//!   current subscriber of a channel receives every message published after it
+//!   subscribed (context deltas, heartbeats, control);
+//! * **dead letters** ([`Transport::consume_dead_letters`]): what consumers rejected,
+//!   with the reason in the [`DEAD_LETTER_REASON_HEADER`] header.
+//!
+//! Which implementation runs is chosen by configuration alone, through
+//! [`TransportConfig`]. Every implementation passes the same conformance suite
+//! (`conformance` feature, [`crate::transport_conformance_tests!`]).
+
+mod config;
+mod delivery;
+mod error;
+pub mod memory;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use config::{MemoryConfig, TransportConfig};
+pub use delivery::{Delivery, Outcome, Settle};
+pub use error::{RequestError, TransportError};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::fmt;
+use tokio::time::Instant;
+
+/// Message metadata carried beside the payload (AMQP headers).
+pub type Headers = BTreeMap<String, String>;
+
+/// Header set on a dead-lettered message: why it was rejected.
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-keelson-dead-letter-reason";
+
+/// A message as the transport carries it: opaque payload plus headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    /// The encoded envelope.
+    pub payload: Bytes,
+    /// Metadata; keys are lowercase by convention.
+    pub headers: Headers,
+}
+
+impl Message {
+    /// A message with no headers.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self {
+            payload: payload.into(),
+            headers: Headers::new(),
+        }
+    }
+}
+
+/// A service: one queue, consumed by the logic servers hosting that service, bound by
+/// the routes (handler names) they serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Service name; the queue is named after it.
+    pub name: String,
+    /// Routes (handler names) whose requests land on this queue.
+    pub routes: Vec<String>,
+}
+
+/// A transport: the only way components of the mesh talk to each other.
+///
+/// Implementations are cheap to share (`Arc<dyn Transport>`) and safe to call from
+/// many tasks at once. All methods are cancel-safe unless they say otherwise.
+#[async_trait]
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// Declare the queue of `service` and bind it to each of its routes.
+    ///
+    /// Idempotent: declaring the same service again (with the same or more routes) is
+    /// not an error; bindings are only ever added.
+    async fn declare_service(&self, service: &ServiceSpec) -> Result<(), TransportError>;
+
+    /// Publish `message` on `route` and wait for the one reply to it until `deadline`.
+    ///
+    /// * [`RequestError::Unroutable`] at once when no queue is bound for `route`;
+    /// * [`RequestError::Timeout`] when no reply arrived before `deadline`; the message
+    ///   expires on its queue at the deadline and a reply arriving later is discarded;
+    /// * [`RequestError::Unavailable`] when the transport cannot carry traffic now.
+    ///
+    /// A request that finds a queue but no consumer waits there until a consumer
+    /// takes it or its deadline passes.
+    async fn request(
+        &self,
+        route: &str,
+        message: Message,
+        deadline: Instant,
+    ) -> Result<Bytes, RequestError>;
+
+    /// Start consuming the queue of `service`, holding at most `prefetch` unsettled
+    /// deliveries at a time (`prefetch` is at least 1).
+    ///
+    /// The service must have been declared with [`Transport::declare_service`].
+    async fn consume(
+        &self,
+        service: &str,
+        prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, TransportError>;
+
+    /// Publish `message` to every current subscriber of the fanout `channel`.
+    ///
+    /// Publishing to a channel nobody subscribes to succeeds and the message is gone.
+    async fn broadcast(&self, channel: &str, message: Message) -> Result<(), TransportError>;
+
+    /// Subscribe to the fanout `channel`: every message broadcast after this returns is
+    /// delivered to the subscription, in publish order per publisher.
+    async fn subscribe(&self, channel: &str) -> Result<Box<dyn Subscription>, TransportError>;
+
+    /// Consume the dead-letter queue: messages rejected with [`Delivery::reject`],
+    /// carrying their reason in [`DEAD_LETTER_REASON_HEADER`].
+    async fn consume_dead_letters(
+        &self,
+        prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, TransportError>;
+
+    /// Whether the transport can carry traffic now (used by readiness probes).
+    fn is_ready(&self) -> bool;
+
+    /// Close the transport: consumers and subscriptions end (their `next` returns
+    /// `None`), pending requests fail with [`RequestError::Unavailable`].
+    async fn close(&self);
+}
+
+/// The receiving end of a service queue (see [`Transport::consume`]).
+///
+/// Every message of the queue is delivered to exactly one consumer. A delivery stays
+/// with its consumer until settled ([`Delivery::ack`], [`Delivery::requeue`],
+/// [`Delivery::reject`]); dropping it unsettled, or closing the transport, requeues it,
+/// so at-least-once delivery holds: a consumer must expect redeliveries.
+#[async_trait]
+pub trait Consumer: Send + fmt::Debug {
+    /// The next delivery; waits while none is available, while `prefetch` deliveries
+    /// are unsettled, or while paused. `None` once the transport is closed.
+    ///
+    /// Cancel-safe: dropping the future never loses a message.
+    async fn next(&mut self) -> Option<Result<Delivery, TransportError>>;
+
+    /// Stop intake: after this returns, no new message is assigned to this consumer
+    /// and peers receive them instead. Deliveries already handed out stay valid.
+    async fn pause(&mut self) -> Result<(), TransportError>;
+
+    /// Resume intake after [`Consumer::pause`]. Resuming a running consumer is a no-op.
+    async fn resume(&mut self) -> Result<(), TransportError>;
+
+    /// Whether intake is paused.
+    fn is_paused(&self) -> bool;
+}
+
+/// The receiving end of a fanout channel (see [`Transport::subscribe`]).
+#[async_trait]
+pub trait Subscription: Send + fmt::Debug {
+    /// The next broadcast message; `None` once the transport is closed.
+    ///
+    /// Cancel-safe.
+    async fn next(&mut self) -> Option<Message>;
+}

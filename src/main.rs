@@ -1,1 +1,77 @@
-fn main() {}
+//! `keelson`: runs the embedded mesh, and the operator commands.
+
+use clap::{Parser, Subcommand};
+use keelson::run::{Role, run, shutdown_signal};
+use keelson::settings::{self, Source};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Keelson: a message-broker-driven service mesh.
+///
+/// Without a command, runs the embedded mesh: gateway and logic server in one
+/// process over the transport of the configuration (in memory by default).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file; default config/keelson.toml.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the embedded mesh (the default).
+    Run,
+    /// Print a bearer token for USER that the configured gateway accepts.
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds; default `auth.token_ttl_s`.
+        #[arg(long)]
+        ttl_s: Option<u64>,
+    },
+    /// List the handlers linked into this binary.
+    Handlers,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keelson: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    keelson::link_plugins();
+    let source = Source::resolve(cli.config);
+    let config = settings::load(&source)?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            keelson::telemetry::init(&config.log);
+            if matches!(source, Source::Builtin) {
+                tracing::info!("{} not found; using the built-in copy", settings::DEFAULT_CONFIG);
+            }
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(run(config, Role::Embedded, shutdown_signal()))?;
+        }
+        Command::Token { user, ttl_s } => {
+            let secret = config.auth.load_secret()?;
+            let ttl = Duration::from_secs(ttl_s.unwrap_or(config.auth.token_ttl_s));
+            println!("{}", keelson_ui_gateway::issue_token(&secret, &user, ttl)?);
+        }
+        Command::Handlers => {
+            for (name, plugin) in keelson_logic_server::Registry::available() {
+                println!("{name:24} {}", plugin.description);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

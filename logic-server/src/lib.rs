@@ -1,1 +1,48 @@
+//! The logic server: where handlers run.
+//!
+//! A logic server consumes the queue of its service from the configured transport,
+//! runs each request in its own task under a concurrency limit, and replies. It hosts
+//! handler plugins: crates that register [`Handler`]s with [`register_handler!`];
+//! the configuration enables them by name and gives each its settings.
+//!
+//! * [`handler`]: the [`Handler`] trait, [`RequestCtx`], [`Response`], [`HandlerError`];
+//! * [`context`]: the per-user context handlers read and write ([`UserContext`]),
+//!   behind the [`ContextStore`] trait; [`LocalContextStore`] keeps it in this process;
+//! * [`plugin`]: registration of handler plugins and the [`Registry`] built from config;
+//! * [`server`]: the consume loop, deadlines, panics, drain on shutdown.
+//!
+//! # Writing a handler
+//!
+//! ```
+//! use keelson_logic_server::{Handler, HandlerError, RequestCtx, Response, async_trait};
+//!
+//! /// Returns its body unchanged.
+//! struct Echo;
+//!
+//! #[async_trait]
+//! impl Handler for Echo {
+//!     async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
+//!         Ok(Response::raw_json(req.body().clone()))
+//!     }
+//! }
+//!
+//! keelson_logic_server::register_handler!("doc.echo", "returns its body", |_settings| Ok(Echo));
+//! ```
 
+pub mod config;
+pub mod context;
+pub mod handler;
+pub mod plugin;
+pub mod server;
+
+mod dispatch;
+
+pub use async_trait::async_trait;
+pub use config::{ContextConfig, LogicServerConfig};
+pub use context::{ContextError, ContextStore, LocalContextStore, UserContext};
+pub use handler::{Handler, HandlerError, RequestCtx, Response};
+pub use plugin::{HandlerPlugin, PluginError, Registry, Settings};
+pub use server::{LogicServer, RunningServer, ServerError};
+
+#[doc(hidden)]
+pub use inventory;

@@ -1,1 +1,15 @@
+//! Example handler plugins: what a handler author writes.
+//!
+//! * `echo`: answers with its body, unchanged;
+//! * `counter.increment` / `counter.get`: a per-user counter in the user's context;
+//! * `cart.add` / `cart.list` / `cart.clear`: a per-user shopping cart.
+//!
+//! Linking this crate makes the handlers available; the configuration's
+//! `logic_server.handlers` list enables them.
 
+mod cart;
+mod counter;
+mod echo;
+
+/// Does nothing; calling it guarantees the linker keeps this crate's registrations.
+pub fn link() {}

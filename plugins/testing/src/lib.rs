@@ -1,1 +1,71 @@
+//! Handlers that exist only for Keelson's own tests: they misbehave on purpose.
+//!
+//! * `test.slow`: waits `{"ms": n}` milliseconds (default 1000), then answers
+//!   `{"slept_ms": n}`;
+//! * `test.panic`: panics;
+//! * `test.fail`: returns an internal error;
+//! * `test.whoami`: answers `{"user": ...}` with the verified user or `null`.
+//!
+//! A default build does not link this crate; the `test-handlers` feature of the
+//! `keelson` package does.
 
+use keelson_logic_server::{Handler, HandlerError, RequestCtx, Response, async_trait};
+use serde::Deserialize;
+use serde_json::json;
+use std::time::Duration;
+
+/// Does nothing; calling it guarantees the linker keeps this crate's registrations.
+pub fn link() {}
+
+#[derive(Debug, Default, Deserialize)]
+struct SlowBody {
+    ms: Option<u64>,
+}
+
+struct Slow;
+
+#[async_trait]
+impl Handler for Slow {
+    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
+        let ms = req
+            .json::<Option<SlowBody>>()?
+            .unwrap_or_default()
+            .ms
+            .unwrap_or(1000)
+            .min(600_000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Response::json(&json!({ "slept_ms": ms }))
+    }
+}
+
+struct Panic;
+
+#[async_trait]
+impl Handler for Panic {
+    async fn call(&self, _req: RequestCtx) -> Result<Response, HandlerError> {
+        panic!("test.panic was called")
+    }
+}
+
+struct Fail;
+
+#[async_trait]
+impl Handler for Fail {
+    async fn call(&self, _req: RequestCtx) -> Result<Response, HandlerError> {
+        Err(HandlerError::internal("test.fail always fails"))
+    }
+}
+
+struct WhoAmI;
+
+#[async_trait]
+impl Handler for WhoAmI {
+    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
+        Response::json(&json!({ "user": req.user() }))
+    }
+}
+
+keelson_logic_server::register_handler!("test.slow", "sleeps {\"ms\": n} then answers", |_| Ok(Slow));
+keelson_logic_server::register_handler!("test.panic", "panics", |_| Ok(Panic));
+keelson_logic_server::register_handler!("test.fail", "fails with an internal error", |_| Ok(Fail));
+keelson_logic_server::register_handler!("test.whoami", "answers the verified user", |_| Ok(WhoAmI));

@@ -1,0 +1,61 @@
+//! The `[logic_server]` section of the configuration.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// How a logic server runs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogicServerConfig {
+    /// Name of the service this server belongs to. Servers of one service share a
+    /// queue and compete for its requests.
+    pub service: String,
+    /// Handlers this server hosts, by plugin name. Their names become the routes bound
+    /// to the service queue.
+    pub handlers: Vec<String>,
+    /// Most requests handled at once (also the transport prefetch).
+    pub concurrency: u16,
+    /// On shutdown, how long in-flight requests may run before they are handed back
+    /// to the queue for a peer.
+    pub drain_timeout_ms: u64,
+    /// Bounds on the per-user context.
+    pub context: ContextConfig,
+    /// Per-handler settings, keyed by handler name; each plugin documents its own.
+    pub handler_settings: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for LogicServerConfig {
+    fn default() -> Self {
+        Self {
+            service: "default".to_owned(),
+            handlers: Vec::new(),
+            concurrency: 64,
+            drain_timeout_ms: 10_000,
+            context: ContextConfig::default(),
+            handler_settings: BTreeMap::new(),
+        }
+    }
+}
+
+/// Bounds on the per-user context store.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// Largest context of one user, in bytes (keys and values); a write past it fails
+    /// with a clear error (HTTP 413).
+    pub max_bytes_per_user: usize,
+    /// Most users with a context at once.
+    pub max_users: usize,
+    /// A context untouched for this long is dropped.
+    pub idle_ttl_s: u64,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes_per_user: 64 * 1024,
+            max_users: 1_000_000,
+            idle_ttl_s: 24 * 3600,
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! One delivery, from bytes to reply: decode, check the deadline, run the handler
+//! (catching panics, bounded by the deadline), reply, then settle.
+
+use crate::context::{ContextStore, UserContext};
+use crate::handler::{HandlerError, RequestCtx};
+use crate::plugin::Registry;
+use futures_util::FutureExt;
+use keelson_protocol::transport::Delivery;
+use keelson_protocol::{Reply, ReplyStatus, Request, decode, encode};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// What a server needs to handle a delivery; shared by all its tasks.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    pub(crate) node_id: String,
+    pub(crate) registry: Registry,
+    pub(crate) store: Arc<dyn ContextStore>,
+}
+
+/// How a delivery ended, for logs and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handled {
+    Replied(ReplyStatus),
+    Expired,
+    DeadLettered,
+}
+
+pub(crate) fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Dispatcher {
+    pub(crate) async fn handle(&self, delivery: Delivery) -> Handled {
+        let request: Request = match decode(&delivery.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = format!("undecodable request: {e}");
+                tracing::warn!(%reason, "dead-lettering a message");
+                if let Err(e) = delivery.reject(reason).await {
+                    tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
+                }
+                return Handled::DeadLettered;
+            }
+        };
+        let now_ms = unix_ms_now();
+        if request.deadline_unix_ms <= now_ms {
+            // The caller has given up; running it would only waste a slot.
+            tracing::debug!(id = %request.id, handler = %request.handler, "dropping expired request");
+            settle_ack(delivery).await;
+            return Handled::Expired;
+        }
+        let deadline = Instant::now() + Duration::from_millis(request.deadline_unix_ms - now_ms);
+        let reply = self.run(request, deadline).await;
+        let status = reply.status;
+        match encode(&reply) {
+            Ok(bytes) => {
+                if let Err(e) = delivery.reply(bytes).await {
+                    // Not acked: the broker redelivers it, to us or a peer.
+                    tracing::warn!(error = %e, "could not publish a reply; requeueing");
+                    let _ = delivery.requeue().await;
+                    return Handled::Replied(status);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not encode a reply"),
+        }
+        settle_ack(delivery).await;
+        Handled::Replied(status)
+    }
+
+    async fn run(&self, request: Request, deadline: Instant) -> Reply {
+        let Request {
+            id,
+            handler,
+            user,
+            attempt,
+            idempotency_key,
+            headers,
+            body,
+            ..
+        } = request;
+        let Some(h) = self.registry.get(&handler) else {
+            return Reply::error(
+                id,
+                ReplyStatus::NotFound,
+                "unknown_handler",
+                format!("no handler named `{handler}`"),
+                &self.node_id,
+            );
+        };
+        let context = user
+            .as_ref()
+            .map(|u| UserContext::new(self.store.clone(), u.clone()));
+        let ctx = RequestCtx {
+            id: id.clone(),
+            handler: handler.clone(),
+            user,
+            deadline,
+            attempt,
+            idempotency_key,
+            headers,
+            body: body.into(),
+            context,
+        };
+        let call = AssertUnwindSafe(h.call(ctx)).catch_unwind();
+        match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok(Ok(response))) => Reply::ok(id, response.into_body().into(), &self.node_id),
+            Ok(Ok(Err(e))) => {
+                if let HandlerError::Internal(cause) = &e {
+                    tracing::error!(%id, %handler, %cause, "handler failed");
+                }
+                let (status, code, message) = e.to_reply_parts();
+                Reply::error(id, status, code, message, &self.node_id)
+            }
+            Ok(Err(panic)) => {
+                let cause = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic".to_owned());
+                tracing::error!(%id, %handler, %cause, "handler panicked");
+                Reply::error(
+                    id,
+                    ReplyStatus::HandlerError,
+                    "handler_panicked",
+                    "the handler failed",
+                    &self.node_id,
+                )
+            }
+            Err(_) => {
+                tracing::warn!(%id, %handler, "handler ran past the deadline; abandoned");
+                Reply::error(
+                    id,
+                    ReplyStatus::Timeout,
+                    "timeout",
+                    "the deadline passed while the handler ran",
+                    &self.node_id,
+                )
+            }
+        }
+    }
+}
+
+async fn settle_ack(delivery: Delivery) {
+    if let Err(e) = delivery.ack().await {
+        // At-least-once: the message will come again and be answered again.
+        tracing::warn!(error = %e, "ack failed; the request may be redelivered");
+    }
+}

@@ -1,0 +1,158 @@
+//! Starting and stopping the parts of the mesh in this process.
+
+use crate::settings::KeelsonConfig;
+use anyhow::Context as _;
+use keelson_logic_server::{LocalContextStore, LogicServer, Registry, RunningServer};
+use keelson_protocol::Transport;
+use keelson_ui_gateway::Gateway;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Which parts this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Gateway and logic server together (the embedded mesh).
+    Embedded,
+    /// Only the HTTP gateway.
+    Gateway,
+    /// Only a logic server.
+    LogicServer,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Embedded => "embedded",
+            Role::Gateway => "gateway",
+            Role::LogicServer => "logic",
+        }
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+                    _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops this process");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Run `role` until `shutdown` resolves, then stop gracefully: the gateway stops
+/// accepting and finishes open requests (bounded), the logic server drains, the
+/// transport closes.
+pub async fn run(
+    config: KeelsonConfig,
+    role: Role,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let node_id = config.node.id(role.name());
+    let transport = config
+        .transport
+        .build(&node_id)
+        .await
+        .with_context(|| format!("cannot start the {} transport", config.transport.kind()))?;
+    tracing::info!(node = %node_id, transport = config.transport.kind(), role = role.name(), "starting");
+
+    let server = match role {
+        Role::Embedded | Role::LogicServer => {
+            Some(start_logic_server(&config, &node_id, transport.clone()).await?)
+        }
+        Role::Gateway => None,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let gateway_task = match role {
+        Role::Embedded | Role::Gateway => {
+            let secret = config.auth.load_secret().context("cannot load the token secret")?;
+            let gateway = Gateway::new(config.gateway.clone(), secret, transport.clone());
+            let listener = gateway
+                .bind()
+                .await
+                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+            let addr = listener.local_addr().context("listener has no address")?;
+            if role == Role::Embedded {
+                print_banner(&addr.to_string());
+            }
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(gateway.serve(listener, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })))
+        }
+        Role::LogicServer => None,
+    };
+
+    let sweeper = tokio::spawn(async move {
+        // Keeps the process alive until the shutdown signal; the sweep of idle
+        // contexts happens on access, so nothing else is needed here yet.
+        shutdown.await;
+    });
+    let _ = sweeper.await;
+    let _ = stop_tx.send(true);
+    if let Some(task) = gateway_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "gateway stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "gateway task failed"),
+        }
+    }
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
+    transport.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn start_logic_server(
+    config: &KeelsonConfig,
+    node_id: &str,
+    transport: Arc<dyn Transport>,
+) -> anyhow::Result<RunningServer> {
+    let ls = &config.logic_server;
+    let registry = Registry::from_config(&ls.handlers, &ls.handler_settings)?;
+    let store = Arc::new(LocalContextStore::new(&ls.context));
+    let sweep = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let dropped = sweep.expire_idle();
+            if dropped > 0 {
+                tracing::debug!(dropped, "expired idle user contexts");
+            }
+        }
+    });
+    Ok(LogicServer::new(ls.clone(), node_id, transport, registry, store)
+        .start()
+        .await?)
+}
+
+fn print_banner(addr: &str) {
+    println!(
+        "Keelson embedded mesh listening on http://{addr}\n\
+         \n\
+         Try:\n\
+         \x20 curl -s -XPOST {addr}/api/echo -d '{{\"hi\":1}}'\n\
+         \x20 TOKEN=$(cargo run -q --release -- token --user alice)\n\
+         \x20 curl -s -XPOST -H \"Authorization: Bearer $TOKEN\" {addr}/api/counter.increment\n\
+         \n\
+         Stop with Ctrl-C."
+    );
+}

@@ -1,0 +1,234 @@
+//! `POST /api/{handler}`: one HTTP call becomes one request envelope and back.
+//!
+//! The checks run cheapest first, so a request that will be refused costs little: the
+//! in-flight limit, the handler name, the token, the timeout header, and only then the
+//! body is read (bounded by `max_body_bytes`) and checked to be JSON. The reply body
+//! of a successful call is returned byte for byte; the gateway never re-serializes a
+//! handler's JSON.
+
+use crate::auth;
+use crate::error::ApiError;
+use crate::request_id::RequestId;
+use crate::routes::AppState;
+use crate::trace;
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use keelson_protocol::transport::Message;
+use keelson_protocol::{Reply, ReplyStatus, Request as Envelope, decode, encode};
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// Request header with which a client asks for a shorter deadline, in milliseconds.
+pub(crate) const TIMEOUT_HEADER: &str = "x-keelson-timeout-ms";
+
+/// Trace-context headers carried from HTTP into the envelope, and their length bound.
+const PROPAGATED_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+const MAX_PROPAGATED_LEN: usize = 1024;
+
+/// Longest handler name.
+const MAX_HANDLER_LEN: usize = 128;
+
+/// Whether `name` matches `^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`.
+pub(crate) fn valid_handler_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    match bytes.split_first() {
+        Some((first, rest)) => {
+            bytes.len() <= MAX_HANDLER_LEN
+                && first.is_ascii_alphanumeric()
+                && rest
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        }
+        None => false,
+    }
+}
+
+/// The request's timeout: the configured one, lowered by `x-keelson-timeout-ms`.
+fn timeout(headers: &HeaderMap, configured: Duration) -> Result<Duration, ApiError> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(configured);
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .ok_or(ApiError::BadTimeout)?;
+    Ok(Duration::from_millis(ms).min(configured))
+}
+
+/// The trace-context headers to propagate; malformed or oversized ones are dropped.
+fn propagated(headers: &HeaderMap) -> BTreeMap<String, String> {
+    PROPAGATED_HEADERS
+        .iter()
+        .filter_map(|&name| {
+            let value = headers.get(name)?.to_str().ok()?;
+            (value.len() <= MAX_PROPAGATED_LEN).then(|| (name.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// The body as the handler will see it: JSON, with an empty body meaning `null`.
+fn json_body(body: Bytes) -> Result<Vec<u8>, ApiError> {
+    if body.is_empty() {
+        return Ok(b"null".to_vec());
+    }
+    // serde_json bounds recursion (128 levels), so deep nesting is an error here,
+    // not a stack overflow.
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    Ok(body.to_vec())
+}
+
+fn unix_ms_after(timeout: Duration) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(now.saturating_add(timeout).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The handler of `POST /api/{handler}`.
+pub(crate) async fn call(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    // Held until the response is produced; refused at once rather than queued.
+    let _permit = state
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded)?;
+    let handler = match path {
+        Ok(Path(name)) if valid_handler_name(&name) => name,
+        _ => return Err(ApiError::InvalidHandlerName),
+    };
+    trace::record_handler(&handler);
+
+    let headers = request.headers();
+    let user = auth::user_from_headers(&state.secret, headers)?;
+    let timeout = timeout(headers, state.config.request_timeout())?;
+    let trace_headers = propagated(headers);
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or_else(RequestId::generate);
+
+    let body = Bytes::from_request(request, &state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit: state.config.max_body_bytes,
+            }
+        } else {
+            ApiError::BadBody(rejection.body_text())
+        }
+    })?;
+    let body = json_body(body)?;
+
+    let deadline = Instant::now() + timeout;
+    let mut envelope = Envelope::new(id.as_str(), handler.as_str(), body, unix_ms_after(timeout));
+    envelope.user = user;
+    envelope.headers = trace_headers;
+    let payload = encode(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
+
+    let reply_bytes = state
+        .transport
+        .request(&handler, Message::new(payload), deadline)
+        .await?;
+    let reply: Reply = decode(&reply_bytes).map_err(|e| ApiError::BadReply(e.to_string()))?;
+    if reply.id != envelope.id {
+        return Err(ApiError::BadReply(format!(
+            "reply for request `{}` received for request `{}`",
+            reply.id, envelope.id
+        )));
+    }
+    match reply.status {
+        ReplyStatus::Ok => Ok(ok_response(reply.body)),
+        status => Err(ApiError::Reply {
+            status,
+            error: reply.error,
+            served_by: reply.served_by,
+        }),
+    }
+}
+
+/// 200 with the handler's JSON, verbatim; an empty answer is `null`.
+fn ok_response(body: Vec<u8>) -> Response {
+    let body = if body.is_empty() {
+        b"null".to_vec()
+    } else {
+        body
+    };
+    (
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_names() {
+        for good in ["echo", "counter.increment", "a", "A-b_c.9", &"x".repeat(128)] {
+            assert!(valid_handler_name(good), "{good}");
+        }
+        for bad in ["", ".echo", "-x", "_x", "a/b", "a b", "é", &"x".repeat(129)] {
+            assert!(!valid_handler_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timeout_header_lowers_never_raises() {
+        let configured = Duration::from_secs(10);
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(TIMEOUT_HEADER, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        assert_eq!(timeout(&HeaderMap::new(), configured).unwrap(), configured);
+        assert_eq!(
+            timeout(&with("200"), configured).unwrap(),
+            Duration::from_millis(200)
+        );
+        assert_eq!(timeout(&with("99999999"), configured).unwrap(), configured);
+        for bad in ["0", "-1", "soon", "1.5", ""] {
+            assert!(
+                matches!(timeout(&with(bad), configured), Err(ApiError::BadTimeout)),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_bodies() {
+        assert_eq!(json_body(Bytes::new()).unwrap(), b"null");
+        assert_eq!(json_body(Bytes::from_static(b" {\"a\" : 1} ")).unwrap(), b" {\"a\" : 1} ");
+        assert!(matches!(
+            json_body(Bytes::from_static(b"{\"a\":")),
+            Err(ApiError::MalformedJson(_))
+        ));
+        let deep = "[".repeat(100_000);
+        assert!(json_body(Bytes::from(deep)).is_err());
+    }
+
+    #[test]
+    fn only_trace_context_is_propagated() {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
+        h.insert("x-keelson-user", HeaderValue::from_static("mallory"));
+        h.insert("tracestate", HeaderValue::from_str(&"x".repeat(2000)).unwrap());
+        let p = propagated(&h);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p["traceparent"], "00-abc-def-01");
+    }
+}

@@ -1,0 +1,71 @@
+//! Who the caller is.
+//!
+//! Identity is a bearer token: `Authorization: Bearer <jwt>`, HS256-signed with the
+//! mesh's secret, whose `sub` claim is the user id. The gateway is the only component
+//! that looks at tokens; what it verified travels on as
+//! [`Request::user`](keelson_protocol::Request::user). No header, query parameter or
+//! body field can set the user: a request without a token is anonymous, a request with
+//! a bad one is refused.
+//!
+//! * [`secret`]: the configuration of the signing secret and how it is loaded;
+//! * [`token`]: issuing and verifying tokens, and reading the `Authorization` header.
+
+mod secret;
+mod token;
+
+pub use secret::{AuthConfig, Secret};
+pub(crate) use token::user_from_headers;
+pub use token::{issue_token, verify_token};
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why a secret could not be loaded, or a token issued or verified.
+///
+/// No variant ever carries the secret itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// Neither `auth.secret` nor `auth.secret_file` is configured.
+    #[error(
+        "no token signing secret is configured: set auth.secret_file to the path of a file \
+         holding it, or the KEELSON__AUTH__SECRET environment variable"
+    )]
+    MissingSecret,
+    /// The configured secret is empty (or only whitespace, when read from a file).
+    #[error("the token signing secret from {origin} is empty")]
+    EmptySecret {
+        /// Where the secret came from: `auth.secret` or the file's path.
+        origin: String,
+    },
+    /// The secret file exists but could not be read.
+    #[error("cannot read the token signing secret file {}: {source}", path.display())]
+    ReadSecretFile {
+        /// The configured path.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: io::Error,
+    },
+    /// `generate_if_missing` is on and the secret file could not be created.
+    #[error("cannot create the token signing secret file {}: {source}", path.display())]
+    CreateSecretFile {
+        /// The configured path.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: io::Error,
+    },
+    /// A token could not be signed.
+    #[error("cannot sign a token: {0}")]
+    Sign(#[source] jsonwebtoken::errors::Error),
+    /// The token is malformed, expired, not HS256, or signed with another secret.
+    #[error("invalid token: {0}")]
+    InvalidToken(#[source] jsonwebtoken::errors::Error),
+    /// The token (or the user asked for) has an empty subject.
+    #[error("the token's subject (user id) is empty")]
+    EmptySubject,
+    /// The `Authorization` header is present but is not one `Bearer <token>`.
+    #[error("malformed Authorization header: {0}")]
+    MalformedHeader(&'static str),
+}

@@ -1,0 +1,111 @@
+//! The gateway's section of the configuration.
+//!
+//! Defaults live in one place, the [`Default`] impl, and `#[serde(default)]` fills any
+//! key a TOML file leaves out from it. Unknown keys are refused so that a typo is an
+//! error instead of a silently ignored setting.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Longest deadline the gateway gives a request, whatever the configuration says; it
+/// keeps deadline arithmetic far from overflow. One day.
+pub(crate) const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How the HTTP side of the gateway behaves.
+///
+/// ```
+/// use keelson_ui_gateway::GatewayConfig;
+///
+/// let config = GatewayConfig {
+///     listen: "0.0.0.0:8080".into(),
+///     ..GatewayConfig::default()
+/// };
+/// assert_eq!(config.request_timeout_ms, 10_000);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address and port to listen on, e.g. `"127.0.0.1:8080"` or `"0.0.0.0:8080"`.
+    pub listen: String,
+    /// Deadline given to each request, in milliseconds: the logic server abandons the
+    /// work after it and the client gets 504. A client may ask for less with the
+    /// `x-keelson-timeout-ms` header, never for more. Capped at one day.
+    pub request_timeout_ms: u64,
+    /// Largest request body accepted, in bytes; a larger one gets 413.
+    pub max_body_bytes: usize,
+    /// Most `/api` requests this gateway serves at once; above it a request gets 503
+    /// `overloaded` at once instead of queueing. Health probes are not counted.
+    pub max_in_flight: usize,
+    /// On shutdown, how long open connections may take to finish, in milliseconds;
+    /// after it the gateway stops waiting for them.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            request_timeout_ms: 10_000,
+            max_body_bytes: 1_048_576,
+            max_in_flight: 1024,
+            shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The deadline given to each request, capped at one day.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms).min(MAX_REQUEST_TIMEOUT)
+    }
+
+    /// How long graceful shutdown waits for open connections.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<GatewayConfig, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn defaults_fill_missing_keys() {
+        let config = parse(r#"{"listen":"0.0.0.0:9000"}"#).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:9000");
+        assert_eq!(config.request_timeout_ms, 10_000);
+        assert_eq!(config.max_body_bytes, 1_048_576);
+        assert_eq!(config.max_in_flight, 1024);
+        assert_eq!(config.shutdown_timeout_ms, 5_000);
+        assert_eq!(parse("{}").unwrap(), GatewayConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = parse(r#"{"request_timeout":5}"#).unwrap_err();
+        assert!(err.to_string().contains("request_timeout"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_refused() {
+        assert!(parse(r#"{"max_in_flight":"many"}"#).is_err());
+    }
+
+    #[test]
+    fn request_timeout_is_capped() {
+        let config = GatewayConfig {
+            request_timeout_ms: u64::MAX,
+            ..GatewayConfig::default()
+        };
+        assert_eq!(config.request_timeout(), MAX_REQUEST_TIMEOUT);
+        assert_eq!(
+            GatewayConfig::default().request_timeout(),
+            Duration::from_secs(10)
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! The gateway's routes and the layers around them.
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `POST /api/{handler}` | the handler's reply (see [`crate::api`]) |
+//! | `GET /healthz` | 200 `{"status":"ok"}` while the process serves (liveness) |
+//! | `GET /readyz` | 200 `{"status":"ready"}` when the transport can carry traffic, else 503 `not_ready` |
+//! | anything else | 404 `not_found`, or 405 `method_not_allowed` on a known path |
+//!
+//! Layers, outermost first: request id, trace span, body limit. All routes sit inside
+//! all of them, so every response (probes and unknown routes too) has an
+//! `X-Request-Id` and a span.
+
+use crate::api;
+use crate::auth::Secret;
+use crate::config::GatewayConfig;
+use crate::error::ApiError;
+use crate::request_id;
+use crate::trace;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use keelson_protocol::Transport;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+/// What every route handler shares. Cheap to clone; holds no per-user state.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    /// The gateway's configuration.
+    pub(crate) config: Arc<GatewayConfig>,
+    /// Verifies bearer tokens.
+    pub(crate) secret: Secret,
+    /// Carries requests to the logic servers.
+    pub(crate) transport: Arc<dyn Transport>,
+    /// One permit per `/api` request being served (`max_in_flight`).
+    pub(crate) in_flight: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub(crate) fn new(
+        config: GatewayConfig,
+        secret: Secret,
+        transport: Arc<dyn Transport>,
+    ) -> Self {
+        // The semaphore's own ceiling is far above any sane setting; clamp rather
+        // than panic on an absurd one.
+        let permits = config.max_in_flight.min(Semaphore::MAX_PERMITS);
+        Self {
+            config: Arc::new(config),
+            secret,
+            transport,
+            in_flight: Arc::new(Semaphore::new(permits)),
+        }
+    }
+}
+
+/// The complete router: routes, fallbacks and layers, with `state` applied.
+pub(crate) fn router(state: AppState) -> Router {
+    let body_limit = DefaultBodyLimit::max(state.config.max_body_bytes);
+    let routes = Router::new()
+        .route("/api/{handler}", post(api::call))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(body_limit)
+        .with_state(state);
+    trace::instrument(routes).layer(middleware::from_fn(request_id::middleware))
+}
+
+/// Liveness: the process is serving HTTP.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: the transport can carry requests now.
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.transport.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::NotReady.into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,105 @@
+//! The gateway as a running server: build it, bind it, serve until told to stop.
+
+use crate::auth::Secret;
+use crate::config::GatewayConfig;
+use crate::routes::{self, AppState};
+use axum::Router;
+use keelson_protocol::Transport;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// A UI gateway: HTTP on one side, a [`Transport`] on the other.
+///
+/// ```no_run
+/// use keelson_protocol::transport::memory::MemoryTransport;
+/// use keelson_ui_gateway::{Gateway, GatewayConfig, Secret};
+/// use std::sync::Arc;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let secret = Secret::new("dev-secret").expect("non-empty");
+/// let gateway = Gateway::new(GatewayConfig::default(), secret, Arc::new(MemoryTransport::new()));
+/// let listener = gateway.bind().await?;
+/// gateway
+///     .serve(listener, async {
+///         let _ = tokio::signal::ctrl_c().await;
+///     })
+///     .await
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    state: AppState,
+}
+
+impl Gateway {
+    /// A gateway with `config`, verifying tokens with `secret`, sending requests over
+    /// `transport`.
+    pub fn new(config: GatewayConfig, secret: Secret, transport: Arc<dyn Transport>) -> Self {
+        Self {
+            state: AppState::new(config, secret, transport),
+        }
+    }
+
+    /// The gateway's configuration.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.state.config
+    }
+
+    /// The complete HTTP application, for tests or for embedding in another server.
+    /// Routers from one gateway share its in-flight limit.
+    pub fn router(&self) -> Router {
+        routes::router(self.state.clone())
+    }
+
+    /// Bind a TCP listener on [`GatewayConfig::listen`].
+    pub async fn bind(&self) -> io::Result<TcpListener> {
+        TcpListener::bind(&self.state.config.listen).await
+    }
+
+    /// Serve HTTP on `listener` until `shutdown` completes, then shut down gracefully:
+    /// stop accepting, let open connections finish, and return.
+    ///
+    /// The wait for open connections is bounded by
+    /// [`GatewayConfig::shutdown_timeout_ms`]; after it this returns `Ok(())` and the
+    /// connections still open end when the tokio runtime shuts down. (axum's own
+    /// graceful shutdown would wait for them forever.)
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        let grace = self.state.config.shutdown_timeout();
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "gateway listening");
+        }
+        let (signalled_tx, signalled_rx) = oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("gateway shutting down");
+            let _ = signalled_tx.send(());
+        };
+        let server = axum::serve(listener, self.router())
+            .with_graceful_shutdown(signal)
+            .into_future();
+        let grace_expired = async move {
+            match signalled_rx.await {
+                Ok(()) => tokio::time::sleep(grace).await,
+                // The server ended on its own; the other branch has already won.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = server => result,
+            () = grace_expired => {
+                tracing::warn!(
+                    grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+                    "connections still open after the shutdown timeout; no longer waiting for them"
+                );
+                Ok(())
+            }
+        }
+    }
+}

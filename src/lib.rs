@@ -25,7 +25,9 @@ where
     F: FnOnce(settings::KeelsonConfig) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let name = std::env::args().next().unwrap_or_else(|| "keelson".to_owned());
+    let name = std::env::args()
+        .next()
+        .unwrap_or_else(|| "keelson".to_owned());
     let outcome = (|| -> anyhow::Result<()> {
         let config = settings::load(&source)?;
         telemetry::init(&config.log);

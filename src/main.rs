@@ -57,7 +57,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => {
             keelson::telemetry::init(&config.log);
             if matches!(source, Source::Builtin) {
-                tracing::info!("{} not found; using the built-in copy", settings::DEFAULT_CONFIG);
+                tracing::info!(
+                    "{} not found; using the built-in copy",
+                    settings::DEFAULT_CONFIG
+                );
             }
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(run(config, Role::Embedded, shutdown_signal()))?;

@@ -72,7 +72,14 @@ pub async fn run(
 
     let server = match role {
         Role::Embedded | Role::LogicServer => {
-            Some(start_logic_server(&config, &node_id, transport.clone()).await?)
+            let server = start_logic_server(&config, &node_id, transport.clone()).await?;
+            if role == Role::LogicServer {
+                println!(
+                    "keelson logic server ready: node={node_id} service={}",
+                    config.logic_server.service
+                );
+            }
+            Some(server)
         }
         Role::Gateway => None,
     };
@@ -80,7 +87,10 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let gateway_task = match role {
         Role::Embedded | Role::Gateway => {
-            let secret = config.auth.load_secret().context("cannot load the token secret")?;
+            let secret = config
+                .auth
+                .load_secret()
+                .context("cannot load the token secret")?;
             let gateway = Gateway::new(config.gateway.clone(), secret, transport.clone());
             let listener = gateway
                 .bind()
@@ -89,6 +99,9 @@ pub async fn run(
             let addr = listener.local_addr().context("listener has no address")?;
             if role == Role::Embedded {
                 print_banner(&addr.to_string());
+            } else {
+                // One line on standard output that scripts and tests wait for.
+                println!("keelson gateway listening on http://{addr}");
             }
             let mut rx = stop_rx.clone();
             Some(tokio::spawn(gateway.serve(listener, async move {
@@ -139,9 +152,11 @@ async fn start_logic_server(
             }
         }
     });
-    Ok(LogicServer::new(ls.clone(), node_id, transport, registry, store)
-        .start()
-        .await?)
+    Ok(
+        LogicServer::new(ls.clone(), node_id, transport, registry, store)
+            .start()
+            .await?,
+    )
 }
 
 fn print_banner(addr: &str) {

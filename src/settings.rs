@@ -177,12 +177,15 @@ pub fn load_with_env(
     let origin = if overridden.is_empty() {
         origin
     } else {
-        format!("{origin} (with environment overrides {})", overridden.join(", "))
+        format!(
+            "{origin} (with environment overrides {})",
+            overridden.join(", ")
+        )
     };
     serde_path_to_error::deserialize::<_, KeelsonConfig>(built).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        if path.is_empty() || path == "." {
+        if path.is_empty() || path == "." || inner.contains(&format!("`{path}`")) {
             ConfigError::new(&origin, inner)
         } else {
             ConfigError::new(&origin, format!("at key `{path}`: {inner}"))
@@ -193,6 +196,10 @@ pub fn load_with_env(
 fn environment_keys(env: &config::Environment) -> Vec<String> {
     use config::Source as _;
     env.collect()
-        .map(|m| m.keys().map(|k| format!("{ENV_PREFIX}__{}", k.to_uppercase().replace('.', "__"))).collect())
+        .map(|m| {
+            m.keys()
+                .map(|k| format!("{ENV_PREFIX}__{}", k.to_uppercase().replace('.', "__")))
+                .collect()
+        })
         .unwrap_or_default()
 }

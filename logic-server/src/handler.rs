@@ -184,7 +184,11 @@ impl RequestCtx {
     /// The body parsed as `T`, or a 400 saying what is wrong with it. An empty body
     /// reads as JSON `null`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        let body: &[u8] = if self.body.is_empty() { b"null" } else { &self.body };
+        let body: &[u8] = if self.body.is_empty() {
+            b"null"
+        } else {
+            &self.body
+        };
         serde_json::from_slice(body)
             .map_err(|e| HandlerError::bad_request(format!("invalid body: {e}")))
     }

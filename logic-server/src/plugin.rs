@@ -23,7 +23,9 @@ pub struct HandlerPlugin {
 
 impl fmt::Debug for HandlerPlugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HandlerPlugin").field("name", &self.name).finish()
+        f.debug_struct("HandlerPlugin")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -100,7 +102,9 @@ pub enum PluginError {
         reason: String,
     },
     /// Settings were given for a handler that is not enabled.
-    #[error("logic_server.handler_settings.\"{0}\" configures a handler that is not in logic_server.handlers")]
+    #[error(
+        "logic_server.handler_settings.\"{0}\" configures a handler that is not in logic_server.handlers"
+    )]
     SettingsForDisabled(String),
     /// Two plugins registered the same name.
     #[error("two linked plugins register the handler `{0}`")]
@@ -144,11 +148,16 @@ impl Registry {
         }
         let mut registry = Registry::default();
         for name in enabled {
-            let plugin = seen.get(name.as_str()).ok_or_else(|| PluginError::Unknown {
-                name: name.clone(),
-                available: seen.keys().copied().collect::<Vec<_>>().join(", "),
-            })?;
-            let value = settings.get(name).cloned().unwrap_or(serde_json::Value::Null);
+            let plugin = seen
+                .get(name.as_str())
+                .ok_or_else(|| PluginError::Unknown {
+                    name: name.clone(),
+                    available: seen.keys().copied().collect::<Vec<_>>().join(", "),
+                })?;
+            let value = settings
+                .get(name)
+                .cloned()
+                .unwrap_or(serde_json::Value::Null);
             let handler = (plugin.build)(&Settings::new(name.clone(), value))?;
             registry.handlers.insert(name.clone(), handler);
         }

@@ -215,7 +215,10 @@ async fn consume_loop(
     if drained.is_err() {
         // Aborting drops the unsettled deliveries, which hands them back to the
         // queue for a peer.
-        tracing::warn!(left = tasks.len(), "drain timeout; handing unfinished requests back");
+        tracing::warn!(
+            left = tasks.len(),
+            "drain timeout; handing unfinished requests back"
+        );
         tasks.shutdown().await;
     }
 }

@@ -10,6 +10,10 @@
 //! * truncated input, absurd length prefixes and wrong types are plain errors;
 //! * a message from another major protocol version is refused with
 //!   [`DecodeError::IncompatibleVersion`], never misread.
+//!
+//! Like rmp-serde itself, `decode` also reads a struct written as an array (fields by
+//! position) and ignores bytes after a complete message; neither can smuggle a field
+//! past the type's own checks.
 
 use crate::envelope::Envelope;
 use crate::version::ProtocolVersion;
@@ -93,7 +97,8 @@ pub fn decode<T: Envelope>(bytes: &[u8]) -> Result<T, DecodeError> {
 
 fn bounded<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, rmp_serde::decode::Error> {
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
-    de.set_max_depth(MAX_DEPTH);
+    // rmp-serde counts the level down before checking it, so `n` admits `n - 1`.
+    de.set_max_depth(MAX_DEPTH + 1);
     T::deserialize(&mut de)
 }
 

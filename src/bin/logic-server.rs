@@ -18,5 +18,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     keelson::link_plugins();
-    keelson::run_main(Source::File(cli.config), |config| run(config, Role::LogicServer, shutdown_signal()))
+    keelson::run_main(Source::File(cli.config), |config| {
+        run(config, Role::LogicServer, shutdown_signal())
+    })
 }

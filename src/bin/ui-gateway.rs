@@ -17,5 +17,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    keelson::run_main(Source::File(cli.config), |config| run(config, Role::Gateway, shutdown_signal()))
+    keelson::run_main(Source::File(cli.config), |config| {
+        run(config, Role::Gateway, shutdown_signal())
+    })
 }

@@ -120,15 +120,17 @@ pub(crate) async fn call(
         .cloned()
         .unwrap_or_else(RequestId::generate);
 
-    let body = Bytes::from_request(request, &state).await.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                limit: state.config.max_body_bytes,
+    let body = Bytes::from_request(request, &state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge {
+                    limit: state.config.max_body_bytes,
+                }
+            } else {
+                ApiError::BadBody(rejection.body_text())
             }
-        } else {
-            ApiError::BadBody(rejection.body_text())
-        }
-    })?;
+        })?;
     let body = json_body(body)?;
 
     let deadline = Instant::now() + timeout;
@@ -179,7 +181,13 @@ mod tests {
 
     #[test]
     fn handler_names() {
-        for good in ["echo", "counter.increment", "a", "A-b_c.9", &"x".repeat(128)] {
+        for good in [
+            "echo",
+            "counter.increment",
+            "a",
+            "A-b_c.9",
+            &"x".repeat(128),
+        ] {
             assert!(valid_handler_name(good), "{good}");
         }
         for bad in ["", ".echo", "-x", "_x", "a/b", "a b", "é", &"x".repeat(129)] {
@@ -212,7 +220,10 @@ mod tests {
     #[test]
     fn json_bodies() {
         assert_eq!(json_body(Bytes::new()).unwrap(), b"null");
-        assert_eq!(json_body(Bytes::from_static(b" {\"a\" : 1} ")).unwrap(), b" {\"a\" : 1} ");
+        assert_eq!(
+            json_body(Bytes::from_static(b" {\"a\" : 1} ")).unwrap(),
+            b" {\"a\" : 1} "
+        );
         assert!(matches!(
             json_body(Bytes::from_static(b"{\"a\":")),
             Err(ApiError::MalformedJson(_))
@@ -226,7 +237,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
         h.insert("x-keelson-user", HeaderValue::from_static("mallory"));
-        h.insert("tracestate", HeaderValue::from_str(&"x".repeat(2000)).unwrap());
+        h.insert(
+            "tracestate",
+            HeaderValue::from_str(&"x".repeat(2000)).unwrap(),
+        );
         let p = propagated(&h);
         assert_eq!(p.len(), 1);
         assert_eq!(p["traceparent"], "00-abc-def-01");

@@ -95,9 +95,8 @@ impl ApiError {
     pub fn parts(&self) -> (StatusCode, String, String) {
         use ApiError as E;
         let own = |status, code: &str| (status, code.to_owned(), self.to_string());
-        let generic = |status, code: &str, message: &str| {
-            (status, code.to_owned(), message.to_owned())
-        };
+        let generic =
+            |status, code: &str, message: &str| (status, code.to_owned(), message.to_owned());
         match self {
             E::MalformedJson(_) => own(StatusCode::BAD_REQUEST, "malformed_json"),
             E::BadBody(_) => own(StatusCode::BAD_REQUEST, "bad_request"),
@@ -131,17 +130,21 @@ impl ApiError {
         }
     }
 
-    fn log(&self) {
+    fn log(&self, http: StatusCode) {
         match self {
             ApiError::BadReply(cause) => tracing::error!(%cause, "bad reply from logic server"),
             ApiError::Internal(cause) => tracing::error!(%cause, "internal gateway error"),
             ApiError::Unavailable(cause) => tracing::warn!(%cause, "transport unavailable"),
             ApiError::InvalidToken(cause) => tracing::info!(%cause, "token refused"),
             ApiError::Reply {
-                status: status @ (ReplyStatus::HandlerError | ReplyStatus::Unknown),
+                status,
                 error,
                 served_by,
-            } => tracing::warn!(?status, ?error, %served_by, "handler failed"),
+            } if http.is_server_error() => {
+                let code = error.as_ref().map_or("", |e| e.code.as_str());
+                let message = error.as_ref().map_or("", |e| e.message.as_str());
+                tracing::warn!(?status, code, message, %served_by, "handler failed");
+            }
             _ => {}
         }
     }
@@ -154,25 +157,49 @@ fn reply_parts(status: ReplyStatus, error: Option<&ErrorInfo>) -> (StatusCode, S
     use ReplyStatus as R;
     let (http, code, message) = match status {
         R::BadRequest => (StatusCode::BAD_REQUEST, "bad_request", "bad request"),
-        R::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a user is required"),
-        R::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "not allowed for this user"),
+        R::Unauthorized => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a user is required",
+        ),
+        R::Forbidden => (
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "not allowed for this user",
+        ),
         R::NotFound => (StatusCode::NOT_FOUND, "unknown_handler", "no such handler"),
         R::Conflict => (StatusCode::CONFLICT, "conflict", "conflict"),
-        R::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "too large"),
+        R::PayloadTooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "too large",
+        ),
         R::Timeout => {
             let message = "the handler did not finish before the deadline";
-            return (StatusCode::GATEWAY_TIMEOUT, "timeout".into(), message.into());
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout".into(),
+                message.into(),
+            );
         }
         R::Overloaded => {
             let message = "the logic servers are overloaded; retry later";
-            return (StatusCode::SERVICE_UNAVAILABLE, "overloaded".into(), message.into());
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded".into(),
+                message.into(),
+            );
         }
         R::Ok => {
             let message = "the logic server sent a reply the gateway cannot read";
             return (StatusCode::BAD_GATEWAY, "bad_reply".into(), message.into());
         }
         // HandlerError, Unknown, and statuses added after this build.
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "handler_error", "the handler failed"),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "handler_error",
+            "the handler failed",
+        ),
     };
     let code = error
         .map(|e| e.code.as_str())
@@ -204,8 +231,8 @@ impl From<AuthError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        self.log();
         let (status, code, message) = self.parts();
+        self.log(status);
         let body = ErrorBody {
             error: ErrorDetail {
                 code: &code,

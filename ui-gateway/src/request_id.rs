@@ -63,7 +63,9 @@ pub(crate) async fn middleware(mut request: Request, next: Next) -> Response {
     // Both kinds of id are visible ASCII, which is always a valid header value.
     let value = HeaderValue::from_str(id.as_str()).ok();
     if let Some(value) = &value {
-        request.headers_mut().insert(REQUEST_ID_HEADER, value.clone());
+        request
+            .headers_mut()
+            .insert(REQUEST_ID_HEADER, value.clone());
     }
     request.extensions_mut().insert(id);
     let mut response = next.run(request).await;

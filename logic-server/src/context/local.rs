@@ -162,10 +162,11 @@ impl ContextStore for LocalContextStore {
             true,
             |e| {
                 let current = e.counters.get(key).copied();
-                let next = current
-                    .unwrap_or(0)
-                    .checked_add(by)
-                    .ok_or_else(|| ContextError::NotANumber { key: key.to_owned() })?;
+                let next = current.unwrap_or(0).checked_add(by).ok_or_else(|| {
+                    ContextError::NotANumber {
+                        key: key.to_owned(),
+                    }
+                })?;
                 if current.is_none() {
                     let size = e.bytes + value_cost(key, &[0; 8]);
                     if size > limit {
@@ -181,7 +182,12 @@ impl ContextStore for LocalContextStore {
     }
 
     async fn counter(&self, user: &str, key: &str) -> Result<i64, ContextError> {
-        self.with_entry(user, false, |e| Ok(e.counters.get(key).copied().unwrap_or(0)), || 0)
+        self.with_entry(
+            user,
+            false,
+            |e| Ok(e.counters.get(key).copied().unwrap_or(0)),
+            || 0,
+        )
     }
 
     fn user_count(&self) -> usize {
@@ -206,7 +212,10 @@ mod tests {
     async fn users_are_isolated() {
         let s = store(1024, 10);
         s.set("alice", "k", Bytes::from_static(b"1")).await.unwrap();
-        assert_eq!(s.get("alice", "k").await.unwrap(), Some(Bytes::from_static(b"1")));
+        assert_eq!(
+            s.get("alice", "k").await.unwrap(),
+            Some(Bytes::from_static(b"1"))
+        );
         assert_eq!(s.get("bob", "k").await.unwrap(), None);
         assert_eq!(s.increment("alice", "c", 2).await.unwrap(), 2);
         assert_eq!(s.counter("bob", "c").await.unwrap(), 0);
@@ -216,8 +225,14 @@ mod tests {
     async fn a_write_past_the_user_limit_is_refused_and_changes_nothing() {
         let s = store(64, 10);
         s.set("u", "a", Bytes::from(vec![b'1'; 20])).await.unwrap();
-        let err = s.set("u", "b", Bytes::from(vec![b'1'; 40])).await.unwrap_err();
-        assert!(matches!(err, ContextError::TooLarge { limit: 64, .. }), "{err:?}");
+        let err = s
+            .set("u", "b", Bytes::from(vec![b'1'; 40]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ContextError::TooLarge { limit: 64, .. }),
+            "{err:?}"
+        );
         assert_eq!(s.get("u", "b").await.unwrap(), None);
         // Replacing a value is charged by the difference.
         s.set("u", "a", Bytes::from(vec![b'2'; 30])).await.unwrap();

@@ -93,7 +93,9 @@ pub struct UserContext {
 
 impl fmt::Debug for UserContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UserContext").field("user", &self.user).finish()
+        f.debug_struct("UserContext")
+            .field("user", &self.user)
+            .finish()
     }
 }
 
@@ -112,17 +114,23 @@ impl UserContext {
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ContextError> {
         match self.store.get(&self.user, key).await? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| ContextError::WrongShape {
-                    key: key.to_owned(),
-                    reason: e.to_string(),
-                }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| ContextError::WrongShape {
+                        key: key.to_owned(),
+                        reason: e.to_string(),
+                    })
+            }
         }
     }
 
     /// Store `value` under `key`. The later of two writes to one key wins.
-    pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), ContextError> {
+    pub async fn set<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), ContextError> {
         let bytes = serde_json::to_vec(value).map_err(|e| ContextError::WrongShape {
             key: key.to_owned(),
             reason: e.to_string(),

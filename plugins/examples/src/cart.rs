@@ -117,8 +117,14 @@ keelson_logic_server::register_handler!(
     "adds {\"item\", \"quantity\"} to the user's cart and answers the cart",
     |settings| {
         let s: AddSettings = settings.parse()?;
-        Ok(AddHandler { max_items: s.max_items })
+        Ok(AddHandler {
+            max_items: s.max_items,
+        })
     }
 );
-keelson_logic_server::register_handler!("cart.list", "answers the user's cart", |_| Ok(ListHandler));
-keelson_logic_server::register_handler!("cart.clear", "empties the user's cart", |_| Ok(ClearHandler));
+keelson_logic_server::register_handler!("cart.list", "answers the user's cart", |_| Ok(
+    ListHandler
+));
+keelson_logic_server::register_handler!("cart.clear", "empties the user's cart", |_| Ok(
+    ClearHandler
+));

@@ -40,7 +40,9 @@ struct IncrementSettings {
 
 impl Default for IncrementSettings {
     fn default() -> Self {
-        Self { max_step: 1_000_000 }
+        Self {
+            max_step: 1_000_000,
+        }
     }
 }
 
@@ -78,7 +80,9 @@ keelson_logic_server::register_handler!(
     "adds `by` (default 1) to the user's counter and answers {\"value\": n}",
     |settings| {
         let s: IncrementSettings = settings.parse()?;
-        Ok(IncrementHandler { max_step: s.max_step })
+        Ok(IncrementHandler {
+            max_step: s.max_step,
+        })
     }
 );
 

@@ -11,4 +11,6 @@ impl Handler for Echo {
     }
 }
 
-keelson_logic_server::register_handler!("echo", "answers with its JSON body, unchanged", |_| Ok(Echo));
+keelson_logic_server::register_handler!("echo", "answers with its JSON body, unchanged", |_| Ok(
+    Echo
+));

@@ -65,7 +65,9 @@ impl Handler for WhoAmI {
     }
 }
 
-keelson_logic_server::register_handler!("test.slow", "sleeps {\"ms\": n} then answers", |_| Ok(Slow));
+keelson_logic_server::register_handler!("test.slow", "sleeps {\"ms\": n} then answers", |_| Ok(
+    Slow
+));
 keelson_logic_server::register_handler!("test.panic", "panics", |_| Ok(Panic));
 keelson_logic_server::register_handler!("test.fail", "fails with an internal error", |_| Ok(Fail));
 keelson_logic_server::register_handler!("test.whoami", "answers the verified user", |_| Ok(WhoAmI));

@@ -92,11 +92,17 @@ pub async fn unbound_route_is_unroutable_at_once(t: Arc<dyn Transport>) {
         .await
         .unwrap_err();
     assert!(matches!(err, RequestError::Unroutable(_)), "got {err:?}");
-    assert!(started.elapsed() < PROMPT / 2, "unroutable took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < PROMPT / 2,
+        "unroutable took {:?}",
+        started.elapsed()
+    );
 }
 
 pub async fn request_without_reply_times_out_at_deadline(t: Arc<dyn Transport>) {
-    t.declare_service(&service("svc", &["silent"])).await.unwrap();
+    t.declare_service(&service("svc", &["silent"]))
+        .await
+        .unwrap();
     let started = Instant::now();
     let deadline = started + Duration::from_millis(300);
     let err = t
@@ -105,7 +111,10 @@ pub async fn request_without_reply_times_out_at_deadline(t: Arc<dyn Transport>) 
         .unwrap_err();
     assert!(matches!(err, RequestError::Timeout), "got {err:?}");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(290), "returned early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(290),
+        "returned early: {took:?}"
+    );
     assert!(took < Duration::from_secs(2), "returned late: {took:?}");
 }
 
@@ -139,7 +148,10 @@ pub async fn late_reply_is_discarded(t: Arc<dyn Transport>) {
     d.ack().await.unwrap();
     // And the next request still gets its own reply, not the stale one.
     spawn_echo(c, "fresh:");
-    let reply = t.request("slow", Message::new(&b"2"[..]), soon()).await.unwrap();
+    let reply = t
+        .request("slow", Message::new(&b"2"[..]), soon())
+        .await
+        .unwrap();
     assert_eq!(reply, Bytes::from_static(b"fresh:2"));
 }
 
@@ -175,7 +187,10 @@ pub async fn competing_consumers_each_message_once(t: Arc<dyn Transport>) {
     }
     assert_eq!(seen.len(), n);
     let extra = tokio::time::timeout(QUIET, rx.recv()).await;
-    assert!(!matches!(extra, Ok(Some(_))), "a message was consumed twice");
+    assert!(
+        !matches!(extra, Ok(Some(_))),
+        "a message was consumed twice"
+    );
 }
 
 pub async fn prefetch_limits_unsettled_deliveries(t: Arc<dyn Transport>) {
@@ -184,15 +199,23 @@ pub async fn prefetch_limits_unsettled_deliveries(t: Arc<dyn Transport>) {
     for i in 0..3 {
         let t = t.clone();
         tokio::spawn(async move {
-            let _ = t.request("pf", Message::new(format!("{i}").into_bytes()), soon()).await;
+            let _ = t
+                .request("pf", Message::new(format!("{i}").into_bytes()), soon())
+                .await;
         });
     }
     let a = within("first", c.next()).await.unwrap().unwrap();
     let _b = within("second", c.next()).await.unwrap().unwrap();
     let third = tokio::time::timeout(QUIET, c.next()).await;
-    assert!(third.is_err(), "a third delivery arrived while two were unsettled");
+    assert!(
+        third.is_err(),
+        "a third delivery arrived while two were unsettled"
+    );
     a.ack().await.unwrap();
-    let _c = within("third after an ack", c.next()).await.unwrap().unwrap();
+    let _c = within("third after an ack", c.next())
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 pub async fn requeue_redelivers(t: Arc<dyn Transport>) {
@@ -206,7 +229,10 @@ pub async fn requeue_redelivers(t: Arc<dyn Transport>) {
     assert!(!first.redelivered);
     first.requeue().await.unwrap();
     let second = within("redelivery", c.next()).await.unwrap().unwrap();
-    assert!(second.redelivered, "a requeued message must be marked redelivered");
+    assert!(
+        second.redelivered,
+        "a requeued message must be marked redelivered"
+    );
     assert_eq!(second.payload, Bytes::from_static(b"again"));
     second.reply(&b"done"[..]).await.unwrap();
     second.ack().await.unwrap();
@@ -236,19 +262,25 @@ pub async fn reject_dead_letters_with_reason(t: Arc<dyn Transport>) {
     msg.headers.insert("x-test".into(), "kept".into());
     let t2 = t.clone();
     let req = tokio::spawn(async move {
-        t2.request("dl", msg, Instant::now() + Duration::from_millis(500)).await
+        t2.request("dl", msg, Instant::now() + Duration::from_millis(500))
+            .await
     });
     let d = within("delivery", c.next()).await.unwrap().unwrap();
     d.reject("cannot decode: test").await.unwrap();
     // Rejected messages are never retried on the service queue.
     let retried = tokio::time::timeout(QUIET, c.next()).await;
-    assert!(retried.is_err(), "a rejected message came back: {retried:?}");
+    assert!(
+        retried.is_err(),
+        "a rejected message came back: {retried:?}"
+    );
     let mut found = false;
     while !found {
         let dl = within("dead letter", dead.next()).await.unwrap().unwrap();
         if dl.payload == Bytes::from_static(b"poison") {
             assert_eq!(
-                dl.headers.get(DEAD_LETTER_REASON_HEADER).map(String::as_str),
+                dl.headers
+                    .get(DEAD_LETTER_REASON_HEADER)
+                    .map(String::as_str),
                 Some("cannot decode: test")
             );
             assert_eq!(dl.headers.get("x-test").map(String::as_str), Some("kept"));
@@ -291,7 +323,10 @@ pub async fn resumed_consumer_takes_work_again(t: Arc<dyn Transport>) {
     assert!(got.is_err(), "a paused consumer received a delivery");
     // ... and is served once it resumes.
     c.resume().await.unwrap();
-    let d = within("delivery after resume", c.next()).await.unwrap().unwrap();
+    let d = within("delivery after resume", c.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(d.payload, Bytes::from_static(b"waiting"));
     d.reply(&b"served"[..]).await.unwrap();
     d.ack().await.unwrap();
@@ -322,7 +357,8 @@ pub async fn headers_travel_with_requests(t: Arc<dyn Transport>) {
     t.declare_service(&service("hd", &["hd"])).await.unwrap();
     let mut c = t.consume("hd", 1).await.unwrap();
     let mut m = Message::new(&b"h"[..]);
-    m.headers.insert("traceparent".into(), "00-abc-def-01".into());
+    m.headers
+        .insert("traceparent".into(), "00-abc-def-01".into());
     let req = {
         let t = t.clone();
         tokio::spawn(async move { t.request("hd", m, soon()).await })
@@ -346,13 +382,16 @@ pub async fn closed_transport_ends_consumers(t: Arc<dyn Transport>) {
     assert!(within("consumer end", c.next()).await.is_none());
     assert!(within("subscription end", s.next()).await.is_none());
     assert!(!t.is_ready());
-    let err = t.request("cl", Message::new(&b"x"[..]), soon()).await.unwrap_err();
+    let err = t
+        .request("cl", Message::new(&b"x"[..]), soon())
+        .await
+        .unwrap_err();
     assert!(matches!(err, RequestError::Unavailable(_)), "got {err:?}");
 }
 
-async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();

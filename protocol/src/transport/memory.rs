@@ -132,7 +132,11 @@ impl Transport for MemoryTransport {
     async fn declare_service(&self, service: &ServiceSpec) -> Result<(), TransportError> {
         self.check_open()?;
         let mut state = lock(&self.inner.state);
-        let queue = state.queues.entry(service.name.clone()).or_default().clone();
+        let queue = state
+            .queues
+            .entry(service.name.clone())
+            .or_default()
+            .clone();
         for route in &service.routes {
             let bound = state.routes.entry(route.clone()).or_default();
             if !bound.iter().any(|q| Arc::ptr_eq(q, &queue)) {
@@ -354,11 +358,10 @@ impl MemorySettle {
 impl Settle for MemorySettle {
     async fn reply(&self, payload: Bytes) -> Result<(), TransportError> {
         let reply_to = lock(&self.queued).as_ref().and_then(|q| q.reply_to);
-        if let Some(id) = reply_to {
-            if let Some(tx) = lock(&self.transport.inner.replies).remove(&id) {
-                // The requester may have given up just now; that is a late reply.
-                let _ = tx.send(payload);
-            }
+        let waiting = reply_to.and_then(|id| lock(&self.transport.inner.replies).remove(&id));
+        if let Some(tx) = waiting {
+            // The requester may have given up just now; that is a late reply.
+            let _ = tx.send(payload);
         }
         Ok(())
     }

@@ -160,7 +160,10 @@ mod tests {
             secret_file: Some("/nonexistent/secret".into()),
             ..AuthConfig::default()
         };
-        assert_eq!(config.load_secret().unwrap(), Secret::new("inline").unwrap());
+        assert_eq!(
+            config.load_secret().unwrap(),
+            Secret::new("inline").unwrap()
+        );
     }
 
     #[test]
@@ -196,7 +199,10 @@ mod tests {
             secret_file: Some(path),
             ..AuthConfig::default()
         };
-        assert_eq!(config.load_secret().unwrap(), Secret::new("s3cret").unwrap());
+        assert_eq!(
+            config.load_secret().unwrap(),
+            Secret::new("s3cret").unwrap()
+        );
     }
 
     #[test]

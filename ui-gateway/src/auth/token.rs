@@ -87,7 +87,9 @@ pub(crate) fn user_from_headers(
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(AuthError::MalformedHeader("more than one Authorization header"));
+        return Err(AuthError::MalformedHeader(
+            "more than one Authorization header",
+        ));
     }
     let value = value
         .to_str()
@@ -185,10 +187,22 @@ mod tests {
         };
         assert_eq!(user_from_headers(&s, &HeaderMap::new()).unwrap(), None);
         let bearer = with(&format!("Bearer {token}"));
-        assert_eq!(user_from_headers(&s, &bearer).unwrap().as_deref(), Some("bob"));
+        assert_eq!(
+            user_from_headers(&s, &bearer).unwrap().as_deref(),
+            Some("bob")
+        );
         let lower = with(&format!("bearer {token}"));
-        assert_eq!(user_from_headers(&s, &lower).unwrap().as_deref(), Some("bob"));
-        for bad in ["Basic Ym9iOnB3", "Bearer", "Bearer   ", &token, "Bearer garbage"] {
+        assert_eq!(
+            user_from_headers(&s, &lower).unwrap().as_deref(),
+            Some("bob")
+        );
+        for bad in [
+            "Basic Ym9iOnB3",
+            "Bearer",
+            "Bearer   ",
+            &token,
+            "Bearer garbage",
+        ] {
             assert!(user_from_headers(&s, &with(bad)).is_err(), "{bad}");
         }
         let mut twice = bearer.clone();

@@ -86,7 +86,10 @@ fn handler_failure_without_details_is_generic() {
     assert_eq!((s.as_u16(), c.as_str()), (500, "handler_error"));
     assert_eq!(m, "the handler failed");
     let (_, c, m) = reply(ReplyStatus::HandlerError, Some(("", ""))).parts();
-    assert_eq!((c.as_str(), m.as_str()), ("handler_error", "the handler failed"));
+    assert_eq!(
+        (c.as_str(), m.as_str()),
+        ("handler_error", "the handler failed")
+    );
 }
 
 #[test]

@@ -30,7 +30,14 @@ pub const SECRET: &str = "test-secret-of-the-gateway";
 /// * `slow`: signals `started`, waits for a `release` permit, then echoes;
 /// * `blackhole`: signals `started` and never answers.
 pub const ROUTES: [&str; 8] = [
-    "echo", "whoami", "fail", "conflict", "garbage", "empty", "slow", "blackhole",
+    "echo",
+    "whoami",
+    "fail",
+    "conflict",
+    "garbage",
+    "empty",
+    "slow",
+    "blackhole",
 ];
 
 /// A gateway serving on 127.0.0.1 in front of the fake logic server.
@@ -97,7 +104,9 @@ impl Mesh {
 
     /// A POST of `body` to `/api/{handler}`.
     pub fn post(&self, handler: &str, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
-        self.client.post(self.url(&format!("/api/{handler}"))).body(body)
+        self.client
+            .post(self.url(&format!("/api/{handler}")))
+            .body(body)
     }
 
     /// Wait (bounded) until the fake server has taken a slow/blackhole request; returns
@@ -127,7 +136,8 @@ pub async fn json_of(response: reqwest::Response) -> serde_json::Value {
 pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) {
     assert_eq!(response.status().as_u16(), status, "status");
     assert_eq!(
-        response.headers()["content-type"], "application/json",
+        response.headers()["content-type"],
+        "application/json",
         "content-type"
     );
     let body = json_of(response).await;
@@ -154,7 +164,11 @@ async fn start_fake_logic_server(
     });
 }
 
-async fn answer(delivery: Delivery, started: mpsc::UnboundedSender<String>, release: Arc<Semaphore>) {
+async fn answer(
+    delivery: Delivery,
+    started: mpsc::UnboundedSender<String>,
+    release: Arc<Semaphore>,
+) {
     let request: Request = decode(&delivery.payload).unwrap();
     let id = request.id.clone();
     let reply = match request.handler.as_str() {

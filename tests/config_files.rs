@@ -1,0 +1,113 @@
+//! Every configuration file shipped in `config/` parses, and mistakes in a file are
+//! reported with the file, the key and what was expected.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use keelson::settings::{KeelsonConfig, Source, load_with_env};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn shipped_configs() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn load(path: PathBuf) -> Result<KeelsonConfig, String> {
+    load_with_env(&Source::File(path), Some(HashMap::new())).map_err(|e| e.to_string())
+}
+
+#[test]
+fn every_shipped_config_parses() {
+    let files = shipped_configs();
+    assert!(
+        !files.is_empty(),
+        "expected keelson.toml, gateway.toml, logic-server.toml: {files:?}"
+    );
+    for file in files {
+        if let Err(e) = load(file.clone()) {
+            panic!("{} does not parse: {e}", file.display());
+        }
+    }
+}
+
+#[test]
+fn the_builtin_copy_is_the_default_file() {
+    let on_disk = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(keelson::settings::DEFAULT_CONFIG),
+    )
+    .unwrap();
+    assert_eq!(on_disk, keelson::settings::BUILTIN_CONFIG);
+    load_with_env(&Source::Builtin, Some(HashMap::new())).unwrap();
+}
+
+#[test]
+fn an_unknown_key_in_any_shipped_config_is_rejected_with_its_name() {
+    let scratch = tempfile::tempdir().unwrap();
+    for file in shipped_configs() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        // An unknown key at the top, and one inside the first section.
+        for (case, bad) in [
+            ("top", format!("surprise = 1\n{text}")),
+            (
+                "section",
+                text.replacen("\n[transport]\n", "\n[transport]\nsurprise = 1\n", 1),
+            ),
+        ] {
+            let name = format!("{case}-{}", file.file_name().unwrap().to_string_lossy());
+            let path = scratch.path().join(&name);
+            std::fs::write(&path, bad).unwrap();
+            let err = load(path).expect_err("an unknown key must be an error");
+            assert!(err.contains(&name), "{err}");
+            assert!(err.contains("surprise"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn a_wrong_type_names_the_key_and_the_expected_type() {
+    let scratch = tempfile::tempdir().unwrap();
+    let path = scratch.path().join("bad.toml");
+    std::fs::write(&path, "[logic_server]\nconcurrency = \"lots\"\n").unwrap();
+    let err = load(path).unwrap_err();
+    assert!(err.contains("bad.toml"), "{err}");
+    assert!(err.contains("logic_server.concurrency"), "{err}");
+    assert!(err.contains("expected an integer"), "{err}");
+}
+
+#[test]
+fn environment_overrides_any_key() {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/keelson.toml");
+    let env = HashMap::from([
+        (
+            "KEELSON__GATEWAY__LISTEN".to_owned(),
+            "127.0.0.1:9999".to_owned(),
+        ),
+        (
+            "KEELSON__LOGIC_SERVER__CONCURRENCY".to_owned(),
+            "7".to_owned(),
+        ),
+    ]);
+    let config = load_with_env(&Source::File(file), Some(env)).unwrap();
+    assert_eq!(config.gateway.listen, "127.0.0.1:9999");
+    assert_eq!(config.logic_server.concurrency, 7);
+}
+
+#[test]
+fn a_bad_environment_override_is_reported_as_such() {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/keelson.toml");
+    let env = HashMap::from([(
+        "KEELSON__LOGIC_SERVER__CONCURRENCY".to_owned(),
+        "many".to_owned(),
+    )]);
+    let err = load_with_env(&Source::File(file), Some(env))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("KEELSON__LOGIC_SERVER__CONCURRENCY"), "{err}");
+    assert!(err.contains("logic_server.concurrency"), "{err}");
+}

@@ -1,0 +1,219 @@
+//! Helpers shared by the cross-process tests: configuration files, real binaries
+//! started as child processes, and an HTTP client.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+#[cfg(not(feature = "test-handlers"))]
+compile_error!(
+    "the cross-process tests need the test-only handlers: run them with \
+     `cargo test --workspace --features keelson/test-handlers` (see README.md)"
+);
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A scratch directory holding a test's configuration files and logs.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("cannot create a temporary directory"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write `contents` to `name` in the scratch directory.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).expect("cannot write a config file");
+        path
+    }
+}
+
+/// The secret used by test configurations.
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
+
+/// An embedded-mesh configuration on an ephemeral port, with the example and test
+/// handlers, and `extra` appended (TOML).
+pub fn embedded_config(extra: &str) -> String {
+    format!(
+        r#"
+[transport]
+kind = "memory"
+
+[gateway]
+listen = "127.0.0.1:0"
+request_timeout_ms = 5000
+
+[auth]
+secret = "{SECRET}"
+
+[logic_server]
+handlers = ["echo", "counter.increment", "counter.get", "cart.add", "cart.list", "cart.clear",
+            "test.slow", "test.panic", "test.fail", "test.whoami"]
+concurrency = 32
+drain_timeout_ms = 5000
+{extra}
+"#
+    )
+}
+
+/// Which binary of the package to run.
+#[derive(Clone, Copy, Debug)]
+pub enum Bin {
+    Keelson,
+    Gateway,
+    LogicServer,
+}
+
+impl Bin {
+    fn path(self) -> &'static str {
+        match self {
+            Bin::Keelson => env!("CARGO_BIN_EXE_keelson"),
+            Bin::Gateway => env!("CARGO_BIN_EXE_ui-gateway"),
+            Bin::LogicServer => env!("CARGO_BIN_EXE_logic-server"),
+        }
+    }
+}
+
+/// A running Keelson process.
+pub struct Process {
+    child: Child,
+    /// The gateway's base URL, when the process runs one.
+    pub base_url: Option<String>,
+    /// Where its standard error (the log) goes.
+    pub log: PathBuf,
+}
+
+/// How long a process may take to start before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Process {
+    /// Start `bin --config config` (plus `args`), and wait until it says on standard
+    /// output that it listens (gateway, embedded) or is ready (logic server).
+    pub async fn start(bin: Bin, config: &Path, log: &Path, envs: &[(&str, &str)]) -> Self {
+        let log_file = std::fs::File::create(log).expect("cannot create the log file");
+        let mut cmd = Command::new(bin.path());
+        cmd.arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("KEELSON__TRANSPORT__KIND")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("cannot start the binary");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let wait = async {
+            while let Some(line) = lines.next_line().await.expect("cannot read stdout") {
+                if let Some((_, rest)) = line.split_once("listening on ") {
+                    return Some(rest.trim().to_owned());
+                }
+                if line.contains("logic server ready") {
+                    return None;
+                }
+            }
+            panic!(
+                "{:?} exited before it was ready; its log:\n{}",
+                bin,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        };
+        let base_url = tokio::time::timeout(START_TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{:?} did not become ready within {START_TIMEOUT:?}; its log:\n{}",
+                    bin,
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            });
+        // Keep draining standard output so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            base_url,
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the process is still running")
+    }
+
+    /// `POST {base}/api/{handler}`.
+    pub fn url(&self, handler: &str) -> String {
+        format!(
+            "{}/api/{handler}",
+            self.base_url
+                .as_deref()
+                .expect("this process runs no gateway")
+        )
+    }
+
+    /// Send a signal with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("cannot run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// SIGTERM, then wait for the exit (bounded).
+    pub async fn terminate(mut self, within: Duration) -> ExitStatus {
+        self.signal("TERM");
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the process did not exit within {within:?} of SIGTERM"))
+            .expect("cannot wait for the process")
+    }
+
+    /// SIGKILL, and reap it.
+    pub async fn kill9(mut self) {
+        self.child.kill().await.expect("cannot kill the process");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Print a token for `user` with the `keelson token` command.
+pub fn token(config: &Path, user: &str) -> String {
+    let out = std::process::Command::new(Bin::Keelson.path())
+        .args(["token", "--user", user, "--config"])
+        .arg(config)
+        .output()
+        .expect("cannot run keelson token");
+    assert!(
+        out.status.success(),
+        "keelson token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("token is UTF-8")
+        .trim()
+        .to_owned()
+}
+
+/// An HTTP client with a bounded timeout, so no test can hang.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("cannot build an HTTP client")
+}

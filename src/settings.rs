@@ -167,6 +167,11 @@ pub fn load_with_env(
         .prefix_separator("__")
         .separator("__")
         .try_parsing(true)
+        // Lists from the environment are comma-separated:
+        // KEELSON__TRANSPORT__URLS=amqp://a:5672/%2f,amqp://b:5672/%2f
+        .list_separator(",")
+        .with_list_parse_key("transport.urls")
+        .with_list_parse_key("logic_server.handlers")
         .source(env);
     let overridden = environment_keys(&environment);
     let built = config::Config::builder()

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod broker;
+
 #[cfg(not(feature = "test-handlers"))]
 compile_error!(
     "the cross-process tests need the test-only handlers: run them with \
@@ -185,6 +187,20 @@ impl Process {
     /// SIGKILL, and reap it.
     pub async fn kill9(mut self) {
         self.child.kill().await.expect("cannot kill the process");
+    }
+
+    /// Wait (bounded) until the process's log contains `needle`: the event a test
+    /// needs, such as a handler having started.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        while !self.log_text().contains(needle) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the log never said {needle:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn log_text(&self) -> String {

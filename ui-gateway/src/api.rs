@@ -13,9 +13,9 @@ use crate::routes::AppState;
 use crate::trace;
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use keelson_protocol::transport::Message;
 use keelson_protocol::{Reply, ReplyStatus, Request as Envelope, decode, encode};
@@ -120,17 +120,7 @@ pub(crate) async fn call(
         .cloned()
         .unwrap_or_else(RequestId::generate);
 
-    let body = Bytes::from_request(request, &state)
-        .await
-        .map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge {
-                    limit: state.config.max_body_bytes,
-                }
-            } else {
-                ApiError::BadBody(rejection.body_text())
-            }
-        })?;
+    let body = read_body(request.into_body(), state.config.max_body_bytes).await?;
     let body = json_body(body)?;
 
     let deadline = Instant::now() + timeout;
@@ -151,7 +141,7 @@ pub(crate) async fn call(
         )));
     }
     match reply.status {
-        ReplyStatus::Ok => Ok(ok_response(reply.body)),
+        ReplyStatus::Ok => Ok(ok_response(reply.body, &reply.served_by)),
         status => Err(ApiError::Reply {
             status,
             error: reply.error,
@@ -160,18 +150,60 @@ pub(crate) async fn call(
     }
 }
 
+/// How much of an over-limit body is read and dropped so that the client receives the
+/// 413 instead of a connection reset (a server that closes a socket with unread data
+/// makes the kernel reset it, and the client loses the response).
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+/// How long draining an over-limit body may take.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Read the body, refusing it past `limit` bytes with 413.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    use futures_util::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadBody(e.to_string()))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen > limit {
+            let _ = tokio::time::timeout(DRAIN_TIME, async {
+                while let Some(Ok(chunk)) = stream.next().await {
+                    seen = seen.saturating_add(chunk.len());
+                    if seen > DRAIN_LIMIT {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// Response header naming the logic server that produced the answer, for operators
+/// tracing a request through the mesh.
+pub const SERVED_BY_HEADER: &str = "x-keelson-served-by";
+
 /// 200 with the handler's JSON, verbatim; an empty answer is `null`.
-fn ok_response(body: Vec<u8>) -> Response {
+fn ok_response(body: Vec<u8>, served_by: &str) -> Response {
     let body = if body.is_empty() {
         b"null".to_vec()
     } else {
         body
     };
-    (
+    let mut response = (
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
         body,
     )
-        .into_response()
+        .into_response();
+    // A node id that is not a valid header value is simply not shown.
+    if let Ok(value) = HeaderValue::from_str(served_by) {
+        response.headers_mut().insert(SERVED_BY_HEADER, value);
+    }
+    response
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@
 //! through [`AuthConfig::load_secret`] and a transport, then calls [`Gateway::bind`] and
 //! [`Gateway::serve`].
 
+#![warn(missing_docs)]
+
 mod api;
 mod auth;
 mod config;
@@ -38,6 +40,7 @@ mod routes;
 mod server;
 mod trace;
 
+pub use api::SERVED_BY_HEADER;
 pub use auth::{AuthConfig, AuthError, Secret, issue_token, verify_token};
 pub use config::GatewayConfig;
 pub use error::ApiError;

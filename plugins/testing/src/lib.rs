@@ -33,6 +33,8 @@ impl Handler for Slow {
             .ms
             .unwrap_or(1000)
             .min(600_000);
+        // Tests wait for this line to know the request is in a handler.
+        tracing::info!(ms, id = req.id(), "test.slow started");
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Response::json(&json!({ "slept_ms": ms }))
     }

@@ -61,7 +61,8 @@ impl ServerStats {
     }
 }
 
-/// A started server; [`RunningServer::shutdown`] drains it.
+/// A started server; [`RunningServer::shutdown`] drains it. Dropping the handle
+/// without calling `shutdown` leaves the server running until its transport closes.
 #[derive(Debug)]
 pub struct RunningServer {
     stop: watch::Sender<bool>,
@@ -156,6 +157,25 @@ impl RunningServer {
     }
 }
 
+/// Counts a request as in flight for as long as it lives, including when its task is
+/// aborted at the drain timeout.
+struct InFlight {
+    stats: Arc<ServerStats>,
+}
+
+impl InFlight {
+    fn enter(stats: Arc<ServerStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self { stats }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn consume_loop(
     mut consumer: Box<dyn keelson_protocol::transport::Consumer>,
     dispatcher: Arc<Dispatcher>,
@@ -166,10 +186,16 @@ async fn consume_loop(
 ) {
     let limit = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
+    // Set when the `RunningServer` handle was dropped without `shutdown`: the server
+    // then serves until its transport closes.
+    let mut detached = false;
     loop {
         tokio::select! {
             biased;
-            _ = stopped.changed() => break,
+            changed = stopped.changed(), if !detached => match changed {
+                Ok(()) => break,
+                Err(_) => detached = true,
+            },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             next = consumer.next() => match next {
                 None => {
@@ -184,12 +210,11 @@ async fn consume_loop(
                     // against a transport delivering more than it should.
                     let Ok(permit) = limit.clone().acquire_owned().await else { break };
                     let dispatcher = dispatcher.clone();
-                    let stats = stats.clone();
-                    stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let in_flight = InFlight::enter(stats.clone());
                     tasks.spawn(async move {
                         let outcome = dispatcher.handle(delivery).await;
-                        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        stats.handled.fetch_add(1, Ordering::Relaxed);
+                        in_flight.stats.handled.fetch_add(1, Ordering::Relaxed);
+                        drop(in_flight);
                         drop(permit);
                         if outcome == Handled::DeadLettered {
                             tracing::debug!("delivery dead-lettered");

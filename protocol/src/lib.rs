@@ -12,6 +12,7 @@
 //! This crate never depends on HTTP or on the handler API: it is what handler
 //! authors and peers written in other languages read.
 
+pub mod client;
 pub mod codec;
 pub mod envelope;
 pub mod transport;

@@ -2,11 +2,10 @@
 
 use crate::settings::KeelsonConfig;
 use anyhow::Context as _;
-use keelson_logic_server::{LocalContextStore, LogicServer, Registry, RunningServer};
+use keelson_logic_server::{LogicServer, Registry, ReplicatedContextStore, RunningServer};
 use keelson_protocol::Transport;
 use keelson_ui_gateway::Gateway;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 
 /// Which parts this process runs.
@@ -140,18 +139,10 @@ async fn start_logic_server(
 ) -> anyhow::Result<RunningServer> {
     let ls = &config.logic_server;
     let registry = Registry::from_config(&ls.handlers, &ls.handler_settings)?;
-    let store = Arc::new(LocalContextStore::new(&ls.context));
-    let sweep = store.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tick.tick().await;
-            let dropped = sweep.expire_idle();
-            if dropped > 0 {
-                tracing::debug!(dropped, "expired idle user contexts");
-            }
-        }
-    });
+    // Not ready before every context the peers hold is here.
+    let store = ReplicatedContextStore::start(transport.clone(), node_id, ls.context.clone())
+        .await
+        .context("cannot join the context channel")?;
     Ok(
         LogicServer::new(ls.clone(), node_id, transport, registry, store)
             .start()

@@ -46,8 +46,16 @@ pub struct ContextConfig {
     pub max_bytes_per_user: usize,
     /// Most users with a context at once.
     pub max_users: usize,
-    /// A context untouched for this long is dropped.
+    /// A context untouched for this long is dropped (by every server).
     pub idle_ttl_s: u64,
+    /// How long a deletion is remembered. A write delayed longer than this could
+    /// bring a deleted value back; it must exceed any plausible delivery delay.
+    pub tombstone_ttl_s: u64,
+    /// How long a starting server waits for a peer to answer its snapshot request
+    /// before it concludes it is alone and starts empty.
+    pub join_timeout_ms: u64,
+    /// Users per snapshot chunk sent to a joining server.
+    pub snapshot_chunk_users: u32,
 }
 
 impl Default for ContextConfig {
@@ -56,6 +64,9 @@ impl Default for ContextConfig {
             max_bytes_per_user: 64 * 1024,
             max_users: 1_000_000,
             idle_ttl_s: 24 * 3600,
+            tombstone_ttl_s: 3600,
+            join_timeout_ms: 2000,
+            snapshot_chunk_users: 2000,
         }
     }
 }

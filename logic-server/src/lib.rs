@@ -39,7 +39,9 @@ mod dispatch;
 
 pub use async_trait::async_trait;
 pub use config::{ContextConfig, LogicServerConfig};
-pub use context::{ContextError, ContextStore, LocalContextStore, UserContext};
+pub use context::{
+    ContextError, ContextStore, LocalContextStore, ReplicatedContextStore, UserContext,
+};
 pub use handler::{Handler, HandlerError, RequestCtx, Response};
 pub use plugin::{HandlerPlugin, PluginError, Registry, Settings};
 pub use server::{LogicServer, RunningServer, ServerError};

@@ -14,6 +14,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod context;
 pub mod envelope;
 pub mod transport;
 pub mod version;

@@ -205,6 +205,7 @@ mod tests {
             max_bytes_per_user: max_bytes,
             max_users,
             idle_ttl_s: 60,
+            ..ContextConfig::default()
         })
     }
 

@@ -17,8 +17,10 @@
 //!   Use a counter rather than get-then-set for anything that counts.
 
 mod local;
+mod replicated;
 
 pub use local::LocalContextStore;
+pub use replicated::ReplicatedContextStore;
 
 use async_trait::async_trait;
 use bytes::Bytes;

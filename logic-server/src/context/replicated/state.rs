@@ -1,0 +1,357 @@
+//! The replicated context as a state-based CRDT: pure data and merge rules, no I/O.
+//!
+//! * a value is a last-writer-wins register ordered by its [`Stamp`] (hybrid logical
+//!   clock, node id as tiebreak); a deletion is a register holding no value (a
+//!   tombstone), collected after a bound;
+//! * a counter is one running sum per node; of two shares of one node, the higher
+//!   `seq` wins; the counter's value is the sum of the shares, so increments made on
+//!   different servers at once all count;
+//! * a user's `last_active` is the highest stamp seen; a user idle past the TTL is
+//!   dropped.
+//!
+//! Every merge is commutative, associative and idempotent, so replicas that saw the
+//! same operations in any order, any number of times, hold equal states.
+
+use keelson_protocol::context::{ContextOp, CounterEntry, Hlc, UserSnapshot, ValueEntry};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+/// A node id, interned: every stamp and share of one node shares one allocation.
+pub(crate) type Node = Arc<str>;
+
+/// Bookkeeping charged per entry against the per-user size limit.
+const ENTRY_OVERHEAD: usize = 16;
+
+/// A hybrid-logical-clock time and its writer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Stamp {
+    pub(crate) wall_ms: u64,
+    pub(crate) logical: u32,
+    pub(crate) node: Node,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Register {
+    ts: Stamp,
+    value: Option<Box<[u8]>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Share {
+    node: Node,
+    seq: u64,
+    sum: i64,
+}
+
+/// One user's replicated context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UserState {
+    last_active: Stamp,
+    values: Vec<(Box<str>, Register)>,
+    counters: Vec<(Box<str>, Vec<Share>)>,
+}
+
+impl UserState {
+    fn new(last_active: Stamp) -> Self {
+        Self {
+            last_active,
+            values: Vec::new(),
+            counters: Vec::new(),
+        }
+    }
+
+    /// Wall time of the latest activity.
+    pub(crate) fn last_active_ms(&self) -> u64 {
+        self.last_active.wall_ms
+    }
+
+    /// Bytes charged against the per-user limit: live values and counters.
+    pub(crate) fn size(&self) -> usize {
+        let values: usize = self
+            .values
+            .iter()
+            .filter_map(|(k, r)| r.value.as_ref().map(|v| k.len() + v.len() + ENTRY_OVERHEAD))
+            .sum();
+        let counters: usize = self
+            .counters
+            .iter()
+            .map(|(k, shares)| k.len() + 8 + ENTRY_OVERHEAD * shares.len())
+            .sum();
+        values + counters
+    }
+
+    fn register(&self, key: &str) -> Option<&Register> {
+        self.values
+            .iter()
+            .find(|(k, _)| &**k == key)
+            .map(|(_, r)| r)
+    }
+
+    /// Size after setting `key` to a value of `len` bytes.
+    pub(crate) fn size_with(&self, key: &str, len: usize) -> usize {
+        let old = self
+            .register(key)
+            .and_then(|r| r.value.as_ref())
+            .map_or(0, |v| key.len() + v.len() + ENTRY_OVERHEAD);
+        self.size() - old + key.len() + len + ENTRY_OVERHEAD
+    }
+
+    fn merge_value(&mut self, key: &str, ts: Stamp, value: Option<Box<[u8]>>) {
+        match self.values.iter_mut().find(|(k, _)| &**k == key) {
+            Some((_, r)) => {
+                if ts > r.ts {
+                    *r = Register { ts, value };
+                }
+            }
+            None => self.values.push((key.into(), Register { ts, value })),
+        }
+    }
+
+    fn merge_share(&mut self, key: &str, node: Node, seq: u64, sum: i64) {
+        let shares = match self.counters.iter_mut().position(|(k, _)| &**k == key) {
+            Some(i) => &mut self.counters[i].1,
+            None => {
+                self.counters.push((key.into(), Vec::new()));
+                let last = self.counters.len() - 1;
+                &mut self.counters[last].1
+            }
+        };
+        match shares.iter_mut().find(|s| s.node == node) {
+            Some(s) => {
+                if seq > s.seq {
+                    s.seq = seq;
+                    s.sum = sum;
+                }
+            }
+            None => shares.push(Share { node, seq, sum }),
+        }
+    }
+
+    fn touch(&mut self, ts: Stamp) {
+        if ts > self.last_active {
+            self.last_active = ts;
+        }
+    }
+}
+
+/// All users' contexts on one server.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    users: BTreeMap<Box<str>, UserState>,
+    nodes: HashSet<Node>,
+}
+
+impl State {
+    pub(crate) fn intern(&mut self, node: &str) -> Node {
+        if let Some(n) = self.nodes.get(node) {
+            return n.clone();
+        }
+        let n: Node = node.into();
+        self.nodes.insert(n.clone());
+        n
+    }
+
+    fn stamp(&mut self, hlc: &Hlc) -> Stamp {
+        Stamp {
+            wall_ms: hlc.wall_ms,
+            logical: hlc.logical,
+            node: self.intern(&hlc.node),
+        }
+    }
+
+    fn user_mut(&mut self, user: &str, seen: &Stamp) -> &mut UserState {
+        if !self.users.contains_key(user) {
+            self.users.insert(user.into(), UserState::new(seen.clone()));
+        }
+        // Just ensured present; `BTreeMap::entry` would need an owned key every time.
+        match self.users.get_mut(user) {
+            Some(u) => u,
+            None => unreachable!("inserted above"),
+        }
+    }
+
+    pub(crate) fn user(&self, user: &str) -> Option<&UserState> {
+        self.users.get(user)
+    }
+
+    pub(crate) fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Apply one operation, from this server or a peer.
+    pub(crate) fn apply(&mut self, op: &ContextOp) {
+        match op {
+            ContextOp::Set {
+                user,
+                key,
+                value,
+                ts,
+            } => {
+                let ts = self.stamp(ts);
+                let u = self.user_mut(user, &ts);
+                u.touch(ts.clone());
+                u.merge_value(key, ts, value.as_deref().map(Box::from));
+            }
+            ContextOp::Count {
+                user,
+                key,
+                node,
+                seq,
+                sum,
+            } => {
+                let node = self.intern(node);
+                // A share says nothing about time; a user first seen through one is
+                // stamped as never active and gets its time from the next touch.
+                let never = Stamp {
+                    wall_ms: 0,
+                    logical: 0,
+                    node: node.clone(),
+                };
+                let u = self.user_mut(user, &never);
+                u.touch(never);
+                u.merge_share(key, node, *seq, *sum);
+            }
+            ContextOp::Touch { user, ts } => {
+                let ts = self.stamp(ts);
+                self.user_mut(user, &ts).touch(ts);
+            }
+        }
+    }
+
+    /// The live value of `key`.
+    pub(crate) fn get(&self, user: &str, key: &str) -> Option<&[u8]> {
+        self.users.get(user)?.register(key)?.value.as_deref()
+    }
+
+    /// The value of a counter: the sum of every node's share.
+    pub(crate) fn counter(&self, user: &str, key: &str) -> i64 {
+        self.users
+            .get(user)
+            .and_then(|u| u.counters.iter().find(|(k, _)| &**k == key))
+            .map_or(0, |(_, shares)| {
+                shares.iter().fold(0i64, |acc, s| acc.wrapping_add(s.sum))
+            })
+    }
+
+    /// This node's share of a counter: `(seq, sum)`.
+    pub(crate) fn share(&self, user: &str, key: &str, node: &str) -> (u64, i64) {
+        self.users
+            .get(user)
+            .and_then(|u| u.counters.iter().find(|(k, _)| &**k == key))
+            .and_then(|(_, shares)| shares.iter().find(|s| &*s.node == node))
+            .map_or((0, 0), |s| (s.seq, s.sum))
+    }
+
+    /// Drop users idle since before `idle_before_ms`, and tombstones written before
+    /// `tombstones_before_ms`. Returns the number of users dropped.
+    pub(crate) fn expire(&mut self, idle_before_ms: u64, tombstones_before_ms: u64) -> usize {
+        let before = self.users.len();
+        self.users
+            .retain(|_, u| u.last_active.wall_ms >= idle_before_ms);
+        for u in self.users.values_mut() {
+            u.values
+                .retain(|(_, r)| r.value.is_some() || r.ts.wall_ms >= tombstones_before_ms);
+        }
+        before - self.users.len()
+    }
+
+    /// Up to `max` users after `after`, in order, and the cursor for the next chunk.
+    pub(crate) fn snapshot_after(
+        &self,
+        after: Option<&str>,
+        max: usize,
+    ) -> (Vec<UserSnapshot>, Option<String>) {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        let mut range = self
+            .users
+            .range::<str, _>((start, Bound::Unbounded))
+            .peekable();
+        while out.len() < max.max(1) {
+            let Some((name, u)) = range.next() else { break };
+            out.push(to_snapshot(name, u));
+        }
+        let next = match range.peek() {
+            Some(_) => out.last().map(|u| u.user.clone()),
+            None => None,
+        };
+        (out, next)
+    }
+
+    /// Merge a peer's state of one user.
+    pub(crate) fn merge_snapshot(&mut self, snap: &UserSnapshot) {
+        let active = self.stamp(&snap.last_active);
+        let mut merged = self
+            .users
+            .remove(snap.user.as_str())
+            .unwrap_or_else(|| UserState::new(active.clone()));
+        merged.touch(active);
+        for v in &snap.values {
+            let ts = self.stamp(&v.ts);
+            merged.merge_value(&v.key, ts, v.value.as_deref().map(Box::from));
+        }
+        for c in &snap.counters {
+            let node = self.intern(&c.node);
+            merged.merge_share(&c.key, node, c.seq, c.sum);
+        }
+        self.users.insert(snap.user.as_str().into(), merged);
+    }
+
+    /// A canonical form of the whole state, equal on replicas that converged.
+    #[cfg(test)]
+    pub(crate) fn canonical(&self) -> Vec<UserSnapshot> {
+        self.users
+            .iter()
+            .map(|(name, u)| {
+                let mut s = to_snapshot(name, u);
+                s.values.sort_by(|a, b| a.key.cmp(&b.key));
+                s.counters
+                    .sort_by(|a, b| (&a.key, &a.node).cmp(&(&b.key, &b.node)));
+                s
+            })
+            .collect()
+    }
+}
+
+fn to_hlc(s: &Stamp) -> Hlc {
+    Hlc {
+        wall_ms: s.wall_ms,
+        logical: s.logical,
+        node: s.node.to_string(),
+    }
+}
+
+fn to_snapshot(name: &str, u: &UserState) -> UserSnapshot {
+    UserSnapshot {
+        user: name.to_owned(),
+        last_active: to_hlc(&u.last_active),
+        values: u
+            .values
+            .iter()
+            .map(|(k, r)| ValueEntry {
+                key: k.to_string(),
+                value: r.value.as_ref().map(|v| v.to_vec()),
+                ts: to_hlc(&r.ts),
+            })
+            .collect(),
+        counters: u
+            .counters
+            .iter()
+            .flat_map(|(k, shares)| {
+                shares.iter().map(move |s| CounterEntry {
+                    key: k.to_string(),
+                    node: s.node.to_string(),
+                    seq: s.seq,
+                    sum: s.sum,
+                })
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,488 @@
+//! [`ReplicatedContextStore`]: the CRDT state of `state.rs`, kept in step with the
+//! peers through the transport.
+
+use super::clock::Clock;
+use super::state::{Node, Stamp, State};
+use crate::config::ContextConfig;
+use crate::context::{ContextError, ContextStore};
+use async_trait::async_trait;
+use bytes::Bytes;
+use keelson_protocol::context::{
+    CONTEXT_CHANNEL, ContextDelta, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE, SnapshotChunk,
+    SnapshotRequest,
+};
+use keelson_protocol::transport::{Message, RequestError, ServiceSpec};
+use keelson_protocol::{ProtocolVersion, Transport, decode, encode};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How often a failed snapshot chunk is asked again before the server gives up and
+/// serves with what it has.
+const CHUNK_ATTEMPTS: u32 = 4;
+
+/// Per-user contexts replicated between all logic servers of a mesh.
+pub struct ReplicatedContextStore {
+    node: Node,
+    transport: Arc<dyn Transport>,
+    config: ContextConfig,
+    inner: Mutex<Inner>,
+    ready: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Inner {
+    state: State,
+    clock: Clock,
+}
+
+impl fmt::Debug for ReplicatedContextStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicatedContextStore")
+            .field("node", &self.node)
+            .field("users", &self.user_count())
+            .finish()
+    }
+}
+
+fn to_hlc(s: &Stamp) -> Hlc {
+    Hlc {
+        wall_ms: s.wall_ms,
+        logical: s.logical,
+        node: s.node.to_string(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Figures of a completed join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinReport {
+    /// Users received from peers.
+    pub users: usize,
+    /// Chunks received.
+    pub chunks: usize,
+    /// Whether a peer answered at all.
+    pub alone: bool,
+}
+
+impl ReplicatedContextStore {
+    /// Subscribe to the context channel, pull the peers' state (or conclude this
+    /// server is alone), and start answering peers' snapshot requests. Returns once
+    /// this server holds every context its peers have: only then may it serve.
+    pub async fn start(
+        transport: Arc<dyn Transport>,
+        node_id: &str,
+        config: ContextConfig,
+    ) -> Result<Arc<Self>, ContextError> {
+        let node: Node = node_id.into();
+        let store = Arc::new(Self {
+            node: node.clone(),
+            transport: transport.clone(),
+            config,
+            inner: Mutex::new(Inner {
+                state: State::default(),
+                clock: Clock::new(node),
+            }),
+            ready: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let unavailable = |e: keelson_protocol::transport::TransportError| {
+            ContextError::Unavailable(e.to_string())
+        };
+        // Deltas first, so nothing written while the snapshot travels is missed.
+        let mut deltas = transport
+            .subscribe(CONTEXT_CHANNEL)
+            .await
+            .map_err(unavailable)?;
+        let weak = Arc::downgrade(&store);
+        store.spawn(async move {
+            while let Some(message) = deltas.next().await {
+                let Some(store) = weak.upgrade() else { break };
+                store.receive(&message.payload);
+            }
+        });
+        let report = store.join().await;
+        tracing::info!(
+            users = report.users,
+            chunks = report.chunks,
+            alone = report.alone,
+            "context store ready"
+        );
+        transport
+            .declare_service(&ServiceSpec {
+                name: SNAPSHOT_SERVICE.to_owned(),
+                routes: vec![SNAPSHOT_ROUTE.to_owned()],
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut requests = transport
+            .consume(SNAPSHOT_SERVICE, 2)
+            .await
+            .map_err(unavailable)?;
+        let weak = Arc::downgrade(&store);
+        store.spawn(async move {
+            while let Some(Ok(delivery)) = requests.next().await {
+                let Some(store) = weak.upgrade() else { break };
+                match store.answer_snapshot(&delivery.payload) {
+                    Ok(chunk) => {
+                        if let Err(e) = delivery.reply(chunk).await {
+                            tracing::warn!(error = %e, "could not send a snapshot chunk");
+                        }
+                        let _ = delivery.ack().await;
+                    }
+                    Err(reason) => {
+                        let _ = delivery.reject(reason).await;
+                    }
+                }
+            }
+        });
+        let weak = Arc::downgrade(&store);
+        let every = Duration::from_secs((store.config.idle_ttl_s / 10).clamp(1, 60));
+        store.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(store) = weak.upgrade() else { break };
+                store.expire();
+            }
+        });
+        store.ready.store(true, Ordering::Release);
+        Ok(store)
+    }
+
+    /// Whether the join completed.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Stop the background tasks (delta intake, snapshot answers, expiry).
+    pub fn stop(&self) {
+        for task in self.lock_tasks().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.lock_tasks().push(tokio::spawn(task));
+    }
+
+    fn lock_tasks(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section applies whole operations; a panic cannot leave the
+        // state half-merged, so a poisoned lock still guards a valid state.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Apply a peer's delta.
+    fn receive(&self, payload: &[u8]) {
+        let delta: ContextDelta = match decode(payload) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an undecodable context delta");
+                return;
+            }
+        };
+        if *delta.origin == *self.node {
+            return;
+        }
+        let mut inner = self.lock();
+        for op in &delta.ops {
+            if let ContextOp::Set { ts, .. } | ContextOp::Touch { ts, .. } = op {
+                inner.clock.observe(ts.wall_ms, ts.logical);
+            }
+            inner.state.apply(op);
+        }
+    }
+
+    async fn publish(&self, ops: Vec<ContextOp>) -> Result<(), ContextError> {
+        let delta = ContextDelta {
+            v: ProtocolVersion::CURRENT,
+            origin: self.node.to_string(),
+            ops,
+        };
+        let payload = encode(&delta).map_err(|e| ContextError::Unavailable(e.to_string()))?;
+        self.transport
+            .broadcast(CONTEXT_CHANNEL, Message::new(payload))
+            .await
+            .map_err(|e| ContextError::Unavailable(format!("cannot replicate the write: {e}")))
+    }
+
+    async fn join(&self) -> JoinReport {
+        let timeout = Duration::from_millis(self.config.join_timeout_ms);
+        let started = Instant::now();
+        let mut report = JoinReport {
+            users: 0,
+            chunks: 0,
+            alone: false,
+        };
+        let mut after: Option<String> = None;
+        let mut failures = 0;
+        loop {
+            let request = SnapshotRequest {
+                v: ProtocolVersion::CURRENT,
+                requester: self.node.to_string(),
+                after: after.clone(),
+                max_users: self.config.snapshot_chunk_users,
+            };
+            let Ok(payload) = encode(&request) else { break };
+            let answer = self
+                .transport
+                .request(
+                    SNAPSHOT_ROUTE,
+                    Message::new(payload),
+                    Instant::now() + timeout,
+                )
+                .await;
+            let chunk = match answer {
+                Err(RequestError::Unroutable(_)) if report.chunks == 0 => {
+                    tracing::info!(
+                        "no peer serves context snapshots: this server is alone; starting with an empty context"
+                    );
+                    report.alone = true;
+                    break;
+                }
+                Err(RequestError::Timeout) if report.chunks == 0 => {
+                    tracing::warn!(
+                        ?timeout,
+                        "no peer answered the context snapshot request: this server is alone; starting with an empty context"
+                    );
+                    report.alone = true;
+                    break;
+                }
+                Err(e) => Err(e.to_string()),
+                Ok(bytes) => decode::<SnapshotChunk>(&bytes).map_err(|e| e.to_string()),
+            };
+            match chunk {
+                Ok(chunk) => {
+                    failures = 0;
+                    let mut inner = self.lock();
+                    for user in &chunk.users {
+                        inner
+                            .clock
+                            .observe(user.last_active.wall_ms, user.last_active.logical);
+                        inner.state.merge_snapshot(user);
+                    }
+                    report.chunks += 1;
+                    report.users += chunk.users.len();
+                    match chunk.next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures >= CHUNK_ATTEMPTS {
+                        tracing::error!(error = %e, users = report.users, "context snapshot incomplete; serving with what was received");
+                        break;
+                    }
+                    tracing::warn!(error = %e, "a context snapshot chunk failed; asking again");
+                }
+            }
+        }
+        tracing::info!(
+            users = report.users,
+            chunks = report.chunks,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "context snapshot done"
+        );
+        report
+    }
+
+    fn answer_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let request: SnapshotRequest =
+            decode(payload).map_err(|e| format!("undecodable snapshot request: {e}"))?;
+        let max = request
+            .max_users
+            .min(self.config.snapshot_chunk_users)
+            .max(1) as usize;
+        let (users, next) = self
+            .lock()
+            .state
+            .snapshot_after(request.after.as_deref(), max);
+        tracing::debug!(requester = %request.requester, users = users.len(), "answering a snapshot chunk");
+        let chunk = SnapshotChunk {
+            v: ProtocolVersion::CURRENT,
+            responder: self.node.to_string(),
+            users,
+            next,
+        };
+        encode(&chunk).map_err(|e| e.to_string())
+    }
+
+    fn expire(&self) {
+        let now = now_ms();
+        let idle = now.saturating_sub(self.config.idle_ttl_s.saturating_mul(1000));
+        let tombstones = now.saturating_sub(self.config.tombstone_ttl_s.saturating_mul(1000));
+        let dropped = self.lock().state.expire(idle, tombstones);
+        if dropped > 0 {
+            tracing::debug!(dropped, "expired idle user contexts");
+        }
+    }
+
+    /// Check the bounds for a write of `len` bytes under `key`, and stamp it.
+    fn admit(
+        &self,
+        inner: &mut Inner,
+        user: &str,
+        key: &str,
+        len: usize,
+    ) -> Result<Stamp, ContextError> {
+        let limit = self.config.max_bytes_per_user;
+        let size = match inner.state.user(user) {
+            Some(u) => u.size_with(key, len),
+            None => {
+                if inner.state.user_count() >= self.config.max_users {
+                    return Err(ContextError::StoreFull {
+                        limit: self.config.max_users,
+                    });
+                }
+                key.len() + len + 16
+            }
+        };
+        if size > limit {
+            return Err(ContextError::TooLarge { size, limit });
+        }
+        Ok(inner.clock.tick())
+    }
+
+    /// Reads keep a context alive: say so to the peers now and then, so an active
+    /// user who only reads is not expired anywhere.
+    fn touch_if_stale(&self, user: &str) {
+        let quarter_ttl = self.config.idle_ttl_s.saturating_mul(250);
+        let op = {
+            let mut inner = self.lock();
+            let stale = inner
+                .state
+                .user(user)
+                .is_some_and(|u| u.last_active_ms().saturating_add(quarter_ttl) < now_ms());
+            if !stale {
+                return;
+            }
+            let ts = inner.clock.tick();
+            let op = ContextOp::Touch {
+                user: user.to_owned(),
+                ts: to_hlc(&ts),
+            };
+            inner.state.apply(&op);
+            op
+        };
+        let this = self.transport.clone();
+        let origin = self.node.to_string();
+        tokio::spawn(async move {
+            let delta = ContextDelta {
+                v: ProtocolVersion::CURRENT,
+                origin,
+                ops: vec![op],
+            };
+            if let Ok(payload) = encode(&delta) {
+                let _ = this.broadcast(CONTEXT_CHANNEL, Message::new(payload)).await;
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl ContextStore for ReplicatedContextStore {
+    async fn get(&self, user: &str, key: &str) -> Result<Option<Bytes>, ContextError> {
+        let value = self.lock().state.get(user, key).map(Bytes::copy_from_slice);
+        self.touch_if_stale(user);
+        Ok(value)
+    }
+
+    async fn set(&self, user: &str, key: &str, value: Bytes) -> Result<(), ContextError> {
+        let op = {
+            let mut inner = self.lock();
+            let ts = self.admit(&mut inner, user, key, value.len())?;
+            ContextOp::Set {
+                user: user.to_owned(),
+                key: key.to_owned(),
+                value: Some(value.to_vec()),
+                ts: to_hlc(&ts),
+            }
+        };
+        // Broadcast first: if that fails, no server (this one included) has it.
+        self.publish(vec![op.clone()]).await?;
+        self.lock().state.apply(&op);
+        Ok(())
+    }
+
+    async fn delete(&self, user: &str, key: &str) -> Result<bool, ContextError> {
+        let op = {
+            let mut inner = self.lock();
+            if inner.state.get(user, key).is_none() {
+                return Ok(false);
+            }
+            let ts = inner.clock.tick();
+            ContextOp::Set {
+                user: user.to_owned(),
+                key: key.to_owned(),
+                value: None,
+                ts: to_hlc(&ts),
+            }
+        };
+        self.publish(vec![op.clone()]).await?;
+        self.lock().state.apply(&op);
+        Ok(true)
+    }
+
+    async fn increment(&self, user: &str, key: &str, by: i64) -> Result<i64, ContextError> {
+        let (ops, value) = {
+            let mut inner = self.lock();
+            let ts = self.admit(&mut inner, user, key, 8)?;
+            let (seq, sum) = inner.state.share(user, key, &self.node);
+            let sum = sum
+                .checked_add(by)
+                .ok_or_else(|| ContextError::NotANumber {
+                    key: key.to_owned(),
+                })?;
+            let ops = vec![
+                ContextOp::Count {
+                    user: user.to_owned(),
+                    key: key.to_owned(),
+                    node: self.node.to_string(),
+                    seq: seq + 1,
+                    sum,
+                },
+                ContextOp::Touch {
+                    user: user.to_owned(),
+                    ts: to_hlc(&ts),
+                },
+            ];
+            // Applied at once so concurrent local increments serialise here; the
+            // running sum makes a lost broadcast heal with the next one.
+            for op in &ops {
+                inner.state.apply(op);
+            }
+            (ops, inner.state.counter(user, key))
+        };
+        self.publish(ops).await?;
+        Ok(value)
+    }
+
+    async fn counter(&self, user: &str, key: &str) -> Result<i64, ContextError> {
+        let value = self.lock().state.counter(user, key);
+        self.touch_if_stale(user);
+        Ok(value)
+    }
+
+    fn user_count(&self) -> usize {
+        self.lock().state.user_count()
+    }
+}
+
+impl Drop for ReplicatedContextStore {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,177 @@
+//! Envelopes of the context channel: replication of per-user context between logic
+//! servers.
+//!
+//! * [`ContextDelta`]: broadcast on the `context` fanout channel after every write;
+//!   every server applies it.
+//! * [`SnapshotRequest`] / [`SnapshotChunk`]: a joining server pulls the state of
+//!   its peers in chunks, as requests on the route [`SNAPSHOT_ROUTE`], which every
+//!   ready server consumes (competing consumers: one of them answers each chunk).
+//!
+//! Merging is deterministic whatever the order or duplication of messages: values
+//! are last-writer-wins registers ordered by [`Hlc`] (hybrid logical clock, node id
+//! as tiebreak), counters are per-node running sums where the entry with the
+//! highest `seq` wins, and each user's `last_active` is the maximum seen.
+
+use crate::envelope::Envelope;
+use crate::version::ProtocolVersion;
+use serde::{Deserialize, Serialize};
+
+/// The fanout channel deltas travel on.
+pub const CONTEXT_CHANNEL: &str = "context";
+
+/// The route of snapshot requests. It starts with `_` so no gateway can call it.
+pub const SNAPSHOT_ROUTE: &str = "_keelson.context.snapshot";
+
+/// The service (queue) that answers snapshot requests.
+pub const SNAPSHOT_SERVICE: &str = "_keelson.context";
+
+/// A hybrid logical clock timestamp: wall-clock milliseconds, a logical counter for
+/// events within one millisecond (or behind a peer's clock), and the writer's node
+/// id to break ties. Ordered by those three fields in that order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hlc {
+    /// Milliseconds since the Unix epoch.
+    pub wall_ms: u64,
+    /// Logical counter.
+    pub logical: u32,
+    /// Node id of the writer.
+    pub node: String,
+}
+
+/// One change to one user's context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextOp {
+    /// Set (or, with `value: None`, delete) a value; the highest `ts` wins.
+    Set {
+        /// The user.
+        user: String,
+        /// The key.
+        key: String,
+        /// JSON bytes, or `None` for a deletion (a tombstone).
+        #[serde(with = "serde_bytes", default)]
+        value: Option<Vec<u8>>,
+        /// When, by whom.
+        ts: Hlc,
+    },
+    /// The running sum of one node's increments of a counter; the highest `seq` of a
+    /// node wins, the counter is the sum over nodes.
+    Count {
+        /// The user.
+        user: String,
+        /// The counter.
+        key: String,
+        /// The node whose increments these are.
+        node: String,
+        /// Increments so far by that node (1, 2, ...).
+        seq: u64,
+        /// Sum of that node's increments.
+        sum: i64,
+    },
+    /// The user was active (read or written) at `ts`; contexts idle past their TTL
+    /// are dropped by every server.
+    Touch {
+        /// The user.
+        user: String,
+        /// When.
+        ts: Hlc,
+    },
+}
+
+/// Changes made by one server, broadcast on [`CONTEXT_CHANNEL`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextDelta {
+    /// Protocol version of the writer.
+    pub v: ProtocolVersion,
+    /// Node id of the server that made the changes.
+    pub origin: String,
+    /// The changes.
+    pub ops: Vec<ContextOp>,
+}
+
+impl Envelope for ContextDelta {
+    const KIND: &'static str = "context delta";
+    fn version(&self) -> ProtocolVersion {
+        self.v
+    }
+}
+
+/// Ask a peer for the users after `after` (in byte order of user ids).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// Protocol version of the writer.
+    pub v: ProtocolVersion,
+    /// Node id of the joining server.
+    pub requester: String,
+    /// Start after this user id; `None` for the first chunk.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Most users in the answer.
+    pub max_users: u32,
+}
+
+impl Envelope for SnapshotRequest {
+    const KIND: &'static str = "snapshot request";
+    fn version(&self) -> ProtocolVersion {
+        self.v
+    }
+}
+
+/// A value register in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueEntry {
+    /// The key.
+    pub key: String,
+    /// JSON bytes, or `None` for a tombstone.
+    #[serde(with = "serde_bytes", default)]
+    pub value: Option<Vec<u8>>,
+    /// When, by whom.
+    pub ts: Hlc,
+}
+
+/// One node's share of a counter in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterEntry {
+    /// The counter.
+    pub key: String,
+    /// The node.
+    pub node: String,
+    /// That node's increments so far.
+    pub seq: u64,
+    /// Their sum.
+    pub sum: i64,
+}
+
+/// The whole replicated state of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSnapshot {
+    /// The user.
+    pub user: String,
+    /// Latest activity.
+    pub last_active: Hlc,
+    /// Value registers, tombstones included.
+    pub values: Vec<ValueEntry>,
+    /// Counter shares.
+    pub counters: Vec<CounterEntry>,
+}
+
+/// A chunk of a peer's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// Protocol version of the writer.
+    pub v: ProtocolVersion,
+    /// Node id of the server that answered.
+    pub responder: String,
+    /// Users, in byte order of their ids.
+    pub users: Vec<UserSnapshot>,
+    /// Ask again with `after` = this for the next chunk; `None` when done.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+impl Envelope for SnapshotChunk {
+    const KIND: &'static str = "snapshot chunk";
+    fn version(&self) -> ProtocolVersion {
+        self.v
+    }
+}

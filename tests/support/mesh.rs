@@ -1,0 +1,223 @@
+//! Distributed meshes for tests: `ui-gateway` and `logic-server` processes on the
+//! AMQP transport, each test in a RabbitMQ vhost of its own.
+
+use super::{Bin, Process, SECRET, Scratch};
+use std::time::{Duration, Instant};
+
+/// The response header naming the logic server that answered.
+pub const SERVED_BY: &str = "x-keelson-served-by";
+
+/// Every handler a test server may host.
+pub const ALL_HANDLERS: &[&str] = &[
+    "echo",
+    "counter.increment",
+    "counter.get",
+    "cart.add",
+    "cart.list",
+    "cart.clear",
+    "test.slow",
+    "test.whoami",
+];
+
+pub fn gateway_toml(transport: &str) -> String {
+    format!(
+        "{transport}\n[gateway]\nlisten = \"127.0.0.1:0\"\nrequest_timeout_ms = 20000\n\n[auth]\nsecret = \"{SECRET}\"\n"
+    )
+}
+
+/// How one logic server is set up.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    pub node: String,
+    pub service: String,
+    pub handlers: Vec<String>,
+    pub concurrency: u16,
+}
+
+impl ServerSpec {
+    pub fn new(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            service: "default".to_owned(),
+            handlers: ALL_HANDLERS.iter().map(|h| (*h).to_owned()).collect(),
+            concurrency: 16,
+        }
+    }
+
+    pub fn service(mut self, service: &str, handlers: &[&str]) -> Self {
+        self.service = service.to_owned();
+        self.handlers = handlers.iter().map(|h| (*h).to_owned()).collect();
+        self
+    }
+
+    pub fn concurrency(mut self, concurrency: u16) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    fn toml(&self, transport: &str) -> String {
+        let handlers: Vec<String> = self.handlers.iter().map(|h| format!("\"{h}\"")).collect();
+        format!(
+            r#"{transport}
+[node]
+id = "{node}"
+
+[logic_server]
+service = "{service}"
+handlers = [{handlers}]
+concurrency = {concurrency}
+drain_timeout_ms = 5000
+
+[logic_server.context]
+join_timeout_ms = 1000
+"#,
+            node = self.node,
+            service = self.service,
+            handlers = handlers.join(", "),
+            concurrency = self.concurrency,
+        )
+    }
+}
+
+/// Gateways and logic servers sharing one transport configuration.
+pub struct Mesh {
+    pub scratch: Scratch,
+    pub transport: String,
+    pub gateways: Vec<Process>,
+    /// `None` once a server was stopped or killed.
+    pub servers: Vec<Option<Process>>,
+}
+
+impl Mesh {
+    pub fn new(transport: String) -> Self {
+        Self {
+            scratch: Scratch::new(),
+            transport,
+            gateways: Vec::new(),
+            servers: Vec::new(),
+        }
+    }
+
+    /// `servers` logic servers `logic-1..` hosting every test handler, and `gateways`
+    /// gateways.
+    pub async fn start(
+        transport: String,
+        servers: usize,
+        gateways: usize,
+        concurrency: u16,
+    ) -> Self {
+        let mut mesh = Self::new(transport);
+        for i in 1..=servers {
+            mesh.add_server(ServerSpec::new(&format!("logic-{i}")).concurrency(concurrency))
+                .await;
+        }
+        for _ in 0..gateways {
+            mesh.add_gateway().await;
+        }
+        mesh
+    }
+
+    /// Start a logic server and wait until it is ready; returns its index.
+    pub async fn add_server(&mut self, spec: ServerSpec) -> usize {
+        let name = format!("{}-{}", spec.node, self.servers.len());
+        let config = self
+            .scratch
+            .write(&format!("{name}.toml"), &spec.toml(&self.transport));
+        let log = self.scratch.path().join(format!("{name}.log"));
+        self.servers.push(Some(
+            Process::start(Bin::LogicServer, &config, &log, &[]).await,
+        ));
+        self.servers.len() - 1
+    }
+
+    /// Start a gateway and wait until it listens; returns its index.
+    pub async fn add_gateway(&mut self) -> usize {
+        let i = self.gateways.len();
+        let config = self
+            .scratch
+            .write(&format!("gateway-{i}.toml"), &gateway_toml(&self.transport));
+        let log = self.scratch.path().join(format!("gateway-{i}.log"));
+        self.gateways
+            .push(Process::start(Bin::Gateway, &config, &log, &[]).await);
+        i
+    }
+
+    pub fn url(&self, gateway: usize, handler: &str) -> String {
+        self.gateways[gateway % self.gateways.len()].url(handler)
+    }
+
+    /// Stop server `i` with SIGTERM and check it exited cleanly.
+    pub async fn stop_server(&mut self, i: usize) {
+        let p = self.servers[i].take().expect("server already stopped");
+        let status = p.terminate(Duration::from_secs(20)).await;
+        assert!(status.success(), "logic server exit status {status:?}");
+    }
+
+    /// `kill -9` server `i`.
+    pub async fn kill_server(&mut self, i: usize) {
+        self.servers[i]
+            .take()
+            .expect("server already stopped")
+            .kill9()
+            .await;
+    }
+
+    /// A config file for `keelson token` with the test secret.
+    pub fn token(&self, user: &str) -> String {
+        let config = self
+            .scratch
+            .write("token.toml", &format!("[auth]\nsecret = \"{SECRET}\"\n"));
+        super::token(&config, user)
+    }
+}
+
+/// Outcome of one HTTP request: status (0 for a transport error), who served it, the
+/// body and the elapsed time.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: u16,
+    pub served_by: Option<String>,
+    pub elapsed: Duration,
+    pub body: String,
+}
+
+/// POST `body` to `url`, optionally with a bearer token and a deadline.
+pub async fn post(
+    client: &reqwest::Client,
+    url: String,
+    body: String,
+    token: Option<&str>,
+    timeout_ms: Option<u64>,
+) -> Outcome {
+    let started = Instant::now();
+    let mut req = client.post(url).body(body);
+    if let Some(ms) = timeout_ms {
+        req = req.header("x-keelson-timeout-ms", ms.to_string());
+    }
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let served_by = resp
+                .headers()
+                .get(SERVED_BY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = resp.text().await.unwrap_or_default();
+            Outcome {
+                status,
+                served_by,
+                elapsed: started.elapsed(),
+                body,
+            }
+        }
+        Err(e) => Outcome {
+            status: 0,
+            served_by: None,
+            elapsed: started.elapsed(),
+            body: e.to_string(),
+        },
+    }
+}

@@ -8,6 +8,7 @@
 
 pub mod run;
 pub mod settings;
+pub mod status;
 pub mod telemetry;
 
 /// Keep the linked plugin crates' handler registrations in the binary.

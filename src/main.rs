@@ -36,6 +36,16 @@ enum Command {
     },
     /// List the handlers linked into this binary.
     Handlers,
+    /// Print the logic servers of the cluster the configuration's transport reaches,
+    /// from their heartbeats.
+    Status {
+        /// How long to listen for heartbeats, in milliseconds.
+        #[arg(long, default_value_t = 2500)]
+        listen_ms: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +79,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let secret = config.auth.load_secret()?;
             let ttl = Duration::from_secs(ttl_s.unwrap_or(config.auth.token_ttl_s));
             println!("{}", keelson_ui_gateway::issue_token(&secret, &user, ttl)?);
+        }
+        Command::Status { listen_ms, json } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let nodes = runtime.block_on(keelson::status::collect(
+                &config,
+                Duration::from_millis(listen_ms),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print!("{}", keelson::status::render(&nodes));
+            }
         }
         Command::Handlers => {
             for (name, plugin) in keelson_logic_server::Registry::available() {

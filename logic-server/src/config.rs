@@ -1,5 +1,6 @@
 //! The `[logic_server]` section of the configuration.
 
+pub use crate::governor::GovernorConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -18,8 +19,12 @@ pub struct LogicServerConfig {
     /// On shutdown, how long in-flight requests may run before they are handed back
     /// to the queue for a peer.
     pub drain_timeout_ms: u64,
+    /// How often the server announces itself on the control channel.
+    pub heartbeat_interval_ms: u64,
     /// Bounds on the per-user context.
     pub context: ContextConfig,
+    /// The load governor (self-throttling).
+    pub governor: GovernorConfig,
     /// Per-handler settings, keyed by handler name; each plugin documents its own.
     pub handler_settings: BTreeMap<String, serde_json::Value>,
 }
@@ -31,7 +36,9 @@ impl Default for LogicServerConfig {
             handlers: Vec::new(),
             concurrency: 64,
             drain_timeout_ms: 10_000,
+            heartbeat_interval_ms: 1000,
             context: ContextConfig::default(),
+            governor: GovernorConfig::default(),
             handler_settings: BTreeMap::new(),
         }
     }

@@ -31,20 +31,24 @@
 
 pub mod config;
 pub mod context;
+pub mod governor;
 pub mod handler;
 pub mod plugin;
 pub mod server;
 
+mod consume;
 mod dispatch;
+mod monitor;
+mod stats;
 
 pub use async_trait::async_trait;
-pub use config::{ContextConfig, LogicServerConfig};
+pub use config::{ContextConfig, GovernorConfig, LogicServerConfig};
 pub use context::{
     ContextError, ContextStore, LocalContextStore, ReplicatedContextStore, UserContext,
 };
 pub use handler::{Handler, HandlerError, RequestCtx, Response};
 pub use plugin::{HandlerPlugin, PluginError, Registry, Settings};
-pub use server::{LogicServer, RunningServer, ServerError};
+pub use server::{LogicServer, RunningServer, ServerError, ServerStats};
 
 #[doc(hidden)]
 pub use inventory;

@@ -1,16 +1,18 @@
-//! The consume loop of a logic server, and its graceful drain.
+//! Starting and stopping a logic server.
 
 use crate::config::LogicServerConfig;
+use crate::consume::ConsumeLoop;
 use crate::context::ContextStore;
-use crate::dispatch::{Dispatcher, Handled};
+use crate::dispatch::Dispatcher;
+use crate::monitor::Monitor;
 use crate::plugin::Registry;
+pub use crate::stats::ServerStats;
 use keelson_protocol::Transport;
+use keelson_protocol::control::ClusterView;
 use keelson_protocol::transport::{ServiceSpec, TransportError};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,9 @@ pub enum ServerError {
     /// The configuration enables no handler.
     #[error("logic_server.handlers is empty: a logic server must host at least one handler")]
     NoHandlers,
+    /// Settings that do not fit together.
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// A logic server, ready to start.
@@ -36,29 +41,7 @@ pub struct LogicServer {
     config: LogicServerConfig,
     transport: Arc<dyn Transport>,
     dispatcher: Arc<Dispatcher>,
-}
-
-/// Live figures of a running server.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    in_flight: AtomicUsize,
-    handled: AtomicUsize,
-    ready: AtomicBool,
-}
-
-impl ServerStats {
-    /// Requests being handled now.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-    /// Requests handled since start (replied, expired or dead-lettered).
-    pub fn handled(&self) -> usize {
-        self.handled.load(Ordering::Relaxed)
-    }
-    /// Whether the server consumes requests.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
+    version: String,
 }
 
 /// A started server; [`RunningServer::shutdown`] drains it. Dropping the handle
@@ -67,7 +50,18 @@ impl ServerStats {
 pub struct RunningServer {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    monitor_task: tokio::task::JoinHandle<()>,
+    listener_task: tokio::task::JoinHandle<()>,
+    monitor: Arc<Monitor>,
     stats: Arc<ServerStats>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("service", &self.service)
+            .finish()
+    }
 }
 
 impl LogicServer {
@@ -88,12 +82,24 @@ impl LogicServer {
                 registry,
                 store,
             }),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
 
+    /// The software version this server reports in its heartbeats.
+    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
     /// Declare the service queue, bind it to every enabled handler, and start
-    /// consuming. Returns once the server takes requests.
+    /// consuming, the governor and the heartbeats. Returns once the server takes
+    /// requests.
     pub async fn start(self) -> Result<RunningServer, ServerError> {
+        self.config
+            .governor
+            .validate()
+            .map_err(ServerError::Config)?;
         let routes = self.dispatcher.registry.names();
         if routes.is_empty() {
             return Err(ServerError::NoHandlers);
@@ -114,25 +120,53 @@ impl LogicServer {
             .consume(&service, concurrency)
             .await
             .map_err(err)?;
-        let stats = Arc::new(ServerStats::default());
-        stats.ready.store(true, Ordering::Release);
+        let stats = Arc::new(ServerStats::new(concurrency));
+        stats.set_ready(true);
         tracing::info!(
             node = %self.dispatcher.node_id,
             %service,
             handlers = ?spec.routes,
             concurrency,
+            governor = self.config.governor.enabled,
             "logic server consuming"
         );
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(consume_loop(
-            consumer,
-            self.dispatcher,
-            usize::from(concurrency),
-            Duration::from_millis(self.config.drain_timeout_ms),
-            stats.clone(),
-            stopped,
-        ));
-        Ok(RunningServer { stop, task, stats })
+        let (intake_tx, intake_rx) = watch::channel(false);
+        let peers = Arc::new(Mutex::new(ClusterView::default()));
+        let monitor = Arc::new(Monitor {
+            transport: self.transport.clone(),
+            dispatcher: self.dispatcher.clone(),
+            stats: stats.clone(),
+            governor: self.config.governor.clone(),
+            heartbeat_interval: Duration::from_millis(self.config.heartbeat_interval_ms.max(1)),
+            service,
+            version: self.version,
+            concurrency,
+            intake_paused: intake_tx,
+            peers: peers.clone(),
+        });
+        let listener_task = tokio::spawn(Monitor::listen(self.transport.clone(), peers));
+        let monitor_task = tokio::spawn(monitor.clone().run(stopped.clone()));
+        let task = tokio::spawn(
+            ConsumeLoop {
+                consumer,
+                dispatcher: self.dispatcher,
+                concurrency: usize::from(concurrency),
+                drain_timeout: Duration::from_millis(self.config.drain_timeout_ms),
+                stats: stats.clone(),
+                stopped,
+                intake_paused: intake_rx,
+            }
+            .run(),
+        );
+        Ok(RunningServer {
+            stop,
+            task,
+            monitor_task,
+            listener_task,
+            monitor,
+            stats,
+        })
     }
 }
 
@@ -143,107 +177,20 @@ impl RunningServer {
     }
 
     /// Stop taking requests, let in-flight ones finish within the drain timeout, hand
-    /// the rest back to the queue, and return.
+    /// the rest back to the queue, say on the control channel that this server
+    /// leaves, and return.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         if let Err(e) = self.task.await {
             tracing::error!(error = %e, "consume loop ended abnormally");
         }
+        let _ = self.monitor_task.await;
+        self.listener_task.abort();
+        self.monitor.publish(&self.monitor.heartbeat(true)).await;
     }
 
     /// Wait until the consume loop ends by itself (transport closed).
     pub async fn closed(&mut self) {
         let _ = (&mut self.task).await;
-    }
-}
-
-/// Counts a request as in flight for as long as it lives, including when its task is
-/// aborted at the drain timeout.
-struct InFlight {
-    stats: Arc<ServerStats>,
-}
-
-impl InFlight {
-    fn enter(stats: Arc<ServerStats>) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self { stats }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-async fn consume_loop(
-    mut consumer: Box<dyn keelson_protocol::transport::Consumer>,
-    dispatcher: Arc<Dispatcher>,
-    concurrency: usize,
-    drain_timeout: Duration,
-    stats: Arc<ServerStats>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let limit = Arc::new(Semaphore::new(concurrency));
-    let mut tasks = JoinSet::new();
-    // Set when the `RunningServer` handle was dropped without `shutdown`: the server
-    // then serves until its transport closes.
-    let mut detached = false;
-    loop {
-        tokio::select! {
-            biased;
-            changed = stopped.changed(), if !detached => match changed {
-                Ok(()) => break,
-                Err(_) => detached = true,
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            next = consumer.next() => match next {
-                None => {
-                    tracing::info!("transport closed; consume loop ends");
-                    break;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
-                }
-                Some(Ok(delivery)) => {
-                    // The transport's prefetch is the real cap; this guards
-                    // against a transport delivering more than it should.
-                    let Ok(permit) = limit.clone().acquire_owned().await else { break };
-                    let dispatcher = dispatcher.clone();
-                    let in_flight = InFlight::enter(stats.clone());
-                    tasks.spawn(async move {
-                        let outcome = dispatcher.handle(delivery).await;
-                        in_flight.stats.handled.fetch_add(1, Ordering::Relaxed);
-                        drop(in_flight);
-                        drop(permit);
-                        if outcome == Handled::DeadLettered {
-                            tracing::debug!("delivery dead-lettered");
-                        }
-                    });
-                }
-            }
-        }
-    }
-    stats.ready.store(false, Ordering::Release);
-    if let Err(e) = consumer.pause().await {
-        tracing::warn!(error = %e, "could not stop intake while draining");
-    }
-    drop(consumer);
-    let in_flight = tasks.len();
-    if in_flight > 0 {
-        tracing::info!(in_flight, ?drain_timeout, "draining in-flight requests");
-    }
-    let drained = tokio::time::timeout(drain_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        // Aborting drops the unsettled deliveries, which hands them back to the
-        // queue for a peer.
-        tracing::warn!(
-            left = tasks.len(),
-            "drain timeout; handing unfinished requests back"
-        );
-        tasks.shutdown().await;
     }
 }

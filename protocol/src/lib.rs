@@ -15,6 +15,7 @@
 pub mod client;
 pub mod codec;
 pub mod context;
+pub mod control;
 pub mod envelope;
 pub mod transport;
 pub mod version;

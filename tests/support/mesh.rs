@@ -32,6 +32,8 @@ pub struct ServerSpec {
     pub service: String,
     pub handlers: Vec<String>,
     pub concurrency: u16,
+    /// TOML appended to the server's configuration.
+    pub extra: String,
 }
 
 impl ServerSpec {
@@ -41,7 +43,13 @@ impl ServerSpec {
             service: "default".to_owned(),
             handlers: ALL_HANDLERS.iter().map(|h| (*h).to_owned()).collect(),
             concurrency: 16,
+            extra: String::new(),
         }
+    }
+
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self
     }
 
     pub fn service(mut self, service: &str, handlers: &[&str]) -> Self {
@@ -70,7 +78,9 @@ drain_timeout_ms = 5000
 
 [logic_server.context]
 join_timeout_ms = 1000
+{extra}
 "#,
+            extra = self.extra,
             node = self.node,
             service = self.service,
             handlers = handlers.join(", "),

@@ -33,6 +33,7 @@
 
 mod api;
 mod auth;
+mod cluster;
 mod config;
 mod error;
 mod request_id;

@@ -5,6 +5,7 @@
 //! | `POST /api/{handler}` | the handler's reply (see [`crate::api`]) |
 //! | `GET /healthz` | 200 `{"status":"ok"}` while the process serves (liveness) |
 //! | `GET /readyz` | 200 `{"status":"ready"}` when the transport can carry traffic, else 503 `not_ready` |
+//! | `GET /cluster` | the logic servers heard on the control channel (see [`crate::cluster`]) |
 //! | anything else | 404 `not_found`, or 405 `method_not_allowed` on a known path |
 //!
 //! Layers, outermost first: request id, trace span, body limit. All routes sit inside
@@ -37,6 +38,8 @@ pub(crate) struct AppState {
     pub(crate) transport: Arc<dyn Transport>,
     /// One permit per `/api` request being served (`max_in_flight`).
     pub(crate) in_flight: Arc<Semaphore>,
+    /// Logic servers heard on the control channel.
+    pub(crate) cluster: Arc<crate::cluster::Cluster>,
 }
 
 impl AppState {
@@ -48,11 +51,18 @@ impl AppState {
         // The semaphore's own ceiling is far above any sane setting; clamp rather
         // than panic on an absurd one.
         let permits = config.max_in_flight.min(Semaphore::MAX_PERMITS);
+        let cluster = Arc::new(crate::cluster::Cluster::default());
+        // Listening needs a runtime; a gateway built outside one (unit tests of the
+        // router) simply shows an empty cluster.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(cluster.clone().listen(transport.clone()));
+        }
         Self {
             config: Arc::new(config),
             secret,
             transport,
             in_flight: Arc::new(Semaphore::new(permits)),
+            cluster,
         }
     }
 }
@@ -64,6 +74,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/{handler}", post(api::call))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/cluster", get(crate::cluster::cluster))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(body_limit)

@@ -407,7 +407,17 @@ where
 #[macro_export]
 macro_rules! transport_conformance_tests {
     ($make:expr) => {
-        $crate::transport_conformance_tests!(@tests $make;
+        $crate::transport_conformance_tests!(@each [@tests $make]);
+    };
+    // `$make` builds an `Arc` of a concrete transport; after each check, passed or
+    // failed, the transport is closed and then `$cleanup(&that_arc).await` runs (e.g.
+    // to delete what the check declared on a shared broker).
+    ($make:expr, cleanup = $cleanup:path) => {
+        $crate::transport_conformance_tests!(@each [@cleanup $make, $cleanup]);
+    };
+    // The one list of checks.
+    (@each [$($head:tt)*]) => {
+        $crate::transport_conformance_tests!($($head)*;
             request_reply_round_trip,
             concurrent_requests_get_their_own_replies,
             unbound_route_is_unroutable_at_once,
@@ -425,6 +435,27 @@ macro_rules! transport_conformance_tests {
             headers_travel_with_requests,
             closed_transport_ends_consumers,
         );
+    };
+    (@cleanup $make:expr, $cleanup:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let concrete = $make;
+                let transport: ::std::sync::Arc<dyn $crate::transport::Transport> =
+                    concrete.clone();
+                // Run in a task so that a failed check still gets its clean-up.
+                let check = ::tokio::spawn($crate::transport::conformance::$name(transport.clone()));
+                let outcome = check.await;
+                transport.close().await;
+                $cleanup(&concrete).await;
+                if let Err(e) = outcome {
+                    match e.try_into_panic() {
+                        Ok(panic) => ::std::panic::resume_unwind(panic),
+                        Err(e) => panic!("conformance check did not finish: {e}"),
+                    }
+                }
+            }
+        )*
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(

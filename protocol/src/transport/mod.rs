@@ -25,12 +25,18 @@ mod delivery;
 mod error;
 pub mod memory;
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
+
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
 pub use config::{MemoryConfig, TransportConfig};
 pub use delivery::{Delivery, Outcome, Settle};
 pub use error::{RequestError, TransportError};
+
+#[cfg(feature = "amqp")]
+pub use amqp::{AmqpConfig, AmqpTransport, QueueType};
 
 use async_trait::async_trait;
 use bytes::Bytes;

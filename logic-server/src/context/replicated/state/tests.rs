@@ -37,10 +37,9 @@ fn action() -> impl Strategy<Value = Action> {
 /// sometimes stalls (equal wall times across nodes exercise the tiebreak).
 fn emit(node: usize, actions: &[(u8, Action)]) -> Vec<ContextOp> {
     let mut shares: HashMap<(u8, u8), (u64, i64)> = HashMap::new();
-    let mut logical = 0u32;
     let mut ops = Vec::new();
-    for (wall, a) in actions {
-        logical += 1;
+    for (i, (wall, a)) in actions.iter().enumerate() {
+        let logical = u32::try_from(i).unwrap() + 1;
         let ts = Hlc {
             wall_ms: u64::from(*wall),
             logical,

@@ -1,0 +1,170 @@
+//! The monitor of a running server: samples the load, drives the governor, publishes
+//! heartbeats on the control channel, and listens to the peers' heartbeats.
+
+use crate::dispatch::Dispatcher;
+use crate::governor::{CpuSampler, Governor, GovernorConfig, Transition};
+use crate::stats::ServerStats;
+use keelson_protocol::control::{CONTROL_CHANNEL, ClusterView, Heartbeat, Load};
+use keelson_protocol::transport::Message;
+use keelson_protocol::{ProtocolVersion, Transport, decode, encode};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub(crate) struct Monitor {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) dispatcher: Arc<Dispatcher>,
+    pub(crate) stats: Arc<ServerStats>,
+    pub(crate) governor: GovernorConfig,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) service: String,
+    pub(crate) version: String,
+    pub(crate) concurrency: u16,
+    pub(crate) intake_paused: watch::Sender<bool>,
+    pub(crate) peers: Arc<Mutex<ClusterView>>,
+}
+
+impl Monitor {
+    /// Listen to the peers' heartbeats (to know when this server is the last active
+    /// one of its service).
+    pub(crate) async fn listen(transport: Arc<dyn Transport>, peers: Arc<Mutex<ClusterView>>) {
+        let mut sub = match transport.subscribe(CONTROL_CHANNEL).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen to the control channel");
+                return;
+            }
+        };
+        while let Some(message) = sub.next().await {
+            if let Ok(hb) = decode::<Heartbeat>(&message.payload) {
+                let mut view = peers.lock().unwrap_or_else(|p| p.into_inner());
+                view.observe(hb, Instant::now());
+                view.prune(Instant::now(), 20);
+            }
+        }
+    }
+
+    pub(crate) fn heartbeat(&self, leaving: bool) -> Heartbeat {
+        Heartbeat {
+            v: ProtocolVersion::CURRENT,
+            node: self.dispatcher.node_id.clone(),
+            version: self.version.clone(),
+            services: vec![self.service.clone()],
+            handlers: self.dispatcher.registry.names(),
+            load: self.stats.load(),
+            paused: self.stats.is_paused(),
+            in_flight: u32::try_from(self.stats.in_flight()).unwrap_or(u32::MAX),
+            concurrency: u32::from(self.concurrency),
+            ready: self.stats.is_ready() && !leaving,
+            contexts: self.dispatcher.store.user_count() as u64,
+            interval_ms: u64::try_from(self.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
+            leaving,
+        }
+    }
+
+    pub(crate) async fn publish(&self, heartbeat: &Heartbeat) {
+        let Ok(payload) = encode(heartbeat) else {
+            return;
+        };
+        if let Err(e) = self
+            .transport
+            .broadcast(CONTROL_CHANNEL, Message::new(payload))
+            .await
+        {
+            tracing::debug!(error = %e, "heartbeat not sent");
+        }
+    }
+
+    /// Sample, govern and beat until `stopped` turns true.
+    pub(crate) async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        let mut governor = Governor::new(self.governor.clone());
+        let mut sampler = CpuSampler::new();
+        let mut sample = tokio::time::interval(Duration::from_millis(self.governor.sample_ms));
+        let mut beat = tokio::time::interval(self.heartbeat_interval);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = stopped.changed() => {
+                    if changed.is_err() || *stopped.borrow() { break; }
+                }
+                _ = sample.tick() => self.sample(&mut governor, &mut sampler),
+                _ = beat.tick() => self.publish(&self.heartbeat(false)).await,
+            }
+        }
+    }
+
+    fn sample(&self, governor: &mut Governor, sampler: &mut CpuSampler) {
+        let busy = self.stats.meter.take();
+        let (process_cpu, system_cpu) = sampler.sample();
+        let raw = self.governor.combine(busy, process_cpu, system_cpu);
+        let transition = governor.observe(raw, Instant::now());
+        let load = Load {
+            factor: governor.load(),
+            busy,
+            process_cpu,
+            system_cpu,
+        };
+        self.stats.set_load(load);
+        match transition {
+            Some(Transition::Pause) => {
+                let others = self
+                    .peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .active_in_service(&self.service, &self.dispatcher.node_id, Instant::now());
+                if others == 0 && !self.governor.pause_last_consumer {
+                    governor.cancel_pause();
+                    if !self
+                        .stats
+                        .overloaded_alone
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            load = load.factor,
+                            service = %self.service,
+                            "load above the high watermark, but no other server of this service takes requests: not pausing (set governor.pause_last_consumer to pause anyway)"
+                        );
+                    }
+                    return;
+                }
+                self.stats
+                    .overloaded_alone
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.stats.set_paused(true);
+                if others == 0 {
+                    tracing::warn!(
+                        load = load.factor,
+                        service = %self.service,
+                        "pausing intake: load above the high watermark; every server of this service is now paused, so its requests wait on the queue until one resumes or their deadline passes"
+                    );
+                } else {
+                    tracing::info!(
+                        load = load.factor,
+                        busy,
+                        process_cpu,
+                        others,
+                        "pausing intake: load above the high watermark"
+                    );
+                }
+                let _ = self.intake_paused.send(true);
+            }
+            Some(Transition::Resume) => {
+                self.stats.set_paused(false);
+                tracing::info!(
+                    load = load.factor,
+                    "resuming intake: load below the low watermark"
+                );
+                let _ = self.intake_paused.send(false);
+            }
+            None => {
+                if load.factor < self.governor.low_watermark {
+                    self.stats
+                        .overloaded_alone
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Live figures of a running server, shared by the consume loop, the governor and
+//! the heartbeat.
+
+use crate::governor::BusyMeter;
+use keelson_protocol::control::Load;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Live figures of a running server.
+#[derive(Debug)]
+pub struct ServerStats {
+    in_flight: AtomicUsize,
+    handled: AtomicUsize,
+    ready: AtomicBool,
+    paused: AtomicBool,
+    pauses: AtomicU64,
+    resumes: AtomicU64,
+    load: Mutex<Load>,
+    pub(crate) meter: BusyMeter,
+    /// Set while overloaded as the last active server of its service (logged once).
+    pub(crate) overloaded_alone: AtomicBool,
+}
+
+impl ServerStats {
+    pub(crate) fn new(concurrency: u16) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            handled: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            pauses: AtomicU64::new(0),
+            resumes: AtomicU64::new(0),
+            load: Mutex::new(Load::default()),
+            meter: BusyMeter::new(concurrency),
+            overloaded_alone: AtomicBool::new(false),
+        }
+    }
+
+    /// Requests being handled now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+    /// Requests handled since start (replied, expired or dead-lettered).
+    pub fn handled(&self) -> usize {
+        self.handled.load(Ordering::Relaxed)
+    }
+    /// Whether the server consumes requests (started and not draining).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+    /// Whether the governor paused intake.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+    /// How often the governor paused and resumed intake since start.
+    pub fn transitions(&self) -> (u64, u64) {
+        (
+            self.pauses.load(Ordering::Relaxed),
+            self.resumes.load(Ordering::Relaxed),
+        )
+    }
+    /// The latest load sample.
+    pub fn load(&self) -> Load {
+        *self.load.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+        let counter = if paused { &self.pauses } else { &self.resumes };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn set_load(&self, load: Load) {
+        *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;
+    }
+    pub(crate) fn count_handled(&self) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request as in flight (and busy) for as long as it lives, including when
+/// its task is aborted at the drain timeout.
+pub(crate) struct InFlight {
+    stats: Arc<ServerStats>,
+}
+
+impl InFlight {
+    pub(crate) fn enter(stats: Arc<ServerStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        stats.meter.enter();
+        Self { stats }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stats.meter.exit();
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

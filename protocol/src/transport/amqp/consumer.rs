@@ -1,0 +1,364 @@
+//! Competing consumption of a service queue (or of the dead-letter queue).
+//!
+//! Each consumer has its own channel with `basic.qos(prefetch)`, and a semaphore of
+//! `prefetch` permits, one held by each unsettled delivery: the broker's limit is per
+//! `basic.consume`, so after a pause/resume or a reconnection it would count afresh
+//! while older deliveries are still being handled; the semaphore keeps the promise.
+//!
+//! The consumer survives connection losses: when its link is lost it detaches, waits
+//! for the next link and consumes again on a new channel. Deliveries handed out
+//! before stay valid objects; settling them reaches a dead channel, and the broker
+//! redelivers them (see `settle.rs`).
+//!
+//! `pause` cancels the broker consumer and requeues what the broker had already sent
+//! but `next` had not handed out, so peers get it; the channel stays open for the
+//! deliveries handed out, and `resume` consumes again on it.
+
+use super::super::{Consumer, DEAD_LETTER_REASON_HEADER, Delivery, TransportError};
+use super::connection::Link;
+use super::headers;
+use super::settle::AmqpSettle;
+use super::shared::Shared;
+use super::topology;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::Channel;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::types::ShortString;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+/// How long `pause` waits for the broker to confirm the cancellation.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+/// Delay before attaching again after a failed attempt on a live connection.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// A consumer on one channel of one link.
+struct Attached {
+    link: Arc<Link>,
+    channel: Channel,
+    /// `None` while paused.
+    stream: Option<lapin::Consumer>,
+}
+
+pub(crate) struct AmqpConsumer {
+    shared: Arc<Shared>,
+    /// Queue name on the broker.
+    queue: String,
+    /// The service whose queue it is; `None` for the dead-letter queue.
+    service: Option<String>,
+    prefetch: u16,
+    permits: Arc<Semaphore>,
+    paused: bool,
+    attached: Option<Attached>,
+}
+
+impl fmt::Debug for AmqpConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConsumer")
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .field("paused", &self.paused)
+            .field("attached", &self.attached.is_some())
+            .finish()
+    }
+}
+
+enum Event {
+    Delivery(Box<lapin::message::Delivery>),
+    Detach(String),
+    Closed,
+}
+
+impl AmqpConsumer {
+    /// A consumer of `service`'s queue (`None`: the dead-letter queue), attached at once
+    /// if the transport is connected.
+    pub(crate) async fn open(
+        shared: Arc<Shared>,
+        service: Option<String>,
+        prefetch: u16,
+    ) -> Result<Self, TransportError> {
+        let prefetch = prefetch.max(1);
+        let queue = match &service {
+            Some(s) => shared.names.service_queue(s),
+            None => shared.names.dead_letter_queue(),
+        };
+        let mut consumer = Self {
+            shared,
+            queue,
+            service,
+            prefetch,
+            permits: Arc::new(Semaphore::new(usize::from(prefetch))),
+            paused: false,
+            attached: None,
+        };
+        // Disconnected now: `next` attaches once a connection is back.
+        if let Some(link) = consumer.shared.live_link() {
+            consumer.attached = Some(consumer.attach(link, false).await?);
+        }
+        Ok(consumer)
+    }
+
+    async fn attach(&self, link: Arc<Link>, redeclare: bool) -> Result<Attached, TransportError> {
+        if redeclare {
+            self.redeclare(&link).await?;
+        }
+        let channel = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| topology::error("opening a consumer channel", &e))?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| topology::error("setting the prefetch", &e))?;
+        let stream = consume(&channel, &self.queue).await?;
+        Ok(Attached {
+            link,
+            channel,
+            stream: Some(stream),
+        })
+    }
+
+    /// Declare the queue again (after the broker cancelled the consumer, e.g. because
+    /// the queue was deleted).
+    async fn redeclare(&self, link: &Link) -> Result<(), TransportError> {
+        let (shared, connection) = (&self.shared, &link.connection);
+        match &self.service {
+            Some(service) => {
+                let routes = super::shared::lock(&shared.registry)
+                    .services
+                    .get(service)
+                    .cloned()
+                    .unwrap_or_default();
+                topology::declare_service(
+                    connection,
+                    &shared.names,
+                    &shared.config,
+                    service,
+                    &routes,
+                )
+                .await
+            }
+            None => topology::declare_base(connection, &shared.names, &shared.config).await,
+        }
+    }
+
+    /// Attach to the next live link, retrying; `None` once the transport is closed.
+    async fn reattach(&self, mut redeclare: bool) -> Option<Attached> {
+        loop {
+            let link = self.shared.wait_link().await?;
+            match self.attach(link, redeclare).await {
+                Ok(attached) => return Some(attached),
+                Err(e) => {
+                    warn!("cannot consume {} yet: {e}; retrying", self.queue);
+                    redeclare = true;
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY_DELAY) => {}
+                        () = self.shared.closed() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    fn delivery(
+        &self,
+        d: lapin::message::Delivery,
+        channel: Channel,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Delivery {
+        let payload = Bytes::from(d.data);
+        let mut headers = headers::from_table(d.properties.headers().as_ref());
+        if self.service.is_none() && !headers.contains_key(DEAD_LETTER_REASON_HEADER) {
+            // Dead-lettered by the broker (delivery limit), not by a consumer.
+            if let Some(reason) = headers.get("x-first-death-reason").cloned() {
+                headers.insert(
+                    DEAD_LETTER_REASON_HEADER.to_owned(),
+                    format!("broker: {reason}"),
+                );
+            }
+        }
+        let reply_to = d.properties.reply_to().clone();
+        let expects_reply = reply_to.is_some();
+        let settle = AmqpSettle {
+            shared: self.shared.clone(),
+            channel,
+            acker: d.acker,
+            reply_to,
+            correlation_id: d.properties.correlation_id().clone(),
+            message_id: d.properties.message_id().clone(),
+            payload: payload.clone(),
+            headers: d.properties.headers().clone(),
+            queue: self.queue.clone(),
+            _permit: permit,
+        };
+        Delivery::new(
+            payload,
+            headers,
+            d.redelivered,
+            expects_reply,
+            Box::new(settle),
+        )
+    }
+}
+
+async fn consume(channel: &Channel, queue: &str) -> Result<lapin::Consumer, TransportError> {
+    let queue = topology::short("queue name", queue)?;
+    channel
+        .basic_consume(
+            queue.clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| topology::error(&format!("consuming {queue}"), &e))
+}
+
+/// Cancel `stream` and requeue what the broker sent it that was not handed out yet.
+async fn cancel_and_requeue(channel: &Channel, mut stream: lapin::Consumer, queue: &str) {
+    let tag: ShortString = stream.tag();
+    if let Err(e) = channel
+        .basic_cancel(tag, BasicCancelOptions::default())
+        .await
+    {
+        // A dead channel: the broker requeues everything by itself.
+        debug!("cancelling the consumer of {queue}: {e}");
+        return;
+    }
+    // After cancel-ok the stream yields what was buffered, then ends.
+    while let Ok(Some(item)) = tokio::time::timeout(CANCEL_GRACE, stream.next()).await {
+        if let Ok(d) = item {
+            let nack = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            if let Err(e) = d.acker.nack(nack).await {
+                debug!("requeueing a buffered delivery of {queue}: {e}");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Option<Result<Delivery, TransportError>> {
+        loop {
+            if self.shared.is_closed() {
+                self.attached = None;
+                return None;
+            }
+            if self.paused {
+                // Nothing to take until resumed (which needs `&mut self`, so this future
+                // must be dropped first) or closed.
+                self.shared.closed().await;
+                return None;
+            }
+            let live = self
+                .attached
+                .as_ref()
+                .is_some_and(|a| !a.link.is_lost() && a.stream.is_some());
+            if !live {
+                self.attached = None;
+                self.attached = Some(self.reattach(false).await?);
+            }
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_owned() => p.ok()?,
+                () = self.shared.closed() => return None,
+            };
+            let event = {
+                let attached = self.attached.as_mut()?;
+                let link = attached.link.clone();
+                let stream = attached.stream.as_mut()?;
+                tokio::select! {
+                    item = stream.next() => match item {
+                        Some(Ok(d)) => Event::Delivery(Box::new(d)),
+                        Some(Err(e)) => Event::Detach(format!("consumer failed: {e}")),
+                        None => Event::Detach("consumer cancelled".into()),
+                    },
+                    () = link.lost() => Event::Detach("connection lost".into()),
+                    () = self.shared.closed() => Event::Closed,
+                }
+            };
+            match event {
+                Event::Delivery(d) => {
+                    let channel = self.attached.as_ref()?.channel.clone();
+                    return Some(Ok(self.delivery(*d, channel, permit)));
+                }
+                Event::Closed => return None,
+                Event::Detach(why) => {
+                    let link_alive = self.attached.as_ref().is_some_and(|a| !a.link.is_lost());
+                    self.attached = None;
+                    if link_alive && !self.shared.is_closed() {
+                        // The broker cancelled us on a live connection: the queue was
+                        // deleted, or the channel closed on an error. Declare it again.
+                        warn!(
+                            "the consumer of {} ended ({why}); consuming again",
+                            self.queue
+                        );
+                        self.attached = Some(self.reattach(true).await?);
+                    } else {
+                        debug!("the consumer of {} detached: {why}", self.queue);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn pause(&mut self) -> Result<(), TransportError> {
+        if self.paused {
+            return Ok(());
+        }
+        self.paused = true;
+        if let Some(attached) = self.attached.as_mut()
+            && let Some(stream) = attached.stream.take()
+        {
+            cancel_and_requeue(&attached.channel, stream, &self.queue).await;
+        }
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), TransportError> {
+        if !self.paused {
+            return Ok(());
+        }
+        self.paused = false;
+        if let Some(attached) = self.attached.as_mut()
+            && !attached.link.is_lost()
+            && attached.channel.status().connected()
+        {
+            match consume(&attached.channel, &self.queue).await {
+                Ok(stream) => attached.stream = Some(stream),
+                Err(e) => debug!("resuming on the old channel of {}: {e}", self.queue),
+            }
+        }
+        // Otherwise `next` attaches on a new channel.
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+}
+
+impl Drop for AmqpConsumer {
+    fn drop(&mut self) {
+        // Dropping the lapin consumer cancels it; what it had buffered would wait on the
+        // channel until its handed-out deliveries are settled. Requeue it now instead.
+        let Some(attached) = self.attached.take() else {
+            return;
+        };
+        let (Some(stream), Ok(runtime)) = (attached.stream, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let (channel, queue) = (attached.channel, self.queue.clone());
+        runtime.spawn(async move { cancel_and_requeue(&channel, stream, &queue).await });
+    }
+}

@@ -1,0 +1,272 @@
+//! The AMQP transport: the mesh across processes and machines on RabbitMQ (lapin).
+//!
+//! Chosen by `kind = "amqp"` in the `[transport]` section ([`AmqpConfig`]). The
+//! topology it declares, and the message properties it uses, are documented in
+//! `protocol/TOPOLOGY.md` so that a peer in another language can join.
+//!
+//! How the parts fit:
+//!
+//! * `connection.rs`: the supervisor task owning the connection; reconnects through
+//!   the URL list and declares the topology again before traffic resumes;
+//! * `topology.rs`: names, arguments, idempotent declarations;
+//! * `rpc.rs`: requests (confirms, `mandatory`, expiry) and direct reply-to;
+//! * `consumer.rs` and `settle.rs`: competing consumers, ack/requeue/reject;
+//! * `fanout.rs`: broadcast and subscriptions;
+//! * `shared.rs`: the state they share; `headers.rs`: header conversion.
+//!
+//! Consumers and subscriptions handed out survive reconnections: they detach from a
+//! lost connection and attach to the next one by themselves. While disconnected,
+//! `request` fails at once with [`RequestError::Unavailable`] and `is_ready` is false.
+
+mod config;
+mod connection;
+mod consumer;
+mod fanout;
+mod headers;
+mod rpc;
+mod settle;
+mod shared;
+mod topology;
+
+pub use config::{AmqpConfig, QueueType, redact};
+
+use super::{
+    Consumer, Message, RequestError, ServiceSpec, Subscription, Transport, TransportError,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use shared::{Shared, lock};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::warn;
+
+/// How long `close` waits for the connection to close cleanly.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// A transport on a RabbitMQ broker. Clones share one connection; dropping the last
+/// clone closes it, as [`Transport::close`] does.
+#[derive(Clone)]
+pub struct AmqpTransport {
+    handle: Arc<Handle>,
+}
+
+/// Owned by the [`AmqpTransport`] clones only, so that dropping the last one stops
+/// the supervisor (consumers and the supervisor hold [`Shared`], not this).
+struct Handle {
+    shared: Arc<Shared>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+impl fmt::Debug for AmqpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = &self.handle.shared;
+        f.debug_struct("AmqpTransport")
+            .field("namespace", &shared.config.namespace)
+            .field("brokers", &shared.brokers)
+            .field("ready", &shared.is_ready())
+            .finish()
+    }
+}
+
+impl AmqpTransport {
+    /// Start the transport and wait until it is connected, or until every URL failed
+    /// once (then the error lists why each did, and nothing keeps running).
+    ///
+    /// `node_id` names this process in the broker's connection list.
+    pub async fn connect(config: AmqpConfig, node_id: &str) -> Result<Self, TransportError> {
+        let (transport, first_round) = Self::spawn(config, node_id)?;
+        match first_round.await {
+            Ok(Ok(())) => Ok(transport),
+            Ok(Err(why)) => {
+                transport.close().await;
+                Err(TransportError::Disconnected(format!(
+                    "no broker reachable: {why}"
+                )))
+            }
+            Err(_) => Err(TransportError::Closed),
+        }
+    }
+
+    /// Start the transport without waiting: it connects in the background and
+    /// [`Transport::is_ready`] tells when it can carry traffic. Fails only on invalid
+    /// settings, or outside a tokio runtime.
+    pub fn start(config: AmqpConfig, node_id: &str) -> Result<Self, TransportError> {
+        Self::spawn(config, node_id).map(|(transport, _)| transport)
+    }
+
+    fn spawn(
+        config: AmqpConfig,
+        node_id: &str,
+    ) -> Result<(Self, oneshot::Receiver<Result<(), String>>), TransportError> {
+        let brokers = config.brokers()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            TransportError::Disconnected("the AMQP transport needs a tokio runtime".into())
+        })?;
+        let shared = Arc::new(Shared::new(config, node_id, brokers));
+        let (tx, rx) = oneshot::channel();
+        let supervisor = runtime.spawn(connection::supervise(shared.clone(), tx));
+        let handle = Arc::new(Handle {
+            shared,
+            supervisor: Mutex::new(Some(supervisor)),
+        });
+        Ok((Self { handle }, rx))
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// The namespace every exchange and queue name starts with.
+    pub fn namespace(&self) -> &str {
+        &self.shared().config.namespace
+    }
+
+    /// Close the transport, then delete every queue and exchange it declared: its
+    /// service queues, the dead-letter queue and exchanges, the request exchange and
+    /// its fanout exchanges (subscription queues go with the connection). For tests
+    /// and ephemeral meshes: other transports of the same namespace lose them too.
+    pub async fn delete_topology(&self) -> Result<(), TransportError> {
+        // Closed first, so that no consumer of this transport declares them again.
+        self.close().await;
+        let shared = self.shared();
+        let names = &shared.names;
+        let (mut queues, mut exchanges) = {
+            let registry = lock(&shared.registry);
+            let queues: Vec<String> = registry
+                .services
+                .keys()
+                .map(|s| names.service_queue(s))
+                .collect();
+            (queues, registry.fanouts.iter().cloned().collect::<Vec<_>>())
+        };
+        queues.push(names.dead_letter_queue());
+        exchanges.extend([
+            names.requests_exchange(),
+            names.dead_letter_exchange(),
+            names.broker_dead_letter_exchange(),
+        ]);
+        let connection = connection::connect_once(shared)
+            .await
+            .map_err(|why| TransportError::Disconnected(format!("no broker reachable: {why}")))?;
+        let result = topology::delete(&connection, &queues, &exchanges).await;
+        let _ = connection.close(200, "OK".into()).await;
+        result
+    }
+}
+
+#[async_trait]
+impl Transport for AmqpTransport {
+    async fn declare_service(&self, service: &ServiceSpec) -> Result<(), TransportError> {
+        let shared = self.shared();
+        if shared.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        // Checked before it is remembered: a bad name must not poison reconnections.
+        topology::short("service name", shared.names.service_queue(&service.name))?;
+        for route in &service.routes {
+            topology::short("route", route.clone())?;
+        }
+        let routes = {
+            let mut registry = lock(&shared.registry);
+            let routes = registry.services.entry(service.name.clone()).or_default();
+            routes.extend(service.routes.iter().cloned());
+            routes.clone()
+        };
+        // Remembered: declared again on every connection, this one included once up.
+        let link = shared
+            .wait_link_within(shared.config.connect_timeout())
+            .await
+            .ok_or_else(|| {
+                TransportError::Disconnected(format!(
+                    "not connected to a broker; service {} will be declared on connection",
+                    service.name
+                ))
+            })?;
+        topology::declare_service(
+            &link.connection,
+            &shared.names,
+            &shared.config,
+            &service.name,
+            &routes,
+        )
+        .await
+    }
+
+    async fn request(
+        &self,
+        route: &str,
+        message: Message,
+        deadline: Instant,
+    ) -> Result<Bytes, RequestError> {
+        rpc::request(self.shared(), route, message, deadline).await
+    }
+
+    async fn consume(
+        &self,
+        service: &str,
+        prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        let shared = self.shared();
+        if shared.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        if !lock(&shared.registry).services.contains_key(service) {
+            return Err(TransportError::UnknownService(service.to_owned()));
+        }
+        let consumer =
+            consumer::AmqpConsumer::open(shared.clone(), Some(service.to_owned()), prefetch)
+                .await?;
+        Ok(Box::new(consumer))
+    }
+
+    async fn broadcast(&self, channel: &str, message: Message) -> Result<(), TransportError> {
+        fanout::broadcast(self.shared(), channel, message).await
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Box<dyn Subscription>, TransportError> {
+        let shared = self.shared();
+        if shared.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        Ok(Box::new(
+            fanout::AmqpSubscription::open(shared.clone(), channel).await?,
+        ))
+    }
+
+    async fn consume_dead_letters(
+        &self,
+        prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        let shared = self.shared();
+        if shared.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        Ok(Box::new(
+            consumer::AmqpConsumer::open(shared.clone(), None, prefetch).await?,
+        ))
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared().is_ready()
+    }
+
+    async fn close(&self) {
+        self.shared().close();
+        let supervisor = lock(&self.handle.supervisor).take();
+        if let Some(task) = supervisor
+            && tokio::time::timeout(CLOSE_GRACE, task).await.is_err()
+        {
+            warn!("the broker connection did not close within {CLOSE_GRACE:?}");
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Replying to and settling one AMQP delivery.
+//!
+//! Each [`AmqpSettle`] holds a clone of the channel its delivery came on. lapin closes
+//! a channel when its last handle goes, and closing a channel requeues what it holds
+//! unacknowledged: so the channel of a dropped or paused consumer stays open exactly
+//! as long as one of its deliveries is unsettled, and a handler still working on a
+//! delivery can ack it after its consumer is gone.
+//!
+//! After a connection loss the channel is dead and the broker requeues the delivery
+//! by itself; acking it then fails (`Ok(false)` or an error from lapin). That is not
+//! an error for the caller: the message comes again, to this or another consumer.
+
+use super::super::{DEAD_LETTER_REASON_HEADER, Outcome, Settle, TransportError};
+use super::shared::Shared;
+use super::topology;
+use async_trait::async_trait;
+use bytes::Bytes;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Acker, BasicProperties, Channel};
+use std::fmt;
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
+
+pub(crate) struct AmqpSettle {
+    pub(crate) shared: Arc<Shared>,
+    /// Keeps the delivery's channel open until this is settled (see the module doc).
+    pub(crate) channel: Channel,
+    pub(crate) acker: Acker,
+    pub(crate) reply_to: Option<ShortString>,
+    pub(crate) correlation_id: Option<ShortString>,
+    pub(crate) message_id: Option<ShortString>,
+    /// Payload and headers as received, to dead-letter them unchanged.
+    pub(crate) payload: Bytes,
+    pub(crate) headers: Option<FieldTable>,
+    /// The queue it came from, for logs.
+    pub(crate) queue: String,
+    /// The consumer's prefetch slot this delivery occupies until settled.
+    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+impl fmt::Debug for AmqpSettle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSettle")
+            .field("queue", &self.queue)
+            .field("channel", &self.channel.id())
+            .field("expects_reply", &self.reply_to.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Log an ack or nack that did not reach the broker: the channel died, so the broker
+/// requeues the message and it comes again.
+fn redelivery_coming(queue: &str, what: &str, result: &lapin::Result<bool>) {
+    match result {
+        Ok(true) => {}
+        Ok(false) => debug!("{what} on {queue}: its channel is closed; redelivery coming"),
+        Err(e) => debug!("{what} on {queue} failed ({e}); redelivery coming"),
+    }
+}
+
+impl AmqpSettle {
+    async fn ack(&self) {
+        let result = self.acker.ack(BasicAckOptions::default()).await;
+        redelivery_coming(&self.queue, "ack", &result);
+    }
+
+    async fn requeue(&self) {
+        let result = self
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await;
+        redelivery_coming(&self.queue, "requeue", &result);
+    }
+
+    /// Publish the message with `reason` to the dead-letter exchange and wait for the
+    /// broker to take it.
+    async fn dead_letter(&self, reason: String) -> Result<(), TransportError> {
+        let link = self.shared.live_link().ok_or_else(|| {
+            TransportError::Disconnected("cannot dead-letter while disconnected".into())
+        })?;
+        let mut headers = self.headers.clone().unwrap_or_default();
+        headers.insert(
+            DEAD_LETTER_REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        let mut properties = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        if let Some(id) = &self.message_id {
+            properties = properties.with_message_id(id.clone());
+        }
+        let exchange = topology::short("namespace", self.shared.names.dead_letter_exchange())?;
+        link.publish_confirmed(exchange, &self.payload, properties, "dead letter")
+            .await
+    }
+}
+
+#[async_trait]
+impl Settle for AmqpSettle {
+    async fn reply(&self, payload: Bytes) -> Result<(), TransportError> {
+        let Some(reply_to) = &self.reply_to else {
+            return Ok(());
+        };
+        let mut properties = BasicProperties::default();
+        if let Some(id) = &self.correlation_id {
+            properties = properties.with_correlation_id(id.clone());
+        }
+        // Not mandatory, no confirm: a reply to a requester that is gone is dropped by
+        // the broker, which is what the contract asks for.
+        self.channel
+            .basic_publish(
+                "".into(),
+                reply_to.clone(),
+                BasicPublishOptions::default(),
+                &payload,
+                properties,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| topology::error("publishing a reply", &e))
+    }
+
+    async fn settle(&self, outcome: Outcome) -> Result<(), TransportError> {
+        match outcome {
+            Outcome::Ack => self.ack().await,
+            Outcome::Requeue => self.requeue().await,
+            Outcome::Reject { reason } => {
+                if let Err(e) = self.dead_letter(reason).await {
+                    // Not dead-lettered: put it back rather than lose it.
+                    self.requeue().await;
+                    return Err(e);
+                }
+                // Dead-lettered, then removed: if this ack is lost, the message comes
+                // again and is dead-lettered twice, never lost.
+                self.ack().await;
+            }
+        }
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to nack from: the broker requeues it when the channel closes.
+            return;
+        };
+        let acker = self.acker.clone();
+        let channel = self.channel.clone();
+        let queue = self.queue.clone();
+        runtime.spawn(async move {
+            let result = acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+            redelivery_coming(&queue, "requeue of a dropped delivery", &result);
+            drop(channel);
+        });
+    }
+}

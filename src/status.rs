@@ -1,0 +1,76 @@
+//! `keelson status`: listen to the control channel for a few heartbeat intervals
+//! and print the cluster as a table.
+
+use crate::settings::KeelsonConfig;
+use anyhow::Context as _;
+use keelson_protocol::control::{CONTROL_CHANNEL, ClusterView, Heartbeat, NodeState, NodeStatus};
+use keelson_protocol::decode;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Collect heartbeats for `listen`, then return the cluster table.
+pub async fn collect(config: &KeelsonConfig, listen: Duration) -> anyhow::Result<Vec<NodeStatus>> {
+    let node = format!("status-{}", std::process::id());
+    let transport = config
+        .transport
+        .build(&node)
+        .await
+        .with_context(|| format!("cannot connect the {} transport", config.transport.kind()))?;
+    let mut sub = transport
+        .subscribe(CONTROL_CHANNEL)
+        .await
+        .context("cannot listen to the control channel")?;
+    let mut view = ClusterView::default();
+    let until = Instant::now() + listen;
+    while let Ok(Some(message)) = tokio::time::timeout_at(until, sub.next()).await {
+        if let Ok(hb) = decode::<Heartbeat>(&message.payload) {
+            view.observe(hb, Instant::now());
+        }
+    }
+    transport.close().await;
+    Ok(view.nodes(Instant::now()))
+}
+
+/// The table `keelson status` prints.
+pub fn render(nodes: &[NodeStatus]) -> String {
+    let mut out = format!(
+        "{:<24} {:<10} {:<10} {:<16} {:>6} {:>6} {:>6} {:>6} {:>9} {:>9}\n",
+        "NODE",
+        "STATE",
+        "VERSION",
+        "SERVICES",
+        "LOAD",
+        "BUSY",
+        "CPU",
+        "SYS",
+        "IN-FLIGHT",
+        "CONTEXTS"
+    );
+    for n in nodes {
+        let hb = &n.heartbeat;
+        let state = match n.state {
+            NodeState::Up => "up",
+            NodeState::Paused => "PAUSED",
+            NodeState::NotReady => "not-ready",
+            NodeState::Left => "left",
+            NodeState::Gone => "GONE",
+        };
+        out.push_str(&format!(
+            "{:<24} {:<10} {:<10} {:<16} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>9} {:>9}\n",
+            hb.node,
+            state,
+            hb.version,
+            hb.services.join(","),
+            hb.load.factor,
+            hb.load.busy,
+            hb.load.process_cpu,
+            hb.load.system_cpu,
+            format!("{}/{}", hb.in_flight, hb.concurrency),
+            hb.contexts,
+        ));
+    }
+    if nodes.is_empty() {
+        out.push_str("(no logic server heard on the control channel)\n");
+    }
+    out
+}

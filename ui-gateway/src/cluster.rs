@@ -1,0 +1,110 @@
+//! `GET /cluster`: the live table of logic servers, from the heartbeats they
+//! broadcast on the control channel.
+//!
+//! ```json
+//! {"nodes": [{"node": "logic-1", "state": "up", "age_ms": 312, "load": {...}, ...}],
+//!  "services": {"default": {"up": 2, "paused": 1, "not_ready": 0, "left": 0, "gone": 0}},
+//!  "stalled_services": []}
+//! ```
+//!
+//! A service is *stalled* when it has servers but none of them takes requests (all
+//! paused, draining or gone): its requests wait on the queue until a server resumes
+//! or their deadline passes.
+
+use crate::routes::AppState;
+use axum::Json;
+use axum::extract::State;
+use keelson_protocol::Transport;
+use keelson_protocol::control::{CONTROL_CHANNEL, ClusterView, Heartbeat, NodeState, NodeStatus};
+use keelson_protocol::decode;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
+
+/// Nodes silent for this many of their intervals are forgotten.
+const FORGET_AFTER_INTERVALS: u32 = 60;
+
+/// The cluster as this gateway hears it.
+#[derive(Debug, Default)]
+pub(crate) struct Cluster {
+    view: Mutex<ClusterView>,
+}
+
+impl Cluster {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClusterView> {
+        // Bookkeeping only; a poisoned lock still holds a usable table.
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Listen to heartbeats until the transport closes.
+    pub(crate) async fn listen(self: Arc<Self>, transport: Arc<dyn Transport>) {
+        let mut sub = match transport.subscribe(CONTROL_CHANNEL).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen to the control channel; /cluster stays empty");
+                return;
+            }
+        };
+        while let Some(message) = sub.next().await {
+            match decode::<Heartbeat>(&message.payload) {
+                Ok(hb) => {
+                    let mut view = self.lock();
+                    view.observe(hb, Instant::now());
+                    view.prune(Instant::now(), FORGET_AFTER_INTERVALS);
+                }
+                Err(e) => tracing::debug!(error = %e, "ignoring an undecodable control message"),
+            }
+        }
+    }
+
+    pub(crate) fn report(&self) -> ClusterReport {
+        let nodes = self.lock().nodes(Instant::now());
+        let mut services: BTreeMap<String, ServiceCounts> = BTreeMap::new();
+        for n in &nodes {
+            for s in &n.heartbeat.services {
+                let c = services.entry(s.clone()).or_default();
+                match n.state {
+                    NodeState::Up => c.up += 1,
+                    NodeState::Paused => c.paused += 1,
+                    NodeState::NotReady => c.not_ready += 1,
+                    NodeState::Left => c.left += 1,
+                    NodeState::Gone => c.gone += 1,
+                }
+            }
+        }
+        let stalled_services = services
+            .iter()
+            .filter(|(_, c)| c.up == 0)
+            .map(|(s, _)| s.clone())
+            .collect();
+        ClusterReport {
+            nodes,
+            services,
+            stalled_services,
+        }
+    }
+}
+
+/// Servers of one service, by state.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct ServiceCounts {
+    up: usize,
+    paused: usize,
+    not_ready: usize,
+    left: usize,
+    gone: usize,
+}
+
+/// The body of `GET /cluster`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ClusterReport {
+    nodes: Vec<NodeStatus>,
+    services: BTreeMap<String, ServiceCounts>,
+    stalled_services: Vec<String>,
+}
+
+/// `GET /cluster`.
+pub(crate) async fn cluster(State(state): State<AppState>) -> Json<ClusterReport> {
+    Json(state.cluster.report())
+}

@@ -11,6 +11,13 @@ pub mod settings;
 pub mod status;
 pub mod telemetry;
 
+/// The version this build reports in heartbeats and `--version`.
+pub const VERSION: &str = if cfg!(feature = "next-preview") {
+    concat!(env!("CARGO_PKG_VERSION"), "+next")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 /// Keep the linked plugin crates' handler registrations in the binary.
 pub fn link_plugins() {
     keelson_plugins_examples::link();

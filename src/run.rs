@@ -110,12 +110,7 @@ pub async fn run(
         Role::LogicServer => None,
     };
 
-    let sweeper = tokio::spawn(async move {
-        // Keeps the process alive until the shutdown signal; the sweep of idle
-        // contexts happens on access, so nothing else is needed here yet.
-        shutdown.await;
-    });
-    let _ = sweeper.await;
+    shutdown.await;
     let _ = stop_tx.send(true);
     if let Some(task) = gateway_task {
         match task.await {
@@ -125,7 +120,14 @@ pub async fn run(
         }
     }
     if let Some(server) = server {
-        server.shutdown().await;
+        // A second signal during the drain stops at once: what has not finished goes
+        // back to the queue for a peer.
+        server
+            .shutdown_or_abort(async {
+                shutdown_signal().await;
+                tracing::warn!("second signal: stopping now");
+            })
+            .await;
     }
     transport.close().await;
     tracing::info!("stopped");
@@ -145,6 +147,7 @@ async fn start_logic_server(
         .context("cannot join the context channel")?;
     Ok(
         LogicServer::new(ls.clone(), node_id, transport, registry, store)
+            .with_version(crate::VERSION)
             .start()
             .await?,
     )

@@ -375,15 +375,29 @@ impl Harness {
                     cores: seconds / window,
                 });
             }
+            // Interrupt time is charged to no process; on loopback it is mostly the
+            // receive path of this configuration's own traffic, so it counts in the
+            // total (host-wide, so other users' traffic is in it too).
+            let irq = end.host.irq.saturating_sub(start.host.irq);
+            let irq_seconds = irq as f64 / tps;
+            cpu.push(CpuUse {
+                role: "irq".to_owned(),
+                us_per_request: if result.completed > 0 {
+                    irq_seconds * 1e6 / result.completed as f64
+                } else {
+                    f64::NAN
+                },
+                cores: irq_seconds / window,
+            });
             let total: f64 = cpu.iter().map(|c| c.us_per_request).sum();
-            let host_busy = end.host.busy.saturating_sub(start.host.busy);
+            let host_tasks = end.host.tasks.saturating_sub(start.host.tasks);
             let steal = end.host.steal.saturating_sub(start.host.steal);
             runs.push(PhaseRun {
                 label: phase.label(),
                 result,
                 cpu,
                 total_cpu_us_per_request: total,
-                other_cores: host_busy.saturating_sub(ours) as f64 / tps / window,
+                other_cores: host_tasks.saturating_sub(ours) as f64 / tps / window,
                 steal_cores: steal as f64 / tps / window,
             });
         }

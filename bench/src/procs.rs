@@ -248,12 +248,14 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     ))
 }
 
-/// Host-wide CPU time, in clock ticks: busy (user, nice, system, interrupts) and
-/// stolen by the hypervisor.
+/// Host-wide CPU time, in clock ticks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostTicks {
-    /// Ticks any CPU spent working.
-    pub busy: u64,
+    /// Ticks spent running tasks (user, nice, system): what processes are charged.
+    pub tasks: u64,
+    /// Ticks spent in interrupts and softirqs, charged to no process: on loopback
+    /// traffic, mostly the network stack's receive path.
+    pub irq: u64,
     /// Ticks stolen by the hypervisor (other tenants of the host).
     pub steal: u64,
 }
@@ -262,7 +264,8 @@ pub struct HostTicks {
 pub fn host_ticks() -> anyhow::Result<HostTicks> {
     let t = procfs::KernelStats::current()?.total;
     Ok(HostTicks {
-        busy: t.user + t.nice + t.system + t.irq.unwrap_or(0) + t.softirq.unwrap_or(0),
+        tasks: t.user + t.nice + t.system,
+        irq: t.irq.unwrap_or(0) + t.softirq.unwrap_or(0),
         steal: t.steal.unwrap_or(0),
     })
 }

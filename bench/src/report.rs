@@ -83,7 +83,9 @@ pub struct ConfigInfo {
 /// CPU time of one process over a measurement window.
 #[derive(Debug, Clone, Serialize)]
 pub struct CpuUse {
-    /// `server`, `gateway`, `logic`, `broker`, `loadgen`.
+    /// `server`, `gateway`, `logic`, `broker`, `loadgen`, or `irq`: host-wide
+    /// interrupt and softirq time, charged to no process (mostly the loopback network
+    /// stack carrying this configuration's traffic).
     pub role: String,
     /// CPU microseconds per completed request.
     pub us_per_request: f64,
@@ -100,10 +102,11 @@ pub struct PhaseRun {
     pub result: PhaseResult,
     /// Per process.
     pub cpu: Vec<CpuUse>,
-    /// Sum over the processes above.
+    /// Sum of the above.
     pub total_cpu_us_per_request: f64,
-    /// Host CPU busy outside the processes above (other users, the kernel's own
-    /// threads, this harness), in cores: large values mean the figures are disturbed.
+    /// Host CPU time of tasks outside the processes above (other users, the kernel's
+    /// own threads, this harness), in cores: large values mean the figures are
+    /// disturbed.
     pub other_cores: f64,
     /// CPU stolen by the hypervisor, in cores.
     pub steal_cores: f64,

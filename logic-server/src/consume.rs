@@ -19,6 +19,8 @@ pub(crate) struct ConsumeLoop {
     pub(crate) stopped: watch::Receiver<bool>,
     /// `true` while the governor wants intake paused.
     pub(crate) intake_paused: watch::Receiver<bool>,
+    /// `true` cuts the drain short: unfinished work goes back to the queue now.
+    pub(crate) abort: watch::Receiver<bool>,
 }
 
 impl ConsumeLoop {
@@ -31,6 +33,7 @@ impl ConsumeLoop {
             stats,
             mut stopped,
             mut intake_paused,
+            mut abort,
         } = self;
         let limit = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
@@ -91,16 +94,18 @@ impl ConsumeLoop {
         if in_flight > 0 {
             tracing::info!(in_flight, ?drain_timeout, "draining in-flight requests");
         }
-        let drained = tokio::time::timeout(drain_timeout, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        let drained = tokio::select! {
+            finished = tokio::time::timeout(drain_timeout, async {
+                while tasks.join_next().await.is_some() {}
+            }) => if finished.is_ok() { "drained" } else { "drain timeout" },
+            _ = abort.wait_for(|abort| *abort) => "stopping at once",
+        };
+        if !tasks.is_empty() {
             // Aborting drops the unsettled deliveries, which hands them back to the
             // queue for a peer.
             tracing::warn!(
                 left = tasks.len(),
-                "drain timeout; handing unfinished requests back"
+                "{drained}; handing unfinished requests back to the queue"
             );
             tasks.shutdown().await;
         }

@@ -5,10 +5,11 @@ use crate::context::{ContextStore, UserContext};
 use crate::handler::{HandlerError, RequestCtx};
 use crate::plugin::Registry;
 use futures_util::FutureExt;
+use keelson_protocol::control::{ClusterView, NodeState};
 use keelson_protocol::transport::Delivery;
 use keelson_protocol::{Reply, ReplyStatus, Request, decode, encode};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
@@ -18,7 +19,14 @@ pub(crate) struct Dispatcher {
     pub(crate) node_id: String,
     pub(crate) registry: Registry,
     pub(crate) store: Arc<dyn ContextStore>,
+    /// The peers heard on the control channel: who hosts which handlers.
+    pub(crate) peers: Arc<Mutex<ClusterView>>,
 }
+
+/// How long a request for a handler hosted only by peers is held before it goes back
+/// to the queue, so that servers of different versions sharing a queue do not pass
+/// it back and forth in a tight loop.
+const HAND_OVER_DELAY: Duration = Duration::from_millis(5);
 
 /// How a delivery ended, for logs and counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +34,8 @@ pub(crate) enum Handled {
     Replied(ReplyStatus),
     Expired,
     DeadLettered,
+    /// Requeued for a peer that hosts the handler.
+    HandedOver,
 }
 
 pub(crate) fn unix_ms_now() -> u64 {
@@ -55,6 +65,15 @@ impl Dispatcher {
             return Handled::Expired;
         }
         let deadline = Instant::now() + Duration::from_millis(request.deadline_unix_ms - now_ms);
+        if self.registry.get(&request.handler).is_none() && self.peer_hosts(&request.handler) {
+            // During a rolling upgrade servers of two versions share one queue; a
+            // handler only the newer ones host must reach one of them.
+            tokio::time::sleep(HAND_OVER_DELAY).await;
+            if let Err(e) = delivery.requeue().await {
+                tracing::debug!(error = %e, "requeue failed; the request will be redelivered");
+            }
+            return Handled::HandedOver;
+        }
         let reply = self.run(request, deadline).await;
         let status = reply.status;
         match encode(&reply) {
@@ -70,6 +89,16 @@ impl Dispatcher {
         }
         settle_ack(delivery).await;
         Handled::Replied(status)
+    }
+
+    /// Whether a live peer (not this server) hosts `handler` and takes requests.
+    fn peer_hosts(&self, handler: &str) -> bool {
+        let view = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        view.nodes(Instant::now()).iter().any(|n| {
+            n.state == NodeState::Up
+                && n.heartbeat.node != self.node_id
+                && n.heartbeat.handlers.iter().any(|h| h == handler)
+        })
     }
 
     async fn run(&self, request: Request, deadline: Instant) -> Reply {

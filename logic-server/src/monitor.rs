@@ -46,6 +46,11 @@ impl Monitor {
     }
 
     pub(crate) fn heartbeat(&self, leaving: bool) -> Heartbeat {
+        let leaving = leaving
+            || self
+                .stats
+                .leaving
+                .load(std::sync::atomic::Ordering::Acquire);
         Heartbeat {
             v: ProtocolVersion::CURRENT,
             node: self.dispatcher.node_id.clone(),

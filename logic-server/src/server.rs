@@ -49,6 +49,7 @@ pub struct LogicServer {
 #[derive(Debug)]
 pub struct RunningServer {
     stop: watch::Sender<bool>,
+    abort: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     monitor_task: tokio::task::JoinHandle<()>,
     listener_task: tokio::task::JoinHandle<()>,
@@ -81,6 +82,7 @@ impl LogicServer {
                 node_id: node_id.into(),
                 registry,
                 store,
+                peers: Arc::new(Mutex::new(ClusterView::default())),
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
@@ -132,7 +134,8 @@ impl LogicServer {
         );
         let (stop, stopped) = watch::channel(false);
         let (intake_tx, intake_rx) = watch::channel(false);
-        let peers = Arc::new(Mutex::new(ClusterView::default()));
+        let (abort, abort_rx) = watch::channel(false);
+        let peers = self.dispatcher.peers.clone();
         let monitor = Arc::new(Monitor {
             transport: self.transport.clone(),
             dispatcher: self.dispatcher.clone(),
@@ -156,11 +159,13 @@ impl LogicServer {
                 stats: stats.clone(),
                 stopped,
                 intake_paused: intake_rx,
+                abort: abort_rx,
             }
             .run(),
         );
         Ok(RunningServer {
             stop,
+            abort,
             task,
             monitor_task,
             listener_task,
@@ -176,13 +181,31 @@ impl RunningServer {
         &self.stats
     }
 
-    /// Stop taking requests, let in-flight ones finish within the drain timeout, hand
-    /// the rest back to the queue, say on the control channel that this server
-    /// leaves, and return.
+    /// Drain: say on the control channel that this server leaves, stop taking
+    /// requests (deliveries the transport holds but the server has not started go
+    /// back to the queue), let in-flight ones finish and reply within the drain
+    /// timeout, hand the rest back to the queue, and return. Replies are published
+    /// before this returns, so the transport may be closed afterwards.
     pub async fn shutdown(self) {
+        self.shutdown_or_abort(std::future::pending()).await;
+    }
+
+    /// Like [`RunningServer::shutdown`], but when `abort` resolves during the drain
+    /// (an operator's second signal), unfinished requests go back to the queue at
+    /// once.
+    pub async fn shutdown_or_abort(self, abort: impl std::future::Future<Output = ()>) {
+        self.stats
+            .leaving
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.monitor.publish(&self.monitor.heartbeat(true)).await;
         let _ = self.stop.send(true);
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "consume loop ended abnormally");
+        let mut task = self.task;
+        tokio::select! {
+            _ = &mut task => {}
+            () = abort => {
+                let _ = self.abort.send(true);
+                let _ = (&mut task).await;
+            }
         }
         let _ = self.monitor_task.await;
         self.listener_task.abort();

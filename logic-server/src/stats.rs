@@ -19,6 +19,8 @@ pub struct ServerStats {
     pub(crate) meter: BusyMeter,
     /// Set while overloaded as the last active server of its service (logged once).
     pub(crate) overloaded_alone: AtomicBool,
+    /// Set once the server started shutting down.
+    pub(crate) leaving: AtomicBool,
 }
 
 impl ServerStats {
@@ -33,6 +35,7 @@ impl ServerStats {
             load: Mutex::new(Load::default()),
             meter: BusyMeter::new(concurrency),
             overloaded_alone: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
         }
     }
 

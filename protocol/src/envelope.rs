@@ -67,6 +67,11 @@ pub struct Request {
     /// The request body: UTF-8 JSON, as the client sent it.
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    /// Protocol 1.1 preview (feature `next-preview`): a scheduling hint. Readers of
+    /// 1.0 ignore it; 1.1 readers of a 1.0 message see `None`.
+    #[cfg(feature = "next-preview")]
+    #[serde(default)]
+    pub priority: Option<u8>,
 }
 
 fn first_attempt() -> u32 {
@@ -92,6 +97,8 @@ impl Request {
             idempotency_key: None,
             headers: BTreeMap::new(),
             body,
+            #[cfg(feature = "next-preview")]
+            priority: Some(0),
         }
     }
 }

@@ -20,7 +20,10 @@ pub struct ProtocolVersion {
 
 impl ProtocolVersion {
     /// The version this build writes.
-    pub const CURRENT: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+    pub const CURRENT: ProtocolVersion = ProtocolVersion {
+        major: 1,
+        minor: if cfg!(feature = "next-preview") { 1 } else { 0 },
+    };
 
     /// Whether a message written at `self` can be read by this build.
     pub fn is_compatible(self) -> bool {

@@ -34,6 +34,8 @@ pub struct ServerSpec {
     pub concurrency: u16,
     /// TOML appended to the server's configuration.
     pub extra: String,
+    /// Run the next-version build.
+    pub next: bool,
 }
 
 impl ServerSpec {
@@ -44,7 +46,15 @@ impl ServerSpec {
             handlers: ALL_HANDLERS.iter().map(|h| (*h).to_owned()).collect(),
             concurrency: 16,
             extra: String::new(),
+            next: false,
         }
+    }
+
+    /// Run the next-version build (another version, protocol 1.1, `test.next`).
+    pub fn next_version(mut self) -> Self {
+        self.next = true;
+        self.handlers.push("test.next".to_owned());
+        self
     }
 
     pub fn extra(mut self, toml: &str) -> Self {
@@ -134,9 +144,13 @@ impl Mesh {
             .scratch
             .write(&format!("{name}.toml"), &spec.toml(&self.transport));
         let log = self.scratch.path().join(format!("{name}.log"));
-        self.servers.push(Some(
-            Process::start(Bin::LogicServer, &config, &log, &[]).await,
-        ));
+        let bin = if spec.next {
+            Bin::NextLogicServer
+        } else {
+            Bin::LogicServer
+        };
+        self.servers
+            .push(Some(Process::start(bin, &config, &log, &[]).await));
         self.servers.len() - 1
     }
 

@@ -76,14 +76,32 @@ pub enum Bin {
     Keelson,
     Gateway,
     LogicServer,
+    /// The logic server of the "next version" build (feature `next-preview`),
+    /// which tests/run.sh builds into `$KEELSON_NEXT_BIN_DIR`.
+    NextLogicServer,
 }
 
 impl Bin {
-    fn path(self) -> &'static str {
+    fn path(self) -> String {
         match self {
-            Bin::Keelson => env!("CARGO_BIN_EXE_keelson"),
-            Bin::Gateway => env!("CARGO_BIN_EXE_ui-gateway"),
-            Bin::LogicServer => env!("CARGO_BIN_EXE_logic-server"),
+            Bin::Keelson => env!("CARGO_BIN_EXE_keelson").to_owned(),
+            Bin::Gateway => env!("CARGO_BIN_EXE_ui-gateway").to_owned(),
+            Bin::LogicServer => env!("CARGO_BIN_EXE_logic-server").to_owned(),
+            Bin::NextLogicServer => {
+                let dir = std::env::var("KEELSON_NEXT_BIN_DIR").unwrap_or_else(|_| {
+                    panic!(
+                        "KEELSON_NEXT_BIN_DIR is not set: the rolling-upgrade tests need the \
+                         next-version build; run the suite with bash tests/run.sh"
+                    )
+                });
+                let path = std::path::Path::new(&dir).join("logic-server");
+                assert!(
+                    path.exists(),
+                    "{} does not exist; run bash tests/run.sh",
+                    path.display()
+                );
+                path.display().to_string()
+            }
         }
     }
 }

@@ -4,7 +4,9 @@
 //!   `{"slept_ms": n}`;
 //! * `test.panic`: panics;
 //! * `test.fail`: returns an internal error;
-//! * `test.whoami`: answers `{"user": ...}` with the verified user or `null`.
+//! * `test.whoami`: answers `{"user": ...}` with the verified user or `null`;
+//! * `test.next` (feature `next`): exists only in the "next version" build of the
+//!   rolling-upgrade test.
 //!
 //! A default build does not link this crate; the `test-handlers` feature of the
 //! `keelson` package does.
@@ -73,3 +75,21 @@ keelson_logic_server::register_handler!("test.slow", "sleeps {\"ms\": n} then an
 keelson_logic_server::register_handler!("test.panic", "panics", |_| Ok(Panic));
 keelson_logic_server::register_handler!("test.fail", "fails with an internal error", |_| Ok(Fail));
 keelson_logic_server::register_handler!("test.whoami", "answers the verified user", |_| Ok(WhoAmI));
+
+#[cfg(feature = "next")]
+struct Next;
+
+#[cfg(feature = "next")]
+#[async_trait]
+impl Handler for Next {
+    async fn call(&self, _req: RequestCtx) -> Result<Response, HandlerError> {
+        Response::json(&json!({ "hosted_by": "next" }))
+    }
+}
+
+#[cfg(feature = "next")]
+keelson_logic_server::register_handler!(
+    "test.next",
+    "exists only in the next-version build",
+    |_| Ok(Next)
+);

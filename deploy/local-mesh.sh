@@ -42,7 +42,7 @@ start() {
         exit 1
     fi
     bash deploy/ensure-broker.sh
-    cargo build --release --quiet --bin logic-server --bin ui-gateway
+    cargo build --release --quiet --bin logic-server --bin ui-gateway --bin keelson
     mkdir -p "$STATE"
     for i in $(seq 1 "$servers"); do
         KEELSON__NODE__ID="logic-$i" \

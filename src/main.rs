@@ -45,6 +45,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Exit with status 3 unless this node is up (ready and taking requests):
+        /// what an upgrade script waits for.
+        #[arg(long, value_name = "NODE")]
+        expect_up: Option<String>,
     },
 }
 
@@ -80,7 +84,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let ttl = Duration::from_secs(ttl_s.unwrap_or(config.auth.token_ttl_s));
             println!("{}", keelson_ui_gateway::issue_token(&secret, &user, ttl)?);
         }
-        Command::Status { listen_ms, json } => {
+        Command::Status {
+            listen_ms,
+            json,
+            expect_up,
+        } => {
             let runtime = tokio::runtime::Runtime::new()?;
             let nodes = runtime.block_on(keelson::status::collect(
                 &config,
@@ -90,6 +98,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
                 print!("{}", keelson::status::render(&nodes));
+            }
+            if let Some(node) = expect_up {
+                let up = nodes.iter().any(|n| {
+                    n.heartbeat.node == node && n.state == keelson_protocol::control::NodeState::Up
+                });
+                if !up {
+                    eprintln!("keelson status: node {node} is not up");
+                    return Ok(ExitCode::from(3));
+                }
             }
         }
         Command::Handlers => {

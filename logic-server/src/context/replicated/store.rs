@@ -82,7 +82,10 @@ impl ReplicatedContextStore {
         node_id: &str,
         config: ContextConfig,
     ) -> Result<Arc<Self>, ContextError> {
-        let node: Node = node_id.into();
+        // Each process is its own writer: a server restarted under the same node id
+        // must not continue (and possibly contradict) its predecessor's counter
+        // shares, which peers may hold newer than its snapshot.
+        let node: Node = format!("{node_id}/{}", now_ms()).into();
         let store = Arc::new(Self {
             node: node.clone(),
             transport: transport.clone(),

@@ -86,6 +86,41 @@ async fn counters_are_per_user_and_need_a_token() {
 }
 
 #[tokio::test]
+async fn the_readme_handler_works_as_written() {
+    let scratch = Scratch::new();
+    let (node, config) = start(&scratch, "").await;
+    let alice = token(&config, "alice");
+    for visits in 1..=2 {
+        let resp = http()
+            .post(node.url("hello"))
+            .bearer_auth(&alice)
+            .body(r#"{"name":"Ada"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.json::<Value>().await.unwrap(),
+            json!({ "text": "hello, Ada", "visits": visits })
+        );
+    }
+    let resp = http()
+        .post(node.url("hello"))
+        .body(r#"{"name":"Ada"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "anonymous");
+    let resp = http()
+        .post(node.url("hello"))
+        .bearer_auth(&alice)
+        .body(r#"{"nom":"Ada"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "bad body");
+}
+
+#[tokio::test]
 async fn the_user_comes_only_from_a_verified_token() {
     let scratch = Scratch::new();
     let (node, config) = start(&scratch, "").await;

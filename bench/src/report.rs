@@ -191,6 +191,12 @@ pub struct Ratio {
     pub per_round: Vec<f64>,
     /// Their spread.
     pub spread: Option<Spread>,
+    /// Per round, the baseline's total CPU per request over this configuration's:
+    /// the throughput ratio to expect when every process competes for the same
+    /// saturated cores. Much less disturbed by other users' load than throughput.
+    pub cpu_per_round: Vec<f64>,
+    /// Their spread.
+    pub cpu_spread: Option<Spread>,
     /// The goal, where the issue sets one for this phase.
     pub goal: Option<f64>,
 }
@@ -293,6 +299,15 @@ impl Report {
                             .then(|| a.result.throughput / b.result.throughput)
                     })
                     .collect();
+                let cpu_per_round: Vec<f64> = rounds
+                    .iter()
+                    .filter_map(|&round| {
+                        let a = find(&config.id, round)?.phase(label)?;
+                        let b = find(base, round)?.phase(label)?;
+                        (a.total_cpu_us_per_request > 0.0)
+                            .then(|| b.total_cpu_us_per_request / a.total_cpu_us_per_request)
+                    })
+                    .collect();
                 let goal = RATIO_GOALS
                     .iter()
                     .find(|(n, _)| *n == name && label == GOAL_PHASE)
@@ -302,6 +317,8 @@ impl Report {
                     phase: label.clone(),
                     spread: Spread::of(&per_round),
                     per_round,
+                    cpu_spread: Spread::of(&cpu_per_round),
+                    cpu_per_round,
                     goal,
                 });
             }
@@ -460,21 +477,25 @@ impl Report {
 
         let _ = writeln!(
             s,
-            "\nThroughput ratios (closed loop, same round), median and min-max over rounds"
+            "\nRatios (closed loop, same round), median and min-max over rounds. throughput: \
+             requests/s over the baseline's; CPU cost: the baseline's total CPU per request \
+             over this one's (all processes, broker and load generator included)"
         );
         let _ = writeln!(
             s,
-            "{:<6} {:>6} {:>8} {:>17}   goal",
-            "ratio", "phase", "median", "min-max"
+            "{:<6} {:>6} {:>10} {:>17} {:>10} {:>17}   goal (throughput)",
+            "ratio", "phase", "throughput", "min-max", "CPU cost", "min-max"
         );
+        let cells = |sp: Option<Spread>| match sp {
+            Some(sp) => (
+                format!("{:.2}", sp.median),
+                format!("{:.2}-{:.2} (n={})", sp.min, sp.max, sp.n),
+            ),
+            None => ("-".into(), "-".into()),
+        };
         for r in &self.ratios {
-            let (median, range) = match r.spread {
-                Some(sp) => (
-                    format!("{:.2}", sp.median),
-                    format!("{:.2}-{:.2} (n={})", sp.min, sp.max, sp.n),
-                ),
-                None => ("-".into(), "-".into()),
-            };
+            let (median, range) = cells(r.spread);
+            let (cpu_median, cpu_range) = cells(r.cpu_spread);
             let goal = match (r.goal, r.spread) {
                 (Some(g), Some(sp)) if sp.median >= g => format!(">= {g:.1}: met"),
                 (Some(g), Some(_)) => format!(">= {g:.1}: SHORT"),
@@ -483,8 +504,8 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "{:<6} {:>6} {:>8} {:>17}   {}",
-                r.name, r.phase, median, range, goal
+                "{:<6} {:>6} {:>10} {:>17} {:>10} {:>17}   {}",
+                r.name, r.phase, median, range, cpu_median, cpu_range, goal
             );
         }
 

@@ -62,7 +62,7 @@ secret = "{SECRET}"
 
 [logic_server]
 handlers = ["echo", "counter.increment", "counter.get", "cart.add", "cart.list", "cart.clear",
-            "test.slow", "test.panic", "test.fail", "test.whoami"]
+            "hello", "test.slow", "test.panic", "test.fail", "test.whoami"]
 concurrency = 32
 drain_timeout_ms = 5000
 {extra}

@@ -2,7 +2,8 @@
 //!
 //! * `echo`: answers with its body, unchanged;
 //! * `counter.increment` / `counter.get`: a per-user counter in the user's context;
-//! * `cart.add` / `cart.list` / `cart.clear`: a per-user shopping cart.
+//! * `cart.add` / `cart.list` / `cart.clear`: a per-user shopping cart;
+//! * `hello`: the example of the README.
 //!
 //! Linking this crate makes the handlers available; the configuration's
 //! `logic_server.handlers` list enables them.
@@ -10,6 +11,7 @@
 mod cart;
 mod counter;
 mod echo;
+mod hello;
 
 /// Does nothing; calling it guarantees the linker keeps this crate's registrations.
 pub fn link() {}

@@ -41,6 +41,7 @@ async fn each_request_logs_one_line_with_id_handler_status_and_latency() {
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::DEBUG)
         .with_ansi(false)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);

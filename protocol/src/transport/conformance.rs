@@ -4,7 +4,7 @@
 //! queues, its own channels). [`crate::transport_conformance_tests!`] turns them into
 //! `#[tokio::test]`s for one implementation:
 //!
-//! ```ignore
+//! ```text
 //! keelson_protocol::transport_conformance_tests!(my_transport_factory().await);
 //! ```
 //!

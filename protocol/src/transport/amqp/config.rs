@@ -36,6 +36,10 @@ pub struct AmqpConfig {
     /// AMQP heartbeat interval in seconds: a dead broker socket is noticed after about
     /// two missed heartbeats. 0 disables heartbeats (not recommended).
     pub heartbeat_s: u16,
+    /// Largest AMQP frame, in bytes (the broker's default is 128 KiB). The client
+    /// keeps I/O buffers of 32 frames each way, so this sets most of an idle process's
+    /// memory; larger messages are simply split into more frames.
+    pub frame_max: u32,
     /// Type of the service and dead-letter queues: `classic` or `quorum` (replicated,
     /// counts deliveries, needs a cluster of three nodes to be worth it).
     pub queue_type: QueueType,
@@ -83,6 +87,7 @@ impl Default for AmqpConfig {
             password_env: None,
             namespace: "keelson".to_owned(),
             heartbeat_s: 5,
+            frame_max: 16 * 1024,
             queue_type: QueueType::Classic,
             delivery_limit: None,
             queue_expires_ms: None,
@@ -117,6 +122,12 @@ impl AmqpConfig {
         };
         if self.urls.is_empty() {
             return Err(invalid("`urls` is empty: name at least one broker".into()));
+        }
+        if self.frame_max < 4096 {
+            return Err(invalid(format!(
+                "`frame_max` must be at least 4096 bytes (the AMQP minimum), got {}",
+                self.frame_max
+            )));
         }
         if self.namespace.is_empty() || self.namespace.len() > 100 {
             return Err(invalid(format!(
@@ -161,6 +172,10 @@ impl AmqpConfig {
                     uri.authority.userinfo.password.clone_from(password);
                 }
                 uri.query.heartbeat = Some(self.heartbeat_s);
+                // A URL's own `frame_max` wins over the setting.
+                if uri.query.frame_max.is_none() {
+                    uri.query.frame_max = Some(self.frame_max);
+                }
                 uri.query.connection_timeout = Some(self.connect_timeout_ms);
                 Ok(BrokerUrl { uri, redacted })
             })

@@ -42,6 +42,16 @@ impl Drop for PendingSlot<'_> {
     }
 }
 
+/// At most the first 100 bytes of `s`, cut at a character boundary, so a message id
+/// stays a valid AMQP short string whatever the node id.
+fn short_prefix(s: &str) -> &str {
+    let mut end = s.len().min(100);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn unavailable(why: impl Into<String>) -> RequestError {
     RequestError::Unavailable(why.into())
 }
@@ -85,16 +95,20 @@ pub(crate) async fn request(
     // Each `into()` below is a short string that cannot pass 255 bytes: a UUID, digits,
     // a constant, the namespace (at most 100 bytes, checked at start).
     let properties = BasicProperties::default()
-        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+        // Unique without a random number per message: node id plus the counter.
+        .with_message_id(format!("{}-{correlation_id}", short_prefix(&shared.node_id)).into())
         .with_correlation_id(correlation_id.into())
         .with_reply_to(DIRECT_REPLY_TO.into())
         .with_expiration(expiration.into())
         .with_headers(headers::to_table(&message.headers));
     let exchange: ShortString = shared.names.requests_exchange().into();
     let publish = publish_confirmed(&link, exchange, routing_key, &message.payload, properties);
+    // One timer for the whole request: reset below rather than created twice.
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
     let confirmation = tokio::select! {
         c = publish => c?,
-        () = tokio::time::sleep_until(deadline) => return Err(RequestError::Timeout),
+        () = &mut timer => return Err(RequestError::Timeout),
         () = link.lost() => return Err(unavailable("connection to the broker lost")),
         () = shared.closed() => return Err(unavailable("transport closed")),
     };
@@ -113,9 +127,10 @@ pub(crate) async fn request(
     // broker can no longer deliver the request. It costs the confirm latency, bounded.
     let expired_by = Instant::now() + Duration::from_millis(expiration_ms);
     let give_up = expired_by.clamp(deadline, deadline + MAX_EXPIRY_GRACE);
+    timer.as_mut().reset(give_up);
     tokio::select! {
         reply = rx => reply.map_err(|_| unavailable("reply slot dropped")),
-        () = tokio::time::sleep_until(give_up) => Err(RequestError::Timeout),
+        () = &mut timer => Err(RequestError::Timeout),
         () = link.lost() => Err(unavailable("connection to the broker lost")),
         () = shared.closed() => Err(unavailable("transport closed")),
     }

@@ -2,6 +2,7 @@
 //!
 //! * `test.slow`: waits `{"ms": n}` milliseconds (default 1000), then answers
 //!   `{"slept_ms": n}`;
+//! * `test.spin`: burns CPU for `{"us": n}` microseconds (default 1000);
 //! * `test.panic`: panics;
 //! * `test.fail`: returns an internal error;
 //! * `test.whoami`: answers `{"user": ...}` with the verified user or `null`;
@@ -42,6 +43,35 @@ impl Handler for Slow {
     }
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct SpinBody {
+    us: Option<u64>,
+}
+
+/// Burns CPU on the calling worker thread for `{"us": n}` microseconds (default
+/// 1000): work that a starved core slows down, unlike a sleep.
+struct Spin;
+
+#[async_trait]
+impl Handler for Spin {
+    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
+        let us = req
+            .json::<Option<SpinBody>>()?
+            .unwrap_or_default()
+            .us
+            .unwrap_or(1000)
+            .min(1_000_000);
+        let cpu_started = std::time::Instant::now();
+        let mut x = 0u64;
+        while cpu_started.elapsed() < Duration::from_micros(us) {
+            for i in 0..1000u64 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+            }
+        }
+        Response::json(&json!({ "spun_us": us, "x": x & 1 }))
+    }
+}
+
 struct Panic;
 
 #[async_trait]
@@ -73,6 +103,7 @@ keelson_logic_server::register_handler!("test.slow", "sleeps {\"ms\": n} then an
     Slow
 ));
 keelson_logic_server::register_handler!("test.panic", "panics", |_| Ok(Panic));
+keelson_logic_server::register_handler!("test.spin", "burns CPU for {\"us\": n} microseconds", |_| Ok(Spin));
 keelson_logic_server::register_handler!("test.fail", "fails with an internal error", |_| Ok(Fail));
 keelson_logic_server::register_handler!("test.whoami", "answers the verified user", |_| Ok(WhoAmI));
 

@@ -103,7 +103,11 @@ keelson_logic_server::register_handler!("test.slow", "sleeps {\"ms\": n} then an
     Slow
 ));
 keelson_logic_server::register_handler!("test.panic", "panics", |_| Ok(Panic));
-keelson_logic_server::register_handler!("test.spin", "burns CPU for {\"us\": n} microseconds", |_| Ok(Spin));
+keelson_logic_server::register_handler!(
+    "test.spin",
+    "burns CPU for {\"us\": n} microseconds",
+    |_| Ok(Spin)
+);
 keelson_logic_server::register_handler!("test.fail", "fails with an internal error", |_| Ok(Fail));
 keelson_logic_server::register_handler!("test.whoami", "answers the verified user", |_| Ok(WhoAmI));
 

@@ -111,3 +111,28 @@ fn a_bad_environment_override_is_reported_as_such() {
     assert!(err.contains("KEELSON__LOGIC_SERVER__CONCURRENCY"), "{err}");
     assert!(err.contains("logic_server.concurrency"), "{err}");
 }
+
+/// The distributed files are the embedded one split by role: every section they
+/// have is the embedded file's, except `[transport]`.
+#[test]
+fn distributed_configs_differ_from_the_embedded_one_only_in_the_transport() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    let read = |name: &str| -> toml::Table {
+        toml::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
+    let embedded = read("keelson.toml");
+    for name in ["gateway.toml", "logic-server.toml"] {
+        let file = read(name);
+        for (section, value) in &file {
+            if section == "transport" {
+                assert_eq!(value["kind"].as_str(), Some("amqp"), "{name}");
+                continue;
+            }
+            assert_eq!(
+                Some(value),
+                embedded.get(section),
+                "[{section}] of {name} differs from config/keelson.toml"
+            );
+        }
+    }
+}

@@ -23,9 +23,28 @@ struct Cli {
     /// Two short rounds (about two minutes) instead of three full ones (about seven).
     #[arg(long)]
     quick: bool,
-    /// Where to write the JSON report.
-    #[arg(long, default_value = "bench-results.json")]
-    out: PathBuf,
+    /// Where to write the JSON report (default bench-results.json, or
+    /// bench-<scenario>.json with --scenario).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run one special scenario instead of the A-E ratio run: `context` (replication
+    /// lag, join time and size with 100k users), `governor` (p99 with the governor on
+    /// and off, a CPU hog on one server's core), `upgrade` (p99 before and during a
+    /// rolling upgrade of three logic servers).
+    #[arg(long, value_parser = ["context", "governor", "upgrade"])]
+    scenario: Option<String>,
+    /// Open-loop rate of the governor and upgrade scenarios, requests per second
+    /// (defaults 400 and 200).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Handler of the governor scenario (default echo; e.g. a CPU-burning test
+    /// handler in a build with `--features test-handlers`).
+    #[arg(long)]
+    handler: Option<String>,
+    /// Request body for --handler (then any 200 answer counts; default: the echoed
+    /// payload), e.g. '{"us":2000}'.
+    #[arg(long)]
+    body: Option<String>,
     /// Configurations to run, in this order within each round.
     #[arg(long, value_delimiter = ',', default_value = "A,B,C,D,E")]
     configs: Vec<String>,
@@ -78,17 +97,30 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The special scenarios run stores and load in this process: two workers.
+    let runtime = if cli.scenario.is_some() {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keelson-bench: cannot start the tokio runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = if cli.scenario.is_some() {
+        runtime.block_on(run_special(cli))
+    } else {
+        runtime.block_on(run(cli))
+    };
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("keelson-bench: {e:#}");
@@ -175,6 +207,81 @@ fn cpu_model() -> String {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
         .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
+/// `--scenario NAME`: one of the special scenarios.
+async fn run_special(cli: Cli) -> anyhow::Result<ExitCode> {
+    let name = cli.scenario.clone().unwrap_or_default();
+    if !cli.no_build {
+        build()?;
+    }
+    let bins = bins_dir();
+    for bin in ["keelson", "ui-gateway", "logic-server"] {
+        anyhow::ensure!(
+            bins.join(bin).exists(),
+            "{} is missing: run `cargo build --release --bins -p keelson -p keelson-bench`",
+            bins.join(bin).display()
+        );
+    }
+    let run_id = format!(
+        "{}-{}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        std::process::id()
+    );
+    let work_dir = bins
+        .parent()
+        .map_or_else(|| bins.clone(), Path::to_path_buf)
+        .join("bench")
+        .join(&run_id);
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("cannot create {}", work_dir.display()))?;
+    eprintln!(
+        "keelson-bench: logs and generated configurations in {}",
+        work_dir.display()
+    );
+    let settings = scenario::special::Settings {
+        quick: cli.quick,
+        bins,
+        work_dir,
+        run_id,
+        amqp_url: cli.amqp_url.clone(),
+        worker_threads: cli.worker_threads,
+        prefetch: cli.prefetch,
+        log_level: cli.log_level.clone(),
+        payload_bytes: cli.payload_bytes,
+        rate: cli.rate,
+        handler: cli.handler.clone(),
+        body: cli.body.clone(),
+    };
+    broker::connect(&cli.amqp_url).await?;
+    let began = Instant::now();
+    let figures = match name.as_str() {
+        "context" => scenario::context::run(&settings).await?,
+        "governor" => scenario::governor::run(&settings).await?,
+        "upgrade" => scenario::upgrade::run(&settings).await?,
+        other => anyhow::bail!("no scenario {other:?}"),
+    };
+    let json = serde_json::json!({
+        "scenario": name,
+        "machine": {
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "cpu_model": cpu_model(),
+            "kernel": read_trimmed("/proc/sys/kernel/osrelease"),
+            "broker_version": broker::version(),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+        },
+        "elapsed_s": began.elapsed().as_secs_f64(),
+        "figures": figures,
+    });
+    let out = cli
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("bench-{name}.json")));
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("keelson-bench: JSON report in {}", out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -390,9 +497,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     report.summarize();
     print!("{}", report.render());
     let json = serde_json::to_string_pretty(&report)?;
-    std::fs::write(&cli.out, json)
-        .with_context(|| format!("cannot write {}", cli.out.display()))?;
-    eprintln!("keelson-bench: JSON report in {}", cli.out.display());
+    let out = cli
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("bench-results.json"));
+    std::fs::write(&out, json).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("keelson-bench: JSON report in {}", out.display());
     // Left only when every configuration succeeded and logs were not kept.
     let _ = std::fs::remove_dir(&work_dir);
     Ok(if failures > 0 {

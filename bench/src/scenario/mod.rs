@@ -8,10 +8,14 @@
 
 mod amqp_client;
 mod amqp_http;
+pub mod context;
 mod embedded_http;
+pub mod governor;
 mod keelson_config;
 mod raw_axum;
 mod raw_lapin;
+pub mod special;
+pub mod upgrade;
 
 use crate::broker::Objects;
 use crate::procs::Proc;

@@ -19,6 +19,17 @@ use std::sync::Arc;
 /// A node id, interned: every stamp and share of one node shares one allocation.
 pub(crate) type Node = Arc<str>;
 
+/// A context key, interned: a key used by every user ("cart", "visits") is stored
+/// once, not once per user.
+type Key = Arc<str>;
+
+/// Push without the doubling growth of `Vec::push`: users hold few keys, and across
+/// 100k users the spare capacity would cost more than the values.
+fn push_exact<T>(v: &mut Vec<T>, item: T) {
+    v.reserve_exact(1);
+    v.push(item);
+}
+
 /// Bookkeeping charged per entry against the per-user size limit.
 const ENTRY_OVERHEAD: usize = 16;
 
@@ -47,8 +58,8 @@ struct Share {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UserState {
     last_active: Stamp,
-    values: Vec<(Box<str>, Register)>,
-    counters: Vec<(Box<str>, Vec<Share>)>,
+    values: Vec<(Key, Register)>,
+    counters: Vec<(Key, Vec<Share>)>,
 }
 
 impl UserState {
@@ -96,22 +107,22 @@ impl UserState {
         self.size() - old + key.len() + len + ENTRY_OVERHEAD
     }
 
-    fn merge_value(&mut self, key: &str, ts: Stamp, value: Option<Box<[u8]>>) {
-        match self.values.iter_mut().find(|(k, _)| &**k == key) {
+    fn merge_value(&mut self, key: &Key, ts: Stamp, value: Option<Box<[u8]>>) {
+        match self.values.iter_mut().find(|(k, _)| k == key) {
             Some((_, r)) => {
                 if ts > r.ts {
                     *r = Register { ts, value };
                 }
             }
-            None => self.values.push((key.into(), Register { ts, value })),
+            None => push_exact(&mut self.values, (key.clone(), Register { ts, value })),
         }
     }
 
-    fn merge_share(&mut self, key: &str, node: Node, seq: u64, sum: i64) {
-        let shares = match self.counters.iter_mut().position(|(k, _)| &**k == key) {
+    fn merge_share(&mut self, key: &Key, node: Node, seq: u64, sum: i64) {
+        let shares = match self.counters.iter_mut().position(|(k, _)| k == key) {
             Some(i) => &mut self.counters[i].1,
             None => {
-                self.counters.push((key.into(), Vec::new()));
+                push_exact(&mut self.counters, (key.clone(), Vec::new()));
                 let last = self.counters.len() - 1;
                 &mut self.counters[last].1
             }
@@ -123,7 +134,7 @@ impl UserState {
                     s.sum = sum;
                 }
             }
-            None => shares.push(Share { node, seq, sum }),
+            None => push_exact(shares, Share { node, seq, sum }),
         }
     }
 
@@ -139,6 +150,7 @@ impl UserState {
 pub(crate) struct State {
     users: BTreeMap<Box<str>, UserState>,
     nodes: HashSet<Node>,
+    keys: HashSet<Key>,
 }
 
 impl State {
@@ -149,6 +161,15 @@ impl State {
         let n: Node = node.into();
         self.nodes.insert(n.clone());
         n
+    }
+
+    fn key(&mut self, key: &str) -> Key {
+        if let Some(k) = self.keys.get(key) {
+            return k.clone();
+        }
+        let k: Key = key.into();
+        self.keys.insert(k.clone());
+        k
     }
 
     fn stamp(&mut self, hlc: &Hlc) -> Stamp {
@@ -188,9 +209,10 @@ impl State {
                 ts,
             } => {
                 let ts = self.stamp(ts);
+                let key = self.key(key);
                 let u = self.user_mut(user, &ts);
                 u.touch(ts.clone());
-                u.merge_value(key, ts, value.as_deref().map(Box::from));
+                u.merge_value(&key, ts, value.as_deref().map(Box::from));
             }
             ContextOp::Count {
                 user,
@@ -200,6 +222,7 @@ impl State {
                 sum,
             } => {
                 let node = self.intern(node);
+                let key = self.key(key);
                 // A share says nothing about time; a user first seen through one is
                 // stamped as never active and gets its time from the next touch.
                 let never = Stamp {
@@ -209,7 +232,7 @@ impl State {
                 };
                 let u = self.user_mut(user, &never);
                 u.touch(never);
-                u.merge_share(key, node, *seq, *sum);
+                u.merge_share(&key, node, *seq, *sum);
             }
             ContextOp::Touch { user, ts } => {
                 let ts = self.stamp(ts);
@@ -282,23 +305,38 @@ impl State {
         (out, next)
     }
 
-    /// Merge a peer's state of one user.
-    pub(crate) fn merge_snapshot(&mut self, snap: &UserSnapshot) {
-        let active = self.stamp(&snap.last_active);
-        let mut merged = self
-            .users
-            .remove(snap.user.as_str())
-            .unwrap_or_else(|| UserState::new(active.clone()));
-        merged.touch(active);
-        for v in &snap.values {
-            let ts = self.stamp(&v.ts);
-            merged.merge_value(&v.key, ts, v.value.as_deref().map(Box::from));
+    /// Merge a chunk of a peer's state. Users already known are merged in place; new
+    /// ones are added in one bulk build, which packs the tree's nodes full (a chunk
+    /// arrives in key order, and inserting sorted keys one by one leaves every node
+    /// half empty).
+    pub(crate) fn merge_snapshots(&mut self, snaps: &[UserSnapshot]) {
+        let mut fresh = Vec::new();
+        for snap in snaps {
+            let active = self.stamp(&snap.last_active);
+            let mut state = match self.users.get_mut(snap.user.as_str()) {
+                Some(existing) => std::mem::replace(existing, UserState::new(active.clone())),
+                None => UserState::new(active.clone()),
+            };
+            state.touch(active);
+            for v in &snap.values {
+                let ts = self.stamp(&v.ts);
+                let key = self.key(&v.key);
+                state.merge_value(&key, ts, v.value.as_deref().map(Box::from));
+            }
+            for c in &snap.counters {
+                let node = self.intern(&c.node);
+                let key = self.key(&c.key);
+                state.merge_share(&key, node, c.seq, c.sum);
+            }
+            match self.users.get_mut(snap.user.as_str()) {
+                Some(slot) => *slot = state,
+                None => fresh.push((Box::<str>::from(snap.user.as_str()), state)),
+            }
         }
-        for c in &snap.counters {
-            let node = self.intern(&c.node);
-            merged.merge_share(&c.key, node, c.seq, c.sum);
+        if !fresh.is_empty() {
+            let mut fresh: BTreeMap<Box<str>, UserState> = fresh.into_iter().collect();
+            self.users.append(&mut fresh);
         }
-        self.users.insert(snap.user.as_str().into(), merged);
     }
 
     /// A canonical form of the whole state, equal on replicas that converged.

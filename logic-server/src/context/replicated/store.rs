@@ -274,8 +274,8 @@ impl ReplicatedContextStore {
                         inner
                             .clock
                             .observe(user.last_active.wall_ms, user.last_active.logical);
-                        inner.state.merge_snapshot(user);
                     }
+                    inner.state.merge_snapshots(&chunk.users);
                     report.chunks += 1;
                     report.users += chunk.users.len();
                     match chunk.next {

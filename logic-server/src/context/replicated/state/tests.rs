@@ -136,9 +136,7 @@ proptest! {
         let mut after: Option<String> = None;
         loop {
             let (users, next) = peer.snapshot_after(after.as_deref(), chunk);
-            for u in &users {
-                joiner.merge_snapshot(u);
-            }
+            joiner.merge_snapshots(&users);
             match next {
                 Some(n) => after = Some(n),
                 None => break,

@@ -3,11 +3,52 @@
 
 use crate::dispatch::Dispatcher;
 use crate::stats::{InFlight, ServerStats};
-use keelson_protocol::transport::Consumer;
-use std::sync::Arc;
+use keelson_protocol::transport::{Consumer, Delivery};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+
+type Slot = Arc<Mutex<Option<Delivery>>>;
+
+fn take(slot: &Slot) -> Option<Delivery> {
+    // Only ever a take of an Option: a poisoned lock still holds a valid value.
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// Deliveries whose task has not begun yet: the ones a pause or a drain can still
+/// give back to the queue instead of running late here.
+#[derive(Default)]
+struct Unstarted {
+    slots: Vec<Weak<Mutex<Option<Delivery>>>>,
+}
+
+impl Unstarted {
+    fn track(&mut self, delivery: Delivery) -> Slot {
+        // Forget finished and begun ones; at most `concurrency` remain.
+        self.slots.retain(|w| {
+            w.upgrade()
+                .is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).is_some())
+        });
+        let slot = Arc::new(Mutex::new(Some(delivery)));
+        self.slots.push(Arc::downgrade(&slot));
+        slot
+    }
+
+    async fn hand_back(&mut self) -> usize {
+        let mut handed = 0;
+        for weak in self.slots.drain(..) {
+            let Some(delivery) = weak.upgrade().and_then(|slot| take(&slot)) else {
+                continue;
+            };
+            if let Err(e) = delivery.requeue().await {
+                tracing::debug!(error = %e, "requeue failed; the request will be redelivered");
+            }
+            handed += 1;
+        }
+        handed
+    }
+}
 
 pub(crate) struct ConsumeLoop {
     pub(crate) consumer: Box<dyn Consumer>,
@@ -41,6 +82,7 @@ impl ConsumeLoop {
         // server then serves until its transport closes.
         let mut detached = false;
         let mut governed = true;
+        let mut unstarted = Unstarted::default();
         loop {
             tokio::select! {
                 biased;
@@ -57,6 +99,14 @@ impl ConsumeLoop {
                     let result = if pause { consumer.pause().await } else { consumer.resume().await };
                     if let Err(e) = result {
                         tracing::warn!(error = %e, pause, "could not change intake");
+                    }
+                    if pause {
+                        // Work taken but not begun (its task has not run yet, e.g. on
+                        // a starved core) goes back to the queue for the peers.
+                        let handed = unstarted.hand_back().await;
+                        if handed > 0 {
+                            tracing::info!(handed, "handed not-yet-started requests back to the queue");
+                        }
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -75,9 +125,13 @@ impl ConsumeLoop {
                         let dispatcher = dispatcher.clone();
                         let in_flight = InFlight::enter(stats.clone());
                         let stats = stats.clone();
+                        let slot = unstarted.track(delivery);
                         tasks.spawn(async move {
-                            dispatcher.handle(delivery).await;
-                            stats.count_handled();
+                            // Empty when the delivery was handed back before this ran.
+                            if let Some(delivery) = take(&slot) {
+                                dispatcher.handle(delivery).await;
+                                stats.count_handled();
+                            }
                             drop(in_flight);
                             drop(permit);
                         });
@@ -88,6 +142,10 @@ impl ConsumeLoop {
         stats.set_ready(false);
         if let Err(e) = consumer.pause().await {
             tracing::warn!(error = %e, "could not stop intake while draining");
+        }
+        let handed = unstarted.hand_back().await;
+        if handed > 0 {
+            tracing::info!(handed, "handed not-yet-started requests back to the queue");
         }
         drop(consumer);
         let in_flight = tasks.len();

@@ -6,9 +6,17 @@
 //!
 //! * **busy**: time spent inside handlers divided by wall time times concurrency
 //!   slots (Keel's definition: the share of its capacity a server spends working);
-//! * **process CPU**: this process's CPU time divided by the cores it may use;
+//! * **process CPU**: this process's CPU time divided by the cores it may use (off by
+//!   default: a server doing its work well runs its CPU high, and pausing it hands
+//!   the work to peers that may be worse off; a server starved of CPU shows *low*
+//!   process CPU while its requests pile up);
 //! * **system CPU**: the whole machine's CPU use (off by default: on a shared host it
 //!   says more about the neighbours than about this server).
+//!
+//! By default the factor is the busy ratio alone, with the high watermark at half the
+//! slots: a server holding more than half its concurrency in handlers is slower than
+//! its arrivals, and its peers should take the next requests. Every part is measured
+//! and reported in heartbeats whether or not it counts.
 //!
 //! smoothed by an exponential moving average (`smoothing` is the weight of the
 //! newest sample). Above `high_watermark` intake pauses; it stays paused at least
@@ -61,12 +69,12 @@ impl Default for GovernorConfig {
         Self {
             enabled: true,
             sample_ms: 500,
-            high_watermark: 0.85,
-            low_watermark: 0.6,
+            high_watermark: 0.5,
+            low_watermark: 0.25,
             min_pause_ms: 1000,
             smoothing: 0.5,
             use_busy: true,
-            use_process_cpu: true,
+            use_process_cpu: false,
             use_system_cpu: false,
             pause_last_consumer: false,
         }

@@ -99,6 +99,14 @@ async fn a_disabled_governor_measures_but_never_pauses() {
 #[test]
 fn parts_combine_as_configured_and_bad_marks_are_refused() {
     let c = GovernorConfig::default();
+    assert!(
+        (c.combine(0.2, 0.7, 0.99) - 0.2).abs() < 1e-9,
+        "busy ratio alone by default"
+    );
+    let c = GovernorConfig {
+        use_process_cpu: true,
+        ..GovernorConfig::default()
+    };
     assert!((c.combine(0.2, 0.7, 0.99) - 0.7).abs() < 1e-9);
     let c = GovernorConfig {
         use_system_cpu: true,

@@ -91,11 +91,12 @@ impl Dispatcher {
         Handled::Replied(status)
     }
 
-    /// Whether a live peer (not this server) hosts `handler` and takes requests.
+    /// Whether a live peer (not this server) hosts `handler`: taking requests, or
+    /// paused by its governor (it will take them again).
     fn peer_hosts(&self, handler: &str) -> bool {
         let view = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         view.nodes(Instant::now()).iter().any(|n| {
-            n.state == NodeState::Up
+            matches!(n.state, NodeState::Up | NodeState::Paused)
                 && n.heartbeat.node != self.node_id
                 && n.heartbeat.handlers.iter().any(|h| h == handler)
         })

@@ -5,11 +5,10 @@
 
 mod support;
 
-use serde_json::Value;
 use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
 use support::http;
-use support::mesh::{Mesh, ServerSpec, post};
+use support::mesh::{Mesh, ServerSpec, node_state, post};
 
 /// A governor that reacts within a second to the busy ratio alone (CPU figures on a
 /// shared test machine would make the test depend on its neighbours).
@@ -52,39 +51,11 @@ async fn a_busy_server_pauses_its_intake_its_peer_serves_and_it_resumes() {
 
     // While paused: the cluster shows it (by the next heartbeat), and new requests
     // go to the peer.
-    let cluster_url = format!("{}/cluster", mesh.gateways[0].base_url.clone().unwrap());
-    let state_of = |cluster: &Value, node: &str| {
-        cluster["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node"] == node)
-            .map(|n| n["state"].as_str().unwrap().to_owned())
-    };
-    let shown_at = Instant::now();
-    loop {
-        let cluster: Value = client
-            .get(&cluster_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if state_of(&cluster, "busy").as_deref() == Some("paused") {
-            assert_eq!(
-                state_of(&cluster, "peer").as_deref(),
-                Some("up"),
-                "{cluster}"
-            );
-            break;
-        }
-        assert!(
-            shown_at.elapsed() < Duration::from_secs(5),
-            "/cluster never showed the busy server paused: {cluster}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    mesh.wait_for_cluster(&client, "busy paused", |t| {
+        node_state(t, "busy").as_deref() == Some("paused")
+            && node_state(t, "peer").as_deref() == Some("up")
+    })
+    .await;
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
         .args(["status", "--listen-ms", "1500", "--config"])
         .arg(mesh.scratch.path().join("gateway-0.toml"))

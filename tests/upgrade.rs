@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
 use support::http;
-use support::mesh::{Mesh, Outcome, ServerSpec, post};
+use support::mesh::{Mesh, Outcome, ServerSpec, node_state, post};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
@@ -112,14 +112,16 @@ async fn rolling_upgrade_under_steady_traffic_fails_no_request_and_loses_no_writ
     tokio::time::sleep(Duration::from_secs(2)).await; // the baseline being measured
     *phase.lock().unwrap() = Phase::During;
     let upgrade_started = Instant::now();
-    let cluster_url = format!("{}/cluster", mesh.gateways[0].base_url.clone().unwrap());
     for (i, server) in old.into_iter().enumerate() {
         // The procedure of deploy/rolling-upgrade.sh: signal, wait for the exit,
         // start the new build, wait until the cluster shows it up, go on.
         mesh.stop_server(server).await;
         let node = format!("v2-{i}");
         mesh.add_server(ServerSpec::new(&node).next_version()).await;
-        wait_until_up(&client, &cluster_url, &node).await;
+        mesh.wait_for_cluster(&client, &format!("{node} up"), |t| {
+            node_state(t, &node).as_deref() == Some("up")
+        })
+        .await;
     }
     let upgrade_took = upgrade_started.elapsed();
     *phase.lock().unwrap() = Phase::After;
@@ -189,34 +191,6 @@ async fn rolling_upgrade_under_steady_traffic_fails_no_request_and_loses_no_writ
     assert_eq!(out.status, 200, "{out:?}");
 }
 
-/// Poll the gateway's `/cluster` (fed by heartbeats) until `node` is up.
-async fn wait_until_up(client: &reqwest::Client, cluster_url: &str, node: &str) {
-    let started = Instant::now();
-    loop {
-        let c: Value = client
-            .get(cluster_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let up = c["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["node"] == node && n["state"] == "up");
-        if up {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{node} never showed up: {c}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_handler_reaches_the_one_server_hosting_it_while_versions_are_mixed() {
     let vhost = Vhost::create("skew");
@@ -229,39 +203,23 @@ async fn a_new_handler_reaches_the_one_server_hosting_it_while_versions_are_mixe
     let client = http();
     // The old servers must know who hosts it: wait for the new one's heartbeat to
     // reach the cluster view, as the gateway's /cluster shows it.
-    let cluster_url = format!("{}/cluster", mesh.gateways[0].base_url.clone().unwrap());
-    let started = Instant::now();
-    loop {
-        let c: Value = client
-            .get(&cluster_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let up = c["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["state"] == "up")
-            .count();
-        if up == 3 {
-            let versions: Vec<&str> = c["nodes"]
-                .as_array()
-                .unwrap()
+    let table = mesh
+        .wait_for_cluster(&client, "three servers up", |t| {
+            ["old-1", "old-2", "new-1"]
                 .iter()
-                .map(|n| n["version"].as_str().unwrap())
-                .collect();
-            assert!(
-                versions.iter().any(|v| v.ends_with("+next")),
-                "{versions:?}"
-            );
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "{c}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+                .all(|n| node_state(t, n).as_deref() == Some("up"))
+        })
+        .await;
+    let versions: Vec<&str> = table["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["version"].as_str().unwrap())
+        .collect();
+    assert!(
+        versions.iter().any(|v| v.ends_with("+next")),
+        "{versions:?}"
+    );
     for _ in 0..30 {
         let out = post(
             &client,

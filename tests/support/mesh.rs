@@ -245,3 +245,39 @@ pub async fn post(
         },
     }
 }
+
+impl Mesh {
+    /// Poll the first gateway's `GET /cluster` (fed by heartbeats, about one a
+    /// second) until `done` holds for it; fails the test after 10 s. Returns the
+    /// table that satisfied it.
+    pub async fn wait_for_cluster(
+        &self,
+        client: &reqwest::Client,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let url = format!("{}/cluster", self.gateways[0].base_url.clone().unwrap());
+        let started = Instant::now();
+        loop {
+            let table: serde_json::Value =
+                client.get(&url).send().await.unwrap().json().await.unwrap();
+            if done(&table) {
+                return table;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "/cluster never showed {what}: {table}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The state `/cluster` gives `node`, if it lists it.
+pub fn node_state(table: &serde_json::Value, node: &str) -> Option<String> {
+    table["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["node"] == node)
+        .and_then(|n| n["state"].as_str().map(str::to_owned))
+}

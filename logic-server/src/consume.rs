@@ -24,12 +24,15 @@ struct Unstarted {
 }
 
 impl Unstarted {
-    fn track(&mut self, delivery: Delivery) -> Slot {
-        // Forget finished and begun ones; at most `concurrency` remain.
-        self.slots.retain(|w| {
-            w.upgrade()
-                .is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).is_some())
-        });
+    fn track(&mut self, delivery: Delivery, concurrency: usize) -> Slot {
+        // Forget finished and begun ones now and then (at most `concurrency` can be
+        // live), not on every delivery: this is the consume loop's hot path.
+        if self.slots.len() >= concurrency.saturating_mul(2).max(16) {
+            self.slots.retain(|w| {
+                w.upgrade()
+                    .is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).is_some())
+            });
+        }
         let slot = Arc::new(Mutex::new(Some(delivery)));
         self.slots.push(Arc::downgrade(&slot));
         slot
@@ -125,7 +128,7 @@ impl ConsumeLoop {
                         let dispatcher = dispatcher.clone();
                         let in_flight = InFlight::enter(stats.clone());
                         let stats = stats.clone();
-                        let slot = unstarted.track(delivery);
+                        let slot = unstarted.track(delivery, concurrency);
                         tasks.spawn(async move {
                             // Empty when the delivery was handed back before this ran.
                             if let Some(delivery) = take(&slot) {

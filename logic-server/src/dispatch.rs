@@ -2,7 +2,7 @@
 //! (catching panics, bounded by the deadline), reply, then settle.
 
 use crate::context::{ContextStore, UserContext};
-use crate::handler::{HandlerError, RequestCtx};
+use crate::handler::{Handler, HandlerError, RequestCtx};
 use crate::plugin::Registry;
 use futures_util::FutureExt;
 use keelson_protocol::control::{ClusterView, NodeState};
@@ -65,7 +65,8 @@ impl Dispatcher {
             return Handled::Expired;
         }
         let deadline = Instant::now() + Duration::from_millis(request.deadline_unix_ms - now_ms);
-        if self.registry.get(&request.handler).is_none() && self.peer_hosts(&request.handler) {
+        let handler = self.registry.get(&request.handler).cloned();
+        if handler.is_none() && self.peer_hosts(&request.handler) {
             // During a rolling upgrade servers of two versions share one queue; a
             // handler only the newer ones host must reach one of them.
             tokio::time::sleep(HAND_OVER_DELAY).await;
@@ -74,7 +75,7 @@ impl Dispatcher {
             }
             return Handled::HandedOver;
         }
-        let reply = self.run(request, deadline).await;
+        let reply = self.run(handler, request, deadline).await;
         let status = reply.status;
         match encode(&reply) {
             Ok(bytes) => {
@@ -102,7 +103,7 @@ impl Dispatcher {
         })
     }
 
-    async fn run(&self, request: Request, deadline: Instant) -> Reply {
+    async fn run(&self, h: Option<Arc<dyn Handler>>, request: Request, deadline: Instant) -> Reply {
         let Request {
             id,
             handler,
@@ -113,7 +114,7 @@ impl Dispatcher {
             body,
             ..
         } = request;
-        let Some(h) = self.registry.get(&handler) else {
+        let Some(h) = h else {
             return Reply::error(
                 id,
                 ReplyStatus::NotFound,

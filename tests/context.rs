@@ -239,34 +239,11 @@ async fn kill_9_leaves_survivors_intact_and_a_restarted_server_catches_up() {
     mesh.kill_server(a).await;
     // Replication is asynchronous: the survivor may need a moment for the very last
     // writes; then it holds everything.
-    settle(&mesh, &users, 2).await;
+    mesh.wait_for_counter(&http(), &users.last().unwrap().1, 2)
+        .await;
     assert_users(&mesh, &users, 2).await;
     let restarted = mesh.add_server(ServerSpec::new("a-restarted")).await;
     mesh.stop_server(b).await;
     assert_users(&mesh, &users, 2).await;
     mesh.stop_server(restarted).await;
-}
-
-/// Wait (bounded) until the last user's counter reads `times`.
-async fn settle(mesh: &Mesh, users: &[(String, String)], times: i64) {
-    let client = http();
-    let (_, token) = users.last().unwrap();
-    let started = Instant::now();
-    loop {
-        let out = post(
-            &client,
-            mesh.url(0, "counter.get"),
-            String::new(),
-            Some(token),
-            None,
-        )
-        .await;
-        if out.status == 200 && value(&out.body) == times {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "never settled: {out:?}"
-        );
-    }
 }

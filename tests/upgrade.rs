@@ -6,7 +6,6 @@
 
 mod support;
 
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,26 +163,7 @@ async fn rolling_upgrade_under_steady_traffic_fails_no_request_and_loses_no_writ
         expected[s.user] += 1;
     }
     for (user, token) in users.iter().enumerate() {
-        let settled = Instant::now();
-        loop {
-            let out = post(
-                &client,
-                mesh.url(0, "counter.get"),
-                String::new(),
-                Some(token),
-                None,
-            )
-            .await;
-            let v: Value = serde_json::from_str(&out.body).unwrap();
-            if v["value"].as_i64() == Some(expected[user]) {
-                break;
-            }
-            assert!(
-                settled.elapsed() < Duration::from_secs(5),
-                "user {user}: counter {v} but {} increments succeeded",
-                expected[user]
-            );
-        }
+        mesh.wait_for_counter(&client, token, expected[user]).await;
     }
 
     // Every server now runs the new version, and the new handler is served.

@@ -34,7 +34,7 @@ pub async fn collect(config: &KeelsonConfig, listen: Duration) -> anyhow::Result
 /// The table `keelson status` prints.
 pub fn render(nodes: &[NodeStatus]) -> String {
     let mut out = format!(
-        "{:<24} {:<10} {:<10} {:<16} {:>6} {:>6} {:>6} {:>6} {:>9} {:>9}\n",
+        "{:<24} {:<10} {:<10} {:<16} {:>6} {:>6} {:>6} {:>6} {:>9} {:>6} {:>9}\n",
         "NODE",
         "STATE",
         "VERSION",
@@ -44,6 +44,7 @@ pub fn render(nodes: &[NodeStatus]) -> String {
         "CPU",
         "SYS",
         "IN-FLIGHT",
+        "WINDOW",
         "CONTEXTS"
     );
     for n in nodes {
@@ -56,7 +57,7 @@ pub fn render(nodes: &[NodeStatus]) -> String {
             NodeState::Gone => "GONE",
         };
         out.push_str(&format!(
-            "{:<24} {:<10} {:<10} {:<16} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>9} {:>9}\n",
+            "{:<24} {:<10} {:<10} {:<16} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>9} {:>6} {:>9}\n",
             hb.node,
             state,
             hb.version,
@@ -66,6 +67,10 @@ pub fn render(nodes: &[NodeStatus]) -> String {
             hb.load.process_cpu,
             hb.load.system_cpu,
             format!("{}/{}", hb.in_flight, hb.concurrency),
+            match hb.window {
+                0 => "-".to_owned(),
+                w => w.to_string(),
+            },
             hb.contexts,
         ));
     }

@@ -1,13 +1,16 @@
 //! The consume loop: a task per delivery under the concurrency cap, intake paused
-//! and resumed by the governor, and the drain on shutdown.
+//! and resumed by the governor, the intake window narrowed and widened by how long
+//! work waits inside the server, and the drain on shutdown.
 
 use crate::dispatch::Dispatcher;
+use crate::governor::WindowControl;
 use crate::stats::{InFlight, ServerStats};
 use keelson_protocol::transport::{Consumer, Delivery};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 type Slot = Arc<Mutex<Option<Delivery>>>;
 
@@ -18,9 +21,15 @@ fn take(slot: &Slot) -> Option<Delivery> {
 
 /// Deliveries whose task has not begun yet: the ones a pause or a drain can still
 /// give back to the queue instead of running late here.
+/// In arrival order, with the time each arrived.
 #[derive(Default)]
 struct Unstarted {
-    slots: Vec<Weak<Mutex<Option<Delivery>>>>,
+    slots: Vec<(Instant, Weak<Mutex<Option<Delivery>>>)>,
+}
+
+fn waiting(slot: &Weak<Mutex<Option<Delivery>>>) -> Option<Slot> {
+    slot.upgrade()
+        .filter(|s| s.lock().unwrap_or_else(|p| p.into_inner()).is_some())
 }
 
 impl Unstarted {
@@ -28,22 +37,43 @@ impl Unstarted {
         // Forget finished and begun ones now and then (at most `concurrency` can be
         // live), not on every delivery: this is the consume loop's hot path.
         if self.slots.len() >= concurrency.saturating_mul(2).max(16) {
-            self.slots.retain(|w| {
-                w.upgrade()
-                    .is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).is_some())
-            });
+            self.slots.retain(|(_, w)| waiting(w).is_some());
         }
         let slot = Arc::new(Mutex::new(Some(delivery)));
-        self.slots.push(Arc::downgrade(&slot));
+        self.slots.push((Instant::now(), Arc::downgrade(&slot)));
         slot
     }
 
+    /// How long the oldest delivery not begun has waited.
+    fn oldest_wait(&self, now: Instant) -> Duration {
+        self.slots
+            .iter()
+            .find(|(_, w)| waiting(w).is_some())
+            .map_or(Duration::ZERO, |(at, _)| now.duration_since(*at))
+    }
+
+    /// Give every delivery not begun back to the queue.
     async fn hand_back(&mut self) -> usize {
+        self.hand_back_beyond(0, 0).await
+    }
+
+    /// Give back the deliveries not begun that do not fit in `window` beside the ones
+    /// begun (of `in_flight` in all); the oldest stay.
+    async fn hand_back_beyond(&mut self, window: usize, in_flight: usize) -> usize {
+        let waiting: Vec<(Instant, Slot)> = self
+            .slots
+            .drain(..)
+            .filter_map(|(at, w)| Some((at, waiting(&w)?)))
+            .collect();
+        let begun = in_flight.saturating_sub(waiting.len());
+        let keep = window.saturating_sub(begun).min(waiting.len());
         let mut handed = 0;
-        for weak in self.slots.drain(..) {
-            let Some(delivery) = weak.upgrade().and_then(|slot| take(&slot)) else {
+        for (i, (at, slot)) in waiting.iter().enumerate() {
+            if i < keep {
+                self.slots.push((*at, Arc::downgrade(slot)));
                 continue;
-            };
+            }
+            let Some(delivery) = take(slot) else { continue };
             if let Err(e) = delivery.requeue().await {
                 tracing::debug!(error = %e, "requeue failed; the request will be redelivered");
             }
@@ -51,6 +81,12 @@ impl Unstarted {
         }
         handed
     }
+}
+
+/// The governor's control of the intake window.
+pub(crate) struct WindowSettings {
+    pub(crate) control: WindowControl,
+    pub(crate) interval: Duration,
 }
 
 pub(crate) struct ConsumeLoop {
@@ -65,6 +101,8 @@ pub(crate) struct ConsumeLoop {
     pub(crate) intake_paused: watch::Receiver<bool>,
     /// `true` cuts the drain short: unfinished work goes back to the queue now.
     pub(crate) abort: watch::Receiver<bool>,
+    /// `None`: the window stays at the concurrency.
+    pub(crate) window: Option<WindowSettings>,
 }
 
 impl ConsumeLoop {
@@ -78,7 +116,18 @@ impl ConsumeLoop {
             mut stopped,
             mut intake_paused,
             mut abort,
+            window,
         } = self;
+        let (mut control, interval) = match window {
+            Some(w) => (Some(w.control), w.interval),
+            None => (None, Duration::from_secs(3600)),
+        };
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The most requests in flight since the last tick.
+        let mut peak = 0;
+        let mut paused = false;
+        stats.set_window(consumer.window());
         let limit = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
         // Set when the `RunningServer` handle was dropped without `shutdown`: the
@@ -99,6 +148,9 @@ impl ConsumeLoop {
                         continue;
                     }
                     let pause = *intake_paused.borrow_and_update();
+                    paused = pause;
+                    // The ticks missed while paused were not late.
+                    tick.reset();
                     let result = if pause { consumer.pause().await } else { consumer.resume().await };
                     if let Err(e) = result {
                         tracing::warn!(error = %e, pause, "could not change intake");
@@ -110,6 +162,30 @@ impl ConsumeLoop {
                         if handed > 0 {
                             tracing::info!(handed, "handed not-yet-started requests back to the queue");
                         }
+                    }
+                }
+                due = tick.tick(), if control.is_some() && !paused => {
+                    // How late this tick runs is how long a task woken now waits for
+                    // a thread, deliveries the transport holds for us included.
+                    let now = Instant::now();
+                    let wait = now.duration_since(due).max(unstarted.oldest_wait(now));
+                    let filled = peak >= usize::from(consumer.window());
+                    peak = stats.in_flight();
+                    let Some(size) = control.as_mut().and_then(|c| c.observe(wait, filled)) else {
+                        continue;
+                    };
+                    let before = consumer.window();
+                    match consumer.set_window(size).await {
+                        Ok(set) => {
+                            stats.set_window(set);
+                            let handed = if set < before {
+                                unstarted.hand_back_beyond(usize::from(set), stats.in_flight()).await
+                            } else {
+                                0
+                            };
+                            tracing::debug!(window = set, before, handed, "intake window changed");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not change the intake window"),
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -129,6 +205,7 @@ impl ConsumeLoop {
                         let in_flight = InFlight::enter(stats.clone());
                         let stats = stats.clone();
                         let slot = unstarted.track(delivery, concurrency);
+                        peak = peak.max(stats.in_flight());
                         tasks.spawn(async move {
                             // Empty when the delivery was handed back before this ran.
                             if let Some(delivery) = take(&slot) {

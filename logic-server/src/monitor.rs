@@ -61,6 +61,7 @@ impl Monitor {
             paused: self.stats.is_paused(),
             in_flight: u32::try_from(self.stats.in_flight()).unwrap_or(u32::MAX),
             concurrency: u32::from(self.concurrency),
+            window: u32::from(self.stats.window()),
             ready: self.stats.is_ready() && !leaving,
             contexts: self.dispatcher.store.user_count() as u64,
             interval_ms: u64::try_from(self.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),

@@ -1,9 +1,10 @@
 //! Starting and stopping a logic server.
 
 use crate::config::LogicServerConfig;
-use crate::consume::ConsumeLoop;
+use crate::consume::{ConsumeLoop, WindowSettings};
 use crate::context::ContextStore;
 use crate::dispatch::Dispatcher;
+use crate::governor::WindowControl;
 use crate::monitor::Monitor;
 use crate::plugin::Registry;
 pub use crate::stats::ServerStats;
@@ -160,6 +161,15 @@ impl LogicServer {
                 stopped,
                 intake_paused: intake_rx,
                 abort: abort_rx,
+                window: (self.config.governor.enabled && self.config.governor.adaptive_window)
+                    .then(|| WindowSettings {
+                        control: WindowControl::new(
+                            concurrency,
+                            self.config.governor.min_window,
+                            Duration::from_millis(self.config.governor.start_delay_target_ms),
+                        ),
+                        interval: Duration::from_millis(self.config.governor.window_interval_ms),
+                    }),
             }
             .run(),
         );

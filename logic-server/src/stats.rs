@@ -3,7 +3,7 @@
 
 use crate::governor::BusyMeter;
 use keelson_protocol::control::Load;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Live figures of a running server.
@@ -15,6 +15,7 @@ pub struct ServerStats {
     paused: AtomicBool,
     pauses: AtomicU64,
     resumes: AtomicU64,
+    window: AtomicU16,
     load: Mutex<Load>,
     pub(crate) meter: BusyMeter,
     /// Set while overloaded as the last active server of its service (logged once).
@@ -32,6 +33,7 @@ impl ServerStats {
             paused: AtomicBool::new(false),
             pauses: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
+            window: AtomicU16::new(concurrency),
             load: Mutex::new(Load::default()),
             meter: BusyMeter::new(concurrency),
             overloaded_alone: AtomicBool::new(false),
@@ -62,6 +64,11 @@ impl ServerStats {
             self.resumes.load(Ordering::Relaxed),
         )
     }
+    /// How many requests the server takes from the queue at once now (the intake
+    /// window, at most the concurrency).
+    pub fn window(&self) -> u16 {
+        self.window.load(Ordering::Relaxed)
+    }
     /// The latest load sample.
     pub fn load(&self) -> Load {
         *self.load.lock().unwrap_or_else(|p| p.into_inner())
@@ -74,6 +81,9 @@ impl ServerStats {
         self.paused.store(paused, Ordering::Release);
         let counter = if paused { &self.pauses } else { &self.resumes };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn set_window(&self, window: u16) {
+        self.window.store(window, Ordering::Relaxed);
     }
     pub(crate) fn set_load(&self, load: Load) {
         *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;

@@ -49,6 +49,10 @@ pub struct Heartbeat {
     pub in_flight: u32,
     /// Most requests it handles at once.
     pub concurrency: u32,
+    /// How many requests it takes from the queue at once now (its intake window, at
+    /// most `concurrency`); 0 from a node that does not say.
+    #[serde(default)]
+    pub window: u32,
     /// Whether it takes requests (joined and consuming, not draining).
     pub ready: bool,
     /// User contexts it holds.

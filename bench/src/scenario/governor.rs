@@ -59,6 +59,7 @@ async fn status(env: &super::Env, spec: &crate::procs::Spec) -> Vec<serde_json::
                 "load": hb.get("load"),
                 "paused": hb.get("paused"),
                 "in_flight": hb.get("in_flight"),
+                "window": hb.get("window"),
             })
         })
         .collect()
@@ -243,11 +244,13 @@ pub async fn run(settings: &Settings) -> anyhow::Result<serde_json::Value> {
     for r in &runs {
         for n in &r.load {
             s.push_str(&format!(
-                "  governor {}: {} load {} paused {}\n",
+                "  governor {}: {} load {} paused {} in flight {} window {}\n",
                 if r.governor { "on" } else { "off" },
                 n["node"],
                 n["load"],
-                n["paused"]
+                n["paused"],
+                n["in_flight"],
+                n["window"]
             ));
         }
     }

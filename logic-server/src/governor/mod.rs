@@ -23,12 +23,19 @@
 //! `min_pause_ms`, then resumes once the load is below `low_watermark`. The gap
 //! between the marks and the minimum pause keep a server from flapping. The
 //! concurrency limit (= prefetch) stays the hard cap whatever the governor says.
+//!
+//! Under that cap the governor also sets the **intake window** ([`WindowControl`]): a
+//! server whose requests wait inside it before their handlers start takes fewer at
+//! once, so a server starved of CPU holds a request or two instead of a full
+//! prefetch, and the rest waits on the queue for its peers.
 
 mod meter;
 mod sampler;
+mod window;
 
 pub(crate) use meter::BusyMeter;
 pub(crate) use sampler::CpuSampler;
+pub use window::WindowControl;
 
 use serde::Deserialize;
 use std::time::Duration;
@@ -62,6 +69,16 @@ pub struct GovernorConfig {
     /// requests. Off by default: pausing the last one only delays every request.
     /// Either way the log says so.
     pub pause_last_consumer: bool,
+    /// Whether the governor narrows the intake window while requests wait inside
+    /// this server before their handlers start (needs `enabled`).
+    pub adaptive_window: bool,
+    /// The longest a request should wait inside this server for its handler to
+    /// start; above it, the window narrows.
+    pub start_delay_target_ms: u64,
+    /// How often the window is reconsidered.
+    pub window_interval_ms: u64,
+    /// The narrowest window (at least 1).
+    pub min_window: u16,
 }
 
 impl Default for GovernorConfig {
@@ -77,6 +94,10 @@ impl Default for GovernorConfig {
             use_process_cpu: false,
             use_system_cpu: false,
             pause_last_consumer: false,
+            adaptive_window: true,
+            start_delay_target_ms: 5,
+            window_interval_ms: 100,
+            min_window: 1,
         }
     }
 }
@@ -107,8 +128,14 @@ impl GovernorConfig {
                 self.low_watermark, self.high_watermark
             ));
         }
-        if self.sample_ms == 0 {
-            return Err("logic_server.governor.sample_ms must be at least 1".to_owned());
+        for (name, value) in [
+            ("sample_ms", self.sample_ms),
+            ("window_interval_ms", self.window_interval_ms),
+            ("min_window", u64::from(self.min_window)),
+        ] {
+            if value == 0 {
+                return Err(format!("logic_server.governor.{name} must be at least 1"));
+            }
         }
         Ok(())
     }

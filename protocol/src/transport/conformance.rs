@@ -333,6 +333,91 @@ pub async fn resumed_consumer_takes_work_again(t: Arc<dyn Transport>) {
     assert_eq!(req.await.unwrap().unwrap(), Bytes::from_static(b"served"));
 }
 
+pub async fn narrowed_window_leaves_work_to_peers(t: Arc<dyn Transport>) {
+    t.declare_service(&service("nw", &["nw"])).await.unwrap();
+    let request = |body: String| {
+        let t = t.clone();
+        tokio::spawn(async move {
+            t.request("nw", Message::new(body.into_bytes()), soon())
+                .await
+        })
+    };
+    let mut c = t.consume("nw", 8).await.unwrap();
+    assert_eq!(c.window(), 8);
+    let mut pending = Vec::new();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        pending.push(request(format!("held{i}")));
+        held.push(within("delivery", c.next()).await.unwrap().unwrap());
+    }
+    assert_eq!(c.set_window(2).await.unwrap(), 2);
+    assert_eq!(c.window(), 2);
+    // Three unsettled in a window of two: everything new goes to the peer.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut peer = t.consume("nw", 4).await.unwrap();
+    let peer = tokio::spawn(async move {
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                Some(Ok(d)) = peer.next() => {
+                    let mut out = b"peer:".to_vec();
+                    out.extend_from_slice(&d.payload);
+                    d.reply(out).await.unwrap();
+                    d.ack().await.unwrap();
+                }
+            }
+        }
+        peer.pause().await.unwrap();
+        peer
+    });
+    for i in 0..10 {
+        let reply = request(format!("{i}")).await.unwrap().unwrap();
+        assert_eq!(reply, Bytes::from(format!("peer:{i}")));
+    }
+    let got = tokio::time::timeout(QUIET, c.next()).await;
+    assert!(
+        got.is_err(),
+        "a consumer over its window received a delivery"
+    );
+    stop.send(()).unwrap();
+    let _peer = peer.await.unwrap();
+    // Settling two leaves one unsettled: a place is free again.
+    for d in held.drain(..2) {
+        d.reply(&b"done"[..]).await.unwrap();
+        d.ack().await.unwrap();
+    }
+    let after = request("after".into());
+    let d = within("delivery in a free place", c.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.payload, Bytes::from_static(b"after"));
+    held.push(d);
+    // Widened again: six unsettled at once fit in a window of eight.
+    assert_eq!(c.set_window(8).await.unwrap(), 8);
+    for i in 0..4 {
+        pending.push(request(format!("wide{i}")));
+    }
+    for _ in 0..4 {
+        held.push(
+            within("delivery in the wider window", c.next())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(held.len(), 6);
+    for d in held {
+        d.reply(&b"done"[..]).await.unwrap();
+        d.ack().await.unwrap();
+    }
+    assert_eq!(after.await.unwrap().unwrap(), Bytes::from_static(b"done"));
+    for p in pending {
+        assert_eq!(p.await.unwrap().unwrap(), Bytes::from_static(b"done"));
+    }
+}
+
 pub async fn fanout_reaches_every_subscriber(t: Arc<dyn Transport>) {
     let mut a = t.subscribe("events").await.unwrap();
     let mut b = t.subscribe("events").await.unwrap();
@@ -431,6 +516,7 @@ macro_rules! transport_conformance_tests {
             reject_dead_letters_with_reason,
             paused_consumer_leaves_work_to_peers,
             resumed_consumer_takes_work_again,
+            narrowed_window_leaves_work_to_peers,
             fanout_reaches_every_subscriber,
             headers_travel_with_requests,
             closed_transport_ends_consumers,

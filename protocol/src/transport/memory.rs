@@ -5,6 +5,7 @@
 //! prefetch, ack/requeue/reject, per-message expiry at the deadline, fanout) so that a
 //! handler behaves the same embedded and distributed.
 
+use super::window::Window;
 use super::{
     Consumer, DEAD_LETTER_REASON_HEADER, Delivery, Headers, Message, Outcome, RequestError,
     ServiceSpec, Settle, Subscription, Transport, TransportError,
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 const DEAD_LETTER_QUEUE: &str = "\u{0}dead-letter";
@@ -121,7 +122,7 @@ impl MemoryTransport {
         Box::new(MemoryConsumer {
             transport: self.clone(),
             queue,
-            permits: Arc::new(Semaphore::new(usize::from(prefetch.max(1)))),
+            window: Window::new(prefetch),
             paused: false,
         })
     }
@@ -263,7 +264,7 @@ impl Drop for ReplySlot<'_> {
 struct MemoryConsumer {
     transport: MemoryTransport,
     queue: Arc<Queue>,
-    permits: Arc<Semaphore>,
+    window: Window,
     paused: bool,
 }
 
@@ -282,7 +283,7 @@ impl Consumer for MemoryConsumer {
             return None;
         }
         let permit = tokio::select! {
-            p = self.permits.clone().acquire_owned() => p.ok()?,
+            p = self.window.acquire() => p?,
             () = inner.closed_notify.notified() => return None,
         };
         loop {
@@ -311,6 +312,16 @@ impl Consumer for MemoryConsumer {
 
     fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    async fn set_window(&mut self, window: u16) -> Result<u16, TransportError> {
+        // Messages stay in the queue until a consumer with a free place pops one, so
+        // the window alone keeps a consumer from taking more than it may.
+        Ok(self.window.resize(window))
+    }
+
+    fn window(&self) -> u16 {
+        self.window.size()
     }
 }
 

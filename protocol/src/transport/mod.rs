@@ -24,6 +24,7 @@ mod config;
 mod delivery;
 mod error;
 pub mod memory;
+mod window;
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
@@ -164,6 +165,17 @@ pub trait Consumer: Send + fmt::Debug {
 
     /// Whether intake is paused.
     fn is_paused(&self) -> bool;
+
+    /// Narrow or widen the intake window: how many deliveries may be unsettled at
+    /// once, clamped to `1..=prefetch` (the prefetch given to [`Transport::consume`]);
+    /// returns the window set. A narrower window holds from now on: no delivery is
+    /// handed out while as many as the window are unsettled, and the transport does
+    /// not take more than the window from the queue, so the rest stays there for
+    /// peers. Deliveries already handed out stay valid.
+    async fn set_window(&mut self, window: u16) -> Result<u16, TransportError>;
+
+    /// The intake window (the prefetch until [`Consumer::set_window`] changes it).
+    fn window(&self) -> u16;
 }
 
 /// The receiving end of a fanout channel (see [`Transport::subscribe`]).

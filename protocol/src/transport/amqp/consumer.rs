@@ -1,9 +1,15 @@
 //! Competing consumption of a service queue (or of the dead-letter queue).
 //!
-//! Each consumer has its own channel with `basic.qos(prefetch)`, and a semaphore of
-//! `prefetch` permits, one held by each unsettled delivery: the broker's limit is per
-//! `basic.consume`, so after a pause/resume or a reconnection it would count afresh
-//! while older deliveries are still being handled; the semaphore keeps the promise.
+//! Each consumer has its own channel with `basic.qos(window)`, and a window of
+//! permits, one held by each unsettled delivery: the broker's limit is per
+//! `basic.consume`, so after a pause/resume, a window change or a reconnection it
+//! would count afresh while older deliveries are still being handled; the permits
+//! keep the promise.
+//!
+//! The broker applies a prefetch to consumers created after it, so a window change
+//! consumes again: once a place in the new window is free, the old broker consumer
+//! is cancelled (what it had buffered is requeued), `basic.qos` sets the new window
+//! and `basic.consume` starts a new one on the same channel.
 //!
 //! The consumer survives connection losses: when its link is lost it detaches, waits
 //! for the next link and consumes again on a new channel. Deliveries handed out
@@ -14,6 +20,7 @@
 //! but `next` had not handed out, so peers get it; the channel stays open for the
 //! deliveries handed out, and `resume` consumes again on it.
 
+use super::super::window::Window;
 use super::super::{Consumer, DEAD_LETTER_REASON_HEADER, Delivery, TransportError};
 use super::connection::Link;
 use super::headers;
@@ -30,7 +37,7 @@ use lapin::types::ShortString;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 /// How long `pause` waits for the broker to confirm the cancellation.
@@ -52,8 +59,14 @@ pub(crate) struct AmqpConsumer {
     queue: String,
     /// The service whose queue it is; `None` for the dead-letter queue.
     service: Option<String>,
-    prefetch: u16,
-    permits: Arc<Semaphore>,
+    window: Window,
+    /// The broker consumer was cancelled for a window change: consume again, with the
+    /// new window, once a place in it is free.
+    requalify: bool,
+    /// That `basic.consume`, under way. A task of its own, so that a `next` dropped
+    /// meanwhile (it is raced in a `select!`) cannot drop the consumer it creates
+    /// with deliveries in it.
+    consuming: Option<JoinHandle<Result<lapin::Consumer, TransportError>>>,
     paused: bool,
     attached: Option<Attached>,
 }
@@ -62,7 +75,7 @@ impl fmt::Debug for AmqpConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpConsumer")
             .field("queue", &self.queue)
-            .field("prefetch", &self.prefetch)
+            .field("window", &self.window.size())
             .field("paused", &self.paused)
             .field("attached", &self.attached.is_some())
             .finish()
@@ -83,7 +96,6 @@ impl AmqpConsumer {
         service: Option<String>,
         prefetch: u16,
     ) -> Result<Self, TransportError> {
-        let prefetch = prefetch.max(1);
         let queue = match &service {
             Some(s) => shared.names.service_queue(s),
             None => shared.names.dead_letter_queue(),
@@ -92,8 +104,9 @@ impl AmqpConsumer {
             shared,
             queue,
             service,
-            prefetch,
-            permits: Arc::new(Semaphore::new(usize::from(prefetch))),
+            window: Window::new(prefetch),
+            requalify: false,
+            consuming: None,
             paused: false,
             attached: None,
         };
@@ -113,11 +126,7 @@ impl AmqpConsumer {
             .create_channel()
             .await
             .map_err(|e| topology::error("opening a consumer channel", &e))?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| topology::error("setting the prefetch", &e))?;
-        let stream = consume(&channel, &self.queue).await?;
+        let stream = consume(&channel, &self.queue, self.window.size()).await?;
         Ok(Attached {
             link,
             channel,
@@ -208,8 +217,17 @@ impl AmqpConsumer {
     }
 }
 
-async fn consume(channel: &Channel, queue: &str) -> Result<lapin::Consumer, TransportError> {
+/// Consume `queue` on `channel` with a prefetch of `window`.
+async fn consume(
+    channel: &Channel,
+    queue: &str,
+    window: u16,
+) -> Result<lapin::Consumer, TransportError> {
     let queue = topology::short("queue name", queue)?;
+    channel
+        .basic_qos(window, BasicQosOptions::default())
+        .await
+        .map_err(|e| topology::error("setting the prefetch", &e))?;
     channel
         .basic_consume(
             queue.clone(),
@@ -260,18 +278,51 @@ impl Consumer for AmqpConsumer {
                 self.shared.closed().await;
                 return None;
             }
+            let requalify = self.requalify;
             let live = self
                 .attached
                 .as_ref()
-                .is_some_and(|a| !a.link.is_lost() && a.stream.is_some());
+                .is_some_and(|a| !a.link.is_lost() && (a.stream.is_some() || requalify));
             if !live {
                 self.attached = None;
+                self.requalify = false;
+                self.consuming = None;
                 self.attached = Some(self.reattach(false).await?);
             }
             let permit = tokio::select! {
-                p = self.permits.clone().acquire_owned() => p.ok()?,
+                p = self.window.acquire() => p?,
                 () = self.shared.closed() => return None,
             };
+            if self.requalify {
+                let attached = self.attached.as_ref()?;
+                let (channel, queue, window) = (
+                    attached.channel.clone(),
+                    self.queue.clone(),
+                    self.window.size(),
+                );
+                let consuming = self.consuming.get_or_insert_with(|| {
+                    tokio::spawn(async move { consume(&channel, &queue, window).await })
+                });
+                let consumed = consuming.await;
+                self.consuming = None;
+                self.requalify = false;
+                match consumed {
+                    Ok(Ok(stream)) => {
+                        if let Some(attached) = self.attached.as_mut() {
+                            attached.stream = Some(stream);
+                        }
+                    }
+                    // The channel or link died meanwhile: attach again.
+                    Ok(Err(e)) => {
+                        debug!("consuming {} again: {e}", self.queue);
+                        continue;
+                    }
+                    Err(e) => {
+                        debug!("consuming {} again: the task ended: {e}", self.queue);
+                        continue;
+                    }
+                }
+            }
             let event = {
                 let attached = self.attached.as_mut()?;
                 let link = attached.link.clone();
@@ -315,6 +366,8 @@ impl Consumer for AmqpConsumer {
         if self.paused {
             return Ok(());
         }
+        self.finish_consuming().await;
+        self.requalify = false;
         self.paused = true;
         if let Some(attached) = self.attached.as_mut()
             && let Some(stream) = attached.stream.take()
@@ -329,11 +382,12 @@ impl Consumer for AmqpConsumer {
             return Ok(());
         }
         self.paused = false;
+        self.requalify = false;
         if let Some(attached) = self.attached.as_mut()
             && !attached.link.is_lost()
             && attached.channel.status().connected()
         {
-            match consume(&attached.channel, &self.queue).await {
+            match consume(&attached.channel, &self.queue, self.window.size()).await {
                 Ok(stream) => attached.stream = Some(stream),
                 Err(e) => debug!("resuming on the old channel of {}: {e}", self.queue),
             }
@@ -345,10 +399,58 @@ impl Consumer for AmqpConsumer {
     fn is_paused(&self) -> bool {
         self.paused
     }
+
+    async fn set_window(&mut self, window: u16) -> Result<u16, TransportError> {
+        let before = self.window.size();
+        let set = self.window.resize(window);
+        if set == before || self.paused {
+            // Paused: `resume` consumes with the new window.
+            return Ok(set);
+        }
+        self.finish_consuming().await;
+        if let Some(attached) = self.attached.as_mut() {
+            if let Some(stream) = attached.stream.take() {
+                // Stop the broker sending more under the old window now (what it
+                // sent and `next` has not handed out goes back to the queue); `next`
+                // consumes again with the new one once a place in it is free.
+                cancel_and_requeue(&attached.channel, stream, &self.queue).await;
+            }
+            self.requalify = true;
+        }
+        // Detached: the next attachment uses the new window.
+        Ok(set)
+    }
+
+    fn window(&self) -> u16 {
+        self.window.size()
+    }
+}
+
+impl AmqpConsumer {
+    /// Wait for a `basic.consume` under way and keep its consumer.
+    async fn finish_consuming(&mut self) {
+        let Some(consuming) = self.consuming.take() else {
+            return;
+        };
+        if let (Ok(Ok(stream)), Some(attached)) = (consuming.await, self.attached.as_mut()) {
+            attached.stream = Some(stream);
+        }
+    }
 }
 
 impl Drop for AmqpConsumer {
     fn drop(&mut self) {
+        if let Some(consuming) = self.consuming.take()
+            && let Some(attached) = self.attached.as_ref()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (channel, queue) = (attached.channel.clone(), self.queue.clone());
+            runtime.spawn(async move {
+                if let Ok(Ok(stream)) = consuming.await {
+                    cancel_and_requeue(&channel, stream, &queue).await;
+                }
+            });
+        }
         // Dropping the lapin consumer cancels it; what it had buffered would wait on the
         // channel until its handed-out deliveries are settled. Requeue it now instead.
         let Some(attached) = self.attached.take() else {

@@ -1,5 +1,7 @@
 //! Self-throttling across real processes on RabbitMQ: a busy server pauses its
-//! intake, its peer takes the work, and it resumes once its load falls.
+//! intake, its peer takes the work, and it resumes once its load falls; a server
+//! whose requests wait for a thread narrows its intake window, and widens it again
+//! once they start promptly.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,10 +10,11 @@ mod support;
 use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
 use support::http;
-use support::mesh::{Mesh, ServerSpec, node_state, post};
+use support::mesh::{Mesh, ServerSpec, node_state, node_window, post};
 
 /// A governor that reacts within a second to the busy ratio alone (CPU figures on a
-/// shared test machine would make the test depend on its neighbours).
+/// shared test machine would make the test depend on its neighbours), and keeps its
+/// window (the last test checks the window on its own).
 const GOVERNED: &str = r#"
 [logic_server.governor]
 sample_ms = 100
@@ -22,6 +25,7 @@ min_pause_ms = 500
 use_busy = true
 use_process_cpu = false
 use_system_cpu = false
+adaptive_window = false
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,6 +105,84 @@ async fn a_busy_server_pauses_its_intake_its_peer_serves_and_it_resumes() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the resumed server never served"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_requests_wait_for_a_thread_narrows_its_window_then_widens_it() {
+    let vhost = Vhost::create("window");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    // One worker thread, and handlers that hold it for 20 ms each: requests taken
+    // beyond the first wait inside the server. The shipped window settings; the
+    // pause is kept out of it.
+    let no_pause = "\n[logic_server.governor]\nhigh_watermark = 1.0\nlow_watermark = 0.9\n";
+    mesh.add_server(
+        ServerSpec::new("cramped")
+            .concurrency(16)
+            .env("TOKIO_WORKER_THREADS", "1")
+            .extra(no_pause),
+    )
+    .await;
+    mesh.add_server(ServerSpec::new("roomy").concurrency(16).extra(no_pause))
+        .await;
+    mesh.add_gateway().await;
+    let client = http();
+    mesh.wait_for_cluster(&client, "both servers at their full window", |t| {
+        node_window(t, "cramped") == Some(16) && node_window(t, "roomy") == Some(16)
+    })
+    .await;
+
+    let spins: Vec<_> = (0..64)
+        .map(|i| {
+            let (client, url) = (client.clone(), mesh.url(0, "test.spin"));
+            tokio::spawn(async move {
+                // Sent over 640 ms: a steady stream, not one burst.
+                tokio::time::sleep(Duration::from_millis(10 * i)).await;
+                post(&client, url, r#"{"us":20000}"#.into(), None, None).await
+            })
+        })
+        .collect();
+    mesh.wait_for_cluster(&client, "the cramped server's window narrowed", |t| {
+        node_window(t, "cramped").is_some_and(|w| w < 16)
+    })
+    .await;
+    let mut served = std::collections::HashMap::<String, usize>::new();
+    for t in spins {
+        let out = t.await.unwrap();
+        assert_eq!(out.status, 200, "{out:?}");
+        *served.entry(out.served_by.unwrap_or_default()).or_default() += 1;
+    }
+    assert!(served.get("roomy").is_some_and(|n| *n > 0), "{served:?}");
+
+    // Requests that start at once, arriving faster than one at a time: the window
+    // fills and widens back to the concurrency.
+    let cluster = format!("{}/cluster", mesh.gateways[0].base_url.clone().unwrap());
+    let started = Instant::now();
+    loop {
+        let burst: Vec<_> = (0..32)
+            .map(|_| {
+                let (client, url) = (client.clone(), mesh.url(0, "echo"));
+                tokio::spawn(async move { post(&client, url, "{}".into(), None, None).await })
+            })
+            .collect();
+        for t in burst {
+            assert_eq!(t.await.unwrap().status, 200);
+        }
+        let table: serde_json::Value = client
+            .get(&cluster)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if node_window(&table, "cramped") == Some(16) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the window never widened back: {table}"
         );
     }
 }

@@ -34,15 +34,15 @@ struct Cli {
     #[arg(long, value_parser = ["context", "governor", "upgrade"])]
     scenario: Option<String>,
     /// Open-loop rate of the governor and upgrade scenarios, requests per second
-    /// (defaults 400 and 200).
+    /// (defaults 300 and 200).
     #[arg(long)]
     rate: Option<f64>,
-    /// Handler of the governor scenario (default echo; e.g. a CPU-burning test
-    /// handler in a build with `--features test-handlers`).
+    /// Handler of the governor scenario (default `test.spin`, which burns CPU; the
+    /// scenario builds the binaries with the test handlers).
     #[arg(long)]
     handler: Option<String>,
-    /// Request body for --handler (then any 200 answer counts; default: the echoed
-    /// payload), e.g. '{"us":2000}'.
+    /// Request body for --handler (then any 200 answer counts; default
+    /// '{"us":2000}' for `test.spin`, else the echoed payload).
     #[arg(long)]
     body: Option<String>,
     /// Configurations to run, in this order within each round.
@@ -151,9 +151,10 @@ fn bins_dir() -> PathBuf {
         .join("release")
 }
 
-fn build() -> anyhow::Result<()> {
+/// `cargo build --release` of the binaries, with the test handlers when `test_handlers`.
+fn build(test_handlers: bool) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let args = [
+    let mut args = vec![
         "build",
         "--release",
         "--bins",
@@ -162,6 +163,9 @@ fn build() -> anyhow::Result<()> {
         "-p",
         "keelson-bench",
     ];
+    if test_handlers {
+        args.extend(["--features", "keelson/test-handlers"]);
+    }
     eprintln!("keelson-bench: cargo {}", args.join(" "));
     let status = std::process::Command::new(cargo)
         .args(args)
@@ -213,7 +217,7 @@ fn cpu_model() -> String {
 async fn run_special(cli: Cli) -> anyhow::Result<ExitCode> {
     let name = cli.scenario.clone().unwrap_or_default();
     if !cli.no_build {
-        build()?;
+        build(name == "governor")?;
     }
     let bins = bins_dir();
     for bin in ["keelson", "ui-gateway", "logic-server"] {
@@ -305,7 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     );
 
     if !cli.no_build {
-        build()?;
+        build(false)?;
     }
     let began = Instant::now();
     let bins = bins_dir();

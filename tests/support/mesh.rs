@@ -16,6 +16,7 @@ pub const ALL_HANDLERS: &[&str] = &[
     "cart.list",
     "cart.clear",
     "test.slow",
+    "test.spin",
     "test.whoami",
 ];
 
@@ -36,6 +37,8 @@ pub struct ServerSpec {
     pub extra: String,
     /// Run the next-version build.
     pub next: bool,
+    /// Environment variables of the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl ServerSpec {
@@ -47,6 +50,7 @@ impl ServerSpec {
             concurrency: 16,
             extra: String::new(),
             next: false,
+            env: Vec::new(),
         }
     }
 
@@ -54,6 +58,11 @@ impl ServerSpec {
     pub fn next_version(mut self) -> Self {
         self.next = true;
         self.handlers.push("test.next".to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -149,8 +158,13 @@ impl Mesh {
         } else {
             Bin::LogicServer
         };
+        let env: Vec<(&str, &str)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         self.servers
-            .push(Some(Process::start(bin, &config, &log, &[]).await));
+            .push(Some(Process::start(bin, &config, &log, &env).await));
         self.servers.len() - 1
     }
 
@@ -275,11 +289,19 @@ impl Mesh {
 
 /// The state `/cluster` gives `node`, if it lists it.
 pub fn node_state(table: &serde_json::Value, node: &str) -> Option<String> {
+    node_row(table, node).and_then(|n| n["state"].as_str().map(str::to_owned))
+}
+
+/// The intake window `node` reported in its last heartbeat.
+pub fn node_window(table: &serde_json::Value, node: &str) -> Option<u64> {
+    node_row(table, node).and_then(|n| n["window"].as_u64())
+}
+
+fn node_row<'a>(table: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
     table["nodes"]
         .as_array()?
         .iter()
         .find(|n| n["node"] == node)
-        .and_then(|n| n["state"].as_str().map(str::to_owned))
 }
 
 impl Mesh {

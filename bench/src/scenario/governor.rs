@@ -1,8 +1,9 @@
 //! `--scenario governor` (issue 6): two logic servers pinned to different cores
 //! (`taskset -c 0` and `taskset -c 1`), a CPU hog pinned to core 0 (a shell busy
-//! loop at `nice -n -19`, so the server sharing its core gets about 1% of it), one
-//! `ui-gateway` (not pinned), and a steady open-loop load through the gateway; p99
-//! with the governor off, then on (a fresh deployment each).
+//! loop at `nice -n -10`, so the server sharing its core gets about a tenth of it),
+//! one `ui-gateway` (not pinned), and a steady open-loop load of a CPU-bound handler
+//! (`test.spin`, 2 ms) through the gateway; p99 with the governor off, then on (a
+//! fresh deployment each).
 
 use super::keelson_config::{SERVICE, gateway, logic_server, spec_with_config};
 use super::special::{
@@ -69,10 +70,10 @@ fn count(log: &str, what: &str) -> usize {
     log.lines().filter(|l| l.contains(what)).count()
 }
 
-/// The hog's niceness: `KEELSON_BENCH_HOG_NICE` (default -19, the server then gets
-/// about 1% of its core; 0 shares the core equally).
+/// The hog's niceness: `KEELSON_BENCH_HOG_NICE` (default -10: the server sharing its
+/// core gets about a tenth of it; -19 about 1%; 0 half).
 fn hog_nice() -> String {
-    std::env::var("KEELSON_BENCH_HOG_NICE").unwrap_or_else(|_| "-19".to_owned())
+    std::env::var("KEELSON_BENCH_HOG_NICE").unwrap_or_else(|_| "-10".to_owned())
 }
 
 async fn hog() -> anyhow::Result<tokio::process::Child> {
@@ -93,11 +94,16 @@ async fn hog() -> anyhow::Result<tokio::process::Child> {
         .context("cannot start the CPU hog (taskset, nice, sh)")
 }
 
+/// The default handler: burns CPU for the time its body asks.
+const SPIN: &str = "test.spin";
+const SPIN_BODY: &str = r#"{"us":2000}"#;
+
 async fn one_mode(
     settings: &Settings,
     governor: bool,
     rate: f64,
     handler: &str,
+    body: Option<&str>,
 ) -> anyhow::Result<ModeRun> {
     let tag = if governor { "gov-on" } else { "gov-off" };
     let env = settings.env(tag)?;
@@ -140,8 +146,8 @@ async fn one_mode(
         )?;
         procs.push(Proc::start(gw_spec.clone(), settings.worker_threads, &env.dir).await?);
         let base = procs[2].url.clone().context("ui-gateway gave no URL")?;
-        let target = match &settings.body {
-            Some(body) => http_status_target(&base, handler, body.clone().into()).await?,
+        let target = match body {
+            Some(body) => http_status_target(&base, handler, body.to_owned().into()).await?,
             None => http_target(&base, handler, payload(settings.payload_bytes)).await?,
         };
 
@@ -198,8 +204,13 @@ async fn one_mode(
 
 /// Run the scenario; print the table; return the JSON.
 pub async fn run(settings: &Settings) -> anyhow::Result<serde_json::Value> {
-    let rate = settings.rate.unwrap_or(400.0);
-    let handler = settings.handler.as_deref().unwrap_or("echo");
+    let rate = settings.rate.unwrap_or(300.0);
+    let handler = settings.handler.as_deref().unwrap_or(SPIN);
+    let body = match (&settings.body, handler) {
+        (Some(body), _) => Some(body.clone()),
+        (None, SPIN) => Some(SPIN_BODY.to_owned()),
+        (None, _) => None,
+    };
     let date = utc_now();
     let load_start = loadavg();
     let mut runs = Vec::new();
@@ -208,7 +219,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<serde_json::Value> {
             "keelson-bench: governor {}: {rate:.0} req/s",
             if governor { "on" } else { "off" }
         );
-        runs.push(one_mode(settings, governor, rate, handler).await?);
+        runs.push(one_mode(settings, governor, rate, handler, body.as_deref()).await?);
     }
     let load_end = loadavg();
     let nice = hog_nice();
@@ -271,7 +282,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<serde_json::Value> {
         "machine": {"date": date, "loadavg_start": load_start, "loadavg_end": load_end},
         "rate_per_s": rate,
         "handler": handler,
-        "body": settings.body,
+        "body": body,
         "hog": format!("taskset -c 0 nice -n {} sh -c 'while :; do :; done'", hog_nice()),
         "runs": runs,
     }))

@@ -19,9 +19,9 @@ fn take(slot: &Slot) -> Option<Delivery> {
     slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
-/// Deliveries whose task has not begun yet: the ones a pause or a drain can still
-/// give back to the queue instead of running late here.
-/// In arrival order, with the time each arrived.
+/// Deliveries whose task has not begun yet, in arrival order with the time each
+/// arrived: the ones a pause, a narrower window or a drain can still give back to the
+/// queue instead of running late here.
 #[derive(Default)]
 struct Unstarted {
     slots: Vec<(Instant, Weak<Mutex<Option<Delivery>>>)>,
@@ -87,6 +87,8 @@ impl Unstarted {
 pub(crate) struct WindowSettings {
     pub(crate) control: WindowControl,
     pub(crate) interval: Duration,
+    /// Narrow even when no other server of the service takes requests.
+    pub(crate) narrow_alone: bool,
 }
 
 pub(crate) struct ConsumeLoop {
@@ -118,9 +120,9 @@ impl ConsumeLoop {
             mut abort,
             window,
         } = self;
-        let (mut control, interval) = match window {
-            Some(w) => (Some(w.control), w.interval),
-            None => (None, Duration::from_secs(3600)),
+        let (mut control, interval, narrow_alone) = match window {
+            Some(w) => (Some(w.control), w.interval, w.narrow_alone),
+            None => (None, Duration::from_secs(3600), false),
         };
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -171,9 +173,11 @@ impl ConsumeLoop {
                     let wait = now.duration_since(due).max(unstarted.oldest_wait(now));
                     let filled = peak >= usize::from(consumer.window());
                     peak = stats.in_flight();
-                    let Some(size) = control.as_mut().and_then(|c| c.observe(wait, filled)) else {
-                        continue;
-                    };
+                    let Some(control) = control.as_mut() else { continue };
+                    // With no peer to leave work to, a narrower window only delays it.
+                    let alone = stats.others_active() == 0 && !narrow_alone;
+                    let next = if alone { control.reset() } else { control.observe(wait, filled) };
+                    let Some(size) = next else { continue };
                     let before = consumer.window();
                     match consumer.set_window(size).await {
                         Ok(set) => {
@@ -183,7 +187,14 @@ impl ConsumeLoop {
                             } else {
                                 0
                             };
-                            tracing::debug!(window = set, before, handed, "intake window changed");
+                            let cap = u16::try_from(concurrency).unwrap_or(u16::MAX);
+                            if before == cap {
+                                tracing::info!(window = set, handed, "intake window narrowed: requests wait in this server before their handlers start");
+                            } else if set == cap {
+                                tracing::info!(window = set, "intake window whole again");
+                            } else {
+                                tracing::debug!(window = set, before, handed, "intake window changed");
+                            }
                         }
                         Err(e) => tracing::warn!(error = %e, "could not change the intake window"),
                     }

@@ -113,13 +113,14 @@ impl Monitor {
             system_cpu,
         };
         self.stats.set_load(load);
+        let others = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .active_in_service(&self.service, &self.dispatcher.node_id, Instant::now());
+        self.stats.set_others_active(others);
         match transition {
             Some(Transition::Pause) => {
-                let others = self
-                    .peers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .active_in_service(&self.service, &self.dispatcher.node_id, Instant::now());
                 if others == 0 && !self.governor.pause_last_consumer {
                     governor.cancel_pause();
                     if !self

@@ -169,6 +169,7 @@ impl LogicServer {
                             Duration::from_millis(self.config.governor.start_delay_target_ms),
                         ),
                         interval: Duration::from_millis(self.config.governor.window_interval_ms),
+                        narrow_alone: self.config.governor.pause_last_consumer,
                     }),
             }
             .run(),

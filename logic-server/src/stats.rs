@@ -16,6 +16,8 @@ pub struct ServerStats {
     pauses: AtomicU64,
     resumes: AtomicU64,
     window: AtomicU16,
+    /// Other servers of the service taking requests, as of the last sample.
+    others_active: AtomicUsize,
     load: Mutex<Load>,
     pub(crate) meter: BusyMeter,
     /// Set while overloaded as the last active server of its service (logged once).
@@ -34,6 +36,7 @@ impl ServerStats {
             pauses: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             window: AtomicU16::new(concurrency),
+            others_active: AtomicUsize::new(0),
             load: Mutex::new(Load::default()),
             meter: BusyMeter::new(concurrency),
             overloaded_alone: AtomicBool::new(false),
@@ -81,6 +84,12 @@ impl ServerStats {
         self.paused.store(paused, Ordering::Release);
         let counter = if paused { &self.pauses } else { &self.resumes };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn others_active(&self) -> usize {
+        self.others_active.load(Ordering::Relaxed)
+    }
+    pub(crate) fn set_others_active(&self, others: usize) {
+        self.others_active.store(others, Ordering::Relaxed);
     }
     pub(crate) fn set_window(&self, window: u16) {
         self.window.store(window, Ordering::Relaxed);

@@ -65,9 +65,10 @@ pub struct GovernorConfig {
     pub use_process_cpu: bool,
     /// Count the machine's CPU in the load factor.
     pub use_system_cpu: bool,
-    /// Whether a server may pause when no other server of its service takes
-    /// requests. Off by default: pausing the last one only delays every request.
-    /// Either way the log says so.
+    /// Whether a server may pause, or narrow its intake window, when no other
+    /// server of its service takes requests. Off by default: with no peer to take
+    /// the work, either only delays it. Either way the log says so when it would
+    /// pause.
     pub pause_last_consumer: bool,
     /// Whether the governor narrows the intake window while requests wait inside
     /// this server before their handlers start (needs `enabled`).

@@ -17,6 +17,10 @@
 //!
 //! A healthy server starts its handlers at once and keeps the whole window; a server
 //! starved of CPU narrows to a request or two and leaves the rest to its peers.
+//! A server that no other server of its service helps (as its heartbeats tell) keeps
+//! the whole window unless `pause_last_consumer` is set: with no peer, a narrower
+//! window only moves the wait from the server to the queue, at a round trip a
+//! request.
 
 use std::time::Duration;
 
@@ -48,6 +52,16 @@ impl WindowControl {
     /// The window now.
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// Back to the whole window (the server has no peer to leave work to); returns
+    /// the new window when it changes.
+    pub fn reset(&mut self) -> Option<u16> {
+        self.late = 0;
+        (self.size != self.cap).then(|| {
+            self.size = self.cap;
+            self.cap
+        })
     }
 
     /// One interval's figures: how long work waited inside the server, and whether
@@ -131,6 +145,16 @@ mod tests {
             "back to the cap in {} intervals",
             sizes.len()
         );
+    }
+
+    #[test]
+    fn a_reset_restores_the_whole_window() {
+        let mut w = WindowControl::new(64, 1, TARGET);
+        assert_eq!(w.reset(), None);
+        w.observe(LATE, true);
+        w.observe(LATE, true);
+        assert_eq!(w.reset(), Some(64));
+        assert_eq!(w.observe(LATE, true), None, "the late streak starts again");
     }
 
     #[test]

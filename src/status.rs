@@ -79,3 +79,56 @@ pub fn render(nodes: &[NodeStatus]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use keelson_protocol::ProtocolVersion;
+    use keelson_protocol::control::Load;
+
+    fn node(name: &str, window: u32, paused: bool) -> NodeStatus {
+        NodeStatus {
+            state: if paused {
+                NodeState::Paused
+            } else {
+                NodeState::Up
+            },
+            age_ms: 200,
+            heartbeat: Heartbeat {
+                v: ProtocolVersion::CURRENT,
+                node: name.to_owned(),
+                version: "0.1.0".to_owned(),
+                services: vec!["default".to_owned()],
+                handlers: vec!["echo".to_owned()],
+                load: Load::default(),
+                paused,
+                in_flight: 3,
+                concurrency: 16,
+                window,
+                ready: true,
+                contexts: 7,
+                interval_ms: 1000,
+                leaving: false,
+            },
+        }
+    }
+
+    #[test]
+    fn the_table_shows_state_in_flight_and_window() {
+        let table = render(&[node("narrow", 4, false), node("old", 0, true)]);
+        let columns =
+            |row: &str| -> Vec<String> { row.split_whitespace().map(str::to_owned).collect() };
+        let header = columns(table.lines().next().unwrap());
+        let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        let narrow = columns(table.lines().find(|l| l.starts_with("narrow ")).unwrap());
+        assert_eq!(narrow[col("STATE")], "up");
+        assert_eq!(narrow[col("IN-FLIGHT")], "3/16");
+        assert_eq!(narrow[col("WINDOW")], "4");
+        assert_eq!(narrow[col("CONTEXTS")], "7");
+        // A node that does not report its window (an older version) shows "-".
+        let old = columns(table.lines().find(|l| l.starts_with("old ")).unwrap());
+        assert_eq!(old[col("STATE")], "PAUSED");
+        assert_eq!(old[col("WINDOW")], "-");
+    }
+}

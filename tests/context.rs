@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
 use support::http;
-use support::mesh::{Mesh, ServerSpec, post};
+use support::mesh::{Mesh, Outcome, ServerSpec, post};
 
 fn value(body: &str) -> i64 {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
@@ -23,14 +23,7 @@ async fn write_users(mesh: &Mesh, users: &[(String, String)], times: usize) {
     let client = http();
     for (name, token) in users {
         for _ in 0..times {
-            let out = post(
-                &client,
-                mesh.url(0, "counter.increment"),
-                String::new(),
-                Some(token),
-                None,
-            )
-            .await;
+            let out = call(mesh, &client, "counter.increment", token).await;
             assert_eq!(out.status, 200, "{out:?}");
         }
         let item = format!(r#"{{"item":"book-{name}","quantity":2}}"#);
@@ -44,14 +37,7 @@ async fn write_users(mesh: &Mesh, users: &[(String, String)], times: usize) {
 async fn assert_users(mesh: &Mesh, users: &[(String, String)], times: i64) {
     let client = http();
     for (name, token) in users {
-        let out = post(
-            &client,
-            mesh.url(0, "counter.get"),
-            String::new(),
-            Some(token),
-            None,
-        )
-        .await;
+        let out = call(mesh, &client, "counter.get", token).await;
         assert_eq!(out.status, 200, "{out:?}");
         assert_eq!(
             value(&out.body),
@@ -59,14 +45,7 @@ async fn assert_users(mesh: &Mesh, users: &[(String, String)], times: i64) {
             "counter of {name} via {:?}",
             out.served_by
         );
-        let out = post(
-            &client,
-            mesh.url(0, "cart.list"),
-            String::new(),
-            Some(token),
-            None,
-        )
-        .await;
+        let out = call(mesh, &client, "cart.list", token).await;
         let cart: Value = serde_json::from_str(&out.body).unwrap();
         assert_eq!(
             cart,
@@ -75,6 +54,18 @@ async fn assert_users(mesh: &Mesh, users: &[(String, String)], times: i64) {
             out.served_by
         );
     }
+}
+
+/// POST `handler` through the first gateway, with no body, as the user of `token`.
+async fn call(mesh: &Mesh, client: &reqwest::Client, handler: &str, token: &str) -> Outcome {
+    post(
+        client,
+        mesh.url(0, handler),
+        String::new(),
+        Some(token),
+        None,
+    )
+    .await
 }
 
 fn users(mesh: &Mesh, n: usize) -> Vec<(String, String)> {
@@ -103,25 +94,11 @@ async fn a_write_through_one_server_is_readable_through_another_within_100ms() {
     let client = http();
     let mut worst = Duration::ZERO;
     for expected in 1..=20 {
-        let out = post(
-            &client,
-            mesh.url(0, "counter.increment"),
-            String::new(),
-            Some(&token),
-            None,
-        )
-        .await;
+        let out = call(&mesh, &client, "counter.increment", &token).await;
         assert_eq!(out.served_by.as_deref(), Some("writer"));
         let written = Instant::now();
         loop {
-            let out = post(
-                &client,
-                mesh.url(0, "counter.get"),
-                String::new(),
-                Some(&token),
-                None,
-            )
-            .await;
+            let out = call(&mesh, &client, "counter.get", &token).await;
             assert_eq!(out.served_by.as_deref(), Some("reader"));
             if value(&out.body) == expected {
                 break;
@@ -207,14 +184,7 @@ async fn concurrent_increments_through_two_gateways_and_two_servers_all_count() 
     let started = Instant::now();
     let mut seen = BTreeSet::new();
     while seen.len() < 2 {
-        let out = post(
-            &client,
-            mesh.url(0, "counter.get"),
-            String::new(),
-            Some(&token),
-            None,
-        )
-        .await;
+        let out = call(&mesh, &client, "counter.get", &token).await;
         let v = value(&out.body);
         assert!(v <= n as i64, "counter overshot: {v}");
         if v == n as i64 {
@@ -246,4 +216,42 @@ async fn kill_9_leaves_survivors_intact_and_a_restarted_server_catches_up() {
     mesh.stop_server(b).await;
     assert_users(&mesh, &users, 2).await;
     mesh.stop_server(restarted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_missed_writes_while_disconnected_gets_them_by_resync() {
+    let vhost = Vhost::create("ctx-resync");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    mesh.add_server(ServerSpec::new("writer").service("writers", &["counter.increment"]))
+        .await;
+    mesh.add_server(
+        ServerSpec::new("reader")
+            .service("readers", &["counter.get"])
+            .extra("resync_interval_s = 1\n"),
+    )
+    .await;
+    mesh.add_gateway().await;
+    let token = mesh.token("alice");
+    let client = http();
+    let increment = || call(&mesh, &client, "counter.increment", &token);
+    assert_eq!(increment().await.status, 200);
+    mesh.wait_for_counter(&client, &token, 1).await;
+
+    // The reader's connection drops; what is broadcast before it is back never
+    // reaches it through the context channel.
+    assert!(vhost.close_connections_of("reader") > 0);
+    for _ in 0..20 {
+        let out = increment().await;
+        assert_eq!(out.status, 200, "{out:?}");
+        assert_eq!(out.served_by.as_deref(), Some("writer"));
+    }
+    // Read through the reader at once (while the first resync is at most 1.2 s
+    // away), then until the resync has brought the missed writes.
+    let out = call(&mesh, &client, "counter.get", &token).await;
+    assert_eq!(out.served_by.as_deref(), Some("reader"), "{out:?}");
+    eprintln!(
+        "the reader read {} right after the outage",
+        value(&out.body)
+    );
+    mesh.wait_for_counter(&client, &token, 21).await;
 }

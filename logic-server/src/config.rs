@@ -63,6 +63,11 @@ pub struct ContextConfig {
     pub join_timeout_ms: u64,
     /// Users per snapshot chunk sent to a joining server.
     pub snapshot_chunk_users: u32,
+    /// Every this many seconds (give or take a fifth), a running server pulls a peer's
+    /// state as a joining one does and merges it, so a write it missed (its
+    /// connection was down when the write was broadcast) is not missed for good.
+    /// Costs a full snapshot transfer each time; 0 turns it off.
+    pub resync_interval_s: u64,
 }
 
 impl Default for ContextConfig {
@@ -74,6 +79,7 @@ impl Default for ContextConfig {
             tombstone_ttl_s: 3600,
             join_timeout_ms: 2000,
             snapshot_chunk_users: 2000,
+            resync_interval_s: 60,
         }
     }
 }

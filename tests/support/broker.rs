@@ -62,6 +62,38 @@ impl Vhost {
         ]);
     }
 
+    /// Close the connections of Keelson node `node` to this vhost (and no other);
+    /// returns how many were closed.
+    pub fn close_connections_of(&self, node: &str) -> usize {
+        let name = format!("keelson {node} (");
+        let list = rabbitmqctl(&[
+            "-q",
+            "list_connections",
+            "pid",
+            "vhost",
+            "client_properties",
+            "--no-table-headers",
+        ]);
+        let mut closed = 0;
+        for line in list.lines() {
+            let mut cols = line.splitn(3, '\t');
+            let (Some(pid), Some(vhost), Some(props)) = (cols.next(), cols.next(), cols.next())
+            else {
+                continue;
+            };
+            if vhost == self.name && props.contains(&name) {
+                rabbitmqctl(&[
+                    "-q",
+                    "close_connection",
+                    pid,
+                    "keelson test: simulated outage",
+                ]);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// Number of client connections open to this vhost.
     pub fn connection_count(&self) -> usize {
         rabbitmqctl(&["-q", "list_connections", "vhost"])

@@ -62,6 +62,15 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Why the peers' state is pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pull {
+    /// Before serving: not ready until done (or alone).
+    Join,
+    /// Now and then while serving, to catch writes missed since.
+    Resync,
+}
+
 /// Figures of a completed join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JoinReport {
@@ -112,7 +121,7 @@ impl ReplicatedContextStore {
                 store.receive(&message.payload);
             }
         });
-        let report = store.join().await;
+        let report = store.pull(Pull::Join).await;
         tracing::info!(
             users = report.users,
             chunks = report.chunks,
@@ -157,6 +166,21 @@ impl ReplicatedContextStore {
                 store.expire();
             }
         });
+        if store.config.resync_interval_s > 0 {
+            let weak = Arc::downgrade(&store);
+            // 0.8 to 1.2 times the interval, so servers started together do not
+            // resync in step.
+            let every = Duration::from_secs(store.config.resync_interval_s)
+                .mul_f64(0.8 + (now_ms() % 400) as f64 / 1000.0);
+            store.spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    let Some(store) = weak.upgrade() else { break };
+                    store.pull(Pull::Resync).await;
+                }
+            });
+        }
         store.ready.store(true, Ordering::Release);
         Ok(store)
     }
@@ -221,7 +245,9 @@ impl ReplicatedContextStore {
             .map_err(|e| ContextError::Unavailable(format!("cannot replicate the write: {e}")))
     }
 
-    async fn join(&self) -> JoinReport {
+    /// Pull the peers' state chunk by chunk and merge it: to join, or to resync.
+    async fn pull(&self, why: Pull) -> JoinReport {
+        let resync = why == Pull::Resync;
         let timeout = Duration::from_millis(self.config.join_timeout_ms);
         let started = Instant::now();
         let mut report = JoinReport {
@@ -248,6 +274,13 @@ impl ReplicatedContextStore {
                 )
                 .await;
             let chunk = match answer {
+                Err(RequestError::Unroutable(_) | RequestError::Timeout)
+                    if resync && report.chunks == 0 =>
+                {
+                    tracing::debug!("no peer answered the context resync");
+                    report.alone = true;
+                    break;
+                }
                 Err(RequestError::Unroutable(_)) if report.chunks == 0 => {
                     tracing::info!(
                         "no peer serves context snapshots: this server is alone; starting with an empty context"
@@ -267,6 +300,16 @@ impl ReplicatedContextStore {
                 Ok(bytes) => decode::<SnapshotChunk>(&bytes).map_err(|e| e.to_string()),
             };
             match chunk {
+                // This server answered its own request (it consumes snapshot
+                // requests too): ask again, a peer takes the next one.
+                Ok(chunk) if chunk.responder == *self.node => {
+                    failures += 1;
+                    if failures >= CHUNK_ATTEMPTS {
+                        tracing::debug!("only this server answered the context resync");
+                        report.alone = report.chunks == 0;
+                        break;
+                    }
+                }
                 Ok(chunk) => {
                     failures = 0;
                     let mut inner = self.lock();
@@ -283,6 +326,13 @@ impl ReplicatedContextStore {
                         None => break,
                     }
                 }
+                Err(e) if resync => {
+                    failures += 1;
+                    if failures >= CHUNK_ATTEMPTS {
+                        tracing::warn!(error = %e, users = report.users, "context resync incomplete; the next one tries again");
+                        break;
+                    }
+                }
                 Err(e) => {
                     failures += 1;
                     if failures >= CHUNK_ATTEMPTS {
@@ -293,18 +343,38 @@ impl ReplicatedContextStore {
                 }
             }
         }
-        tracing::info!(
-            users = report.users,
-            chunks = report.chunks,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "context snapshot done"
-        );
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if resync {
+            tracing::debug!(
+                users = report.users,
+                chunks = report.chunks,
+                elapsed_ms,
+                "context resync done"
+            );
+        } else {
+            tracing::info!(
+                users = report.users,
+                chunks = report.chunks,
+                elapsed_ms,
+                "context snapshot done"
+            );
+        }
         report
     }
 
     fn answer_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
         let request: SnapshotRequest =
             decode(payload).map_err(|e| format!("undecodable snapshot request: {e}"))?;
+        if request.requester == *self.node {
+            // Its own resync: an empty answer, at once; it asks a peer again.
+            return encode(&SnapshotChunk {
+                v: ProtocolVersion::CURRENT,
+                responder: self.node.to_string(),
+                users: Vec::new(),
+                next: None,
+            })
+            .map_err(|e| e.to_string());
+        }
         let max = request
             .max_users
             .min(self.config.snapshot_chunk_users)

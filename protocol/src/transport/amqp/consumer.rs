@@ -294,7 +294,11 @@ impl Consumer for AmqpConsumer {
                 () = self.shared.closed() => return None,
             };
             if self.requalify {
-                let attached = self.attached.as_ref()?;
+                let Some(attached) = self.attached.as_ref() else {
+                    // Detached meanwhile: attaching uses the new window.
+                    self.requalify = false;
+                    continue;
+                };
                 let (channel, queue, window) = (
                     attached.channel.clone(),
                     self.queue.clone(),

@@ -6,8 +6,8 @@
 //! * a counter is one running sum per node; of two shares of one node, the higher
 //!   `seq` wins; the counter's value is the sum of the shares, so increments made on
 //!   different servers at once all count;
-//! * a user's `last_active` is the highest stamp seen; a user idle past the TTL is
-//!   dropped.
+//! * a user's `last_active` is the highest time seen (wall, logical; the writer does
+//!   not matter there); a user idle past the TTL is dropped.
 //!
 //! Every merge is commutative, associative and idempotent, so replicas that saw the
 //! same operations in any order, any number of times, hold equal states.
@@ -41,6 +41,23 @@ pub(crate) struct Stamp {
     pub(crate) node: Node,
 }
 
+/// When a user was last active: the highest (wall, logical) time seen. Only its order
+/// matters (for the idle TTL), so the writer is not kept: 16 bytes a user, not 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Active {
+    wall_ms: u64,
+    logical: u32,
+}
+
+impl From<&Stamp> for Active {
+    fn from(s: &Stamp) -> Self {
+        Self {
+            wall_ms: s.wall_ms,
+            logical: s.logical,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Register {
     ts: Stamp,
@@ -57,15 +74,15 @@ struct Share {
 /// One user's replicated context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UserState {
-    last_active: Stamp,
+    last_active: Active,
     values: Vec<(Key, Register)>,
     counters: Vec<(Key, Vec<Share>)>,
 }
 
 impl UserState {
-    fn new(last_active: Stamp) -> Self {
+    fn new(seen: &Stamp) -> Self {
         Self {
-            last_active,
+            last_active: Active::from(seen),
             values: Vec::new(),
             counters: Vec::new(),
         }
@@ -138,10 +155,8 @@ impl UserState {
         }
     }
 
-    fn touch(&mut self, ts: Stamp) {
-        if ts > self.last_active {
-            self.last_active = ts;
-        }
+    fn touch(&mut self, ts: &Stamp) {
+        self.last_active = self.last_active.max(Active::from(ts));
     }
 }
 
@@ -182,7 +197,7 @@ impl State {
 
     fn user_mut(&mut self, user: &str, seen: &Stamp) -> &mut UserState {
         if !self.users.contains_key(user) {
-            self.users.insert(user.into(), UserState::new(seen.clone()));
+            self.users.insert(user.into(), UserState::new(seen));
         }
         // Just ensured present; `BTreeMap::entry` would need an owned key every time.
         match self.users.get_mut(user) {
@@ -211,7 +226,7 @@ impl State {
                 let ts = self.stamp(ts);
                 let key = self.key(key);
                 let u = self.user_mut(user, &ts);
-                u.touch(ts.clone());
+                u.touch(&ts);
                 u.merge_value(&key, ts, value.as_deref().map(Box::from));
             }
             ContextOp::Count {
@@ -231,12 +246,12 @@ impl State {
                     node: node.clone(),
                 };
                 let u = self.user_mut(user, &never);
-                u.touch(never);
+                u.touch(&never);
                 u.merge_share(&key, node, *seq, *sum);
             }
             ContextOp::Touch { user, ts } => {
                 let ts = self.stamp(ts);
-                self.user_mut(user, &ts).touch(ts);
+                self.user_mut(user, &ts).touch(&ts);
             }
         }
     }
@@ -314,10 +329,10 @@ impl State {
         for snap in snaps {
             let active = self.stamp(&snap.last_active);
             let mut state = match self.users.get_mut(snap.user.as_str()) {
-                Some(existing) => std::mem::replace(existing, UserState::new(active.clone())),
-                None => UserState::new(active.clone()),
+                Some(existing) => std::mem::replace(existing, UserState::new(&active)),
+                None => UserState::new(&active),
             };
-            state.touch(active);
+            state.touch(&active);
             for v in &snap.values {
                 let ts = self.stamp(&v.ts);
                 let key = self.key(&v.key);
@@ -366,7 +381,11 @@ fn to_hlc(s: &Stamp) -> Hlc {
 fn to_snapshot(name: &str, u: &UserState) -> UserSnapshot {
     UserSnapshot {
         user: name.to_owned(),
-        last_active: to_hlc(&u.last_active),
+        last_active: Hlc {
+            wall_ms: u.last_active.wall_ms,
+            logical: u.last_active.logical,
+            node: String::new(),
+        },
         values: u
             .values
             .iter()

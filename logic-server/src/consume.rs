@@ -12,9 +12,12 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-type Slot = Arc<Mutex<Option<Delivery>>>;
+/// A delivery taken and not begun, with its count as in flight: whoever takes it out
+/// (its task, or a hand-back) ends that count.
+type Held = Option<(Delivery, InFlight)>;
+type Slot = Arc<Mutex<Held>>;
 
-fn take(slot: &Slot) -> Option<Delivery> {
+fn take(slot: &Slot) -> Held {
     // Only ever a take of an Option: a poisoned lock still holds a valid value.
     slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
@@ -24,22 +27,22 @@ fn take(slot: &Slot) -> Option<Delivery> {
 /// queue instead of running late here.
 #[derive(Default)]
 struct Unstarted {
-    slots: Vec<(Instant, Weak<Mutex<Option<Delivery>>>)>,
+    slots: Vec<(Instant, Weak<Mutex<Held>>)>,
 }
 
-fn waiting(slot: &Weak<Mutex<Option<Delivery>>>) -> Option<Slot> {
+fn waiting(slot: &Weak<Mutex<Held>>) -> Option<Slot> {
     slot.upgrade()
         .filter(|s| s.lock().unwrap_or_else(|p| p.into_inner()).is_some())
 }
 
 impl Unstarted {
-    fn track(&mut self, delivery: Delivery, concurrency: usize) -> Slot {
+    fn track(&mut self, delivery: Delivery, in_flight: InFlight, concurrency: usize) -> Slot {
         // Forget finished and begun ones now and then (at most `concurrency` can be
         // live), not on every delivery: this is the consume loop's hot path.
         if self.slots.len() >= concurrency.saturating_mul(2).max(16) {
             self.slots.retain(|(_, w)| waiting(w).is_some());
         }
-        let slot = Arc::new(Mutex::new(Some(delivery)));
+        let slot = Arc::new(Mutex::new(Some((delivery, in_flight))));
         self.slots.push((Instant::now(), Arc::downgrade(&slot)));
         slot
     }
@@ -73,10 +76,13 @@ impl Unstarted {
                 self.slots.push((*at, Arc::downgrade(slot)));
                 continue;
             }
-            let Some(delivery) = take(slot) else { continue };
+            let Some((delivery, in_flight)) = take(slot) else {
+                continue;
+            };
             if let Err(e) = delivery.requeue().await {
                 tracing::debug!(error = %e, "requeue failed; the request will be redelivered");
             }
+            drop(in_flight);
             handed += 1;
         }
         handed
@@ -168,10 +174,11 @@ impl ConsumeLoop {
                 }
                 due = tick.tick(), if control.is_some() && !paused => {
                     // How late this tick runs is how long a task woken now waits for
-                    // a thread, deliveries the transport holds for us included.
+                    // a thread (this loop too, with the deliveries it has not taken).
                     let now = Instant::now();
                     let wait = now.duration_since(due).max(unstarted.oldest_wait(now));
                     let filled = peak >= usize::from(consumer.window());
+                    // Requests still in flight count towards the next interval.
                     peak = stats.in_flight();
                     let Some(control) = control.as_mut() else { continue };
                     // With no peer to leave work to, a narrower window only delays it.
@@ -182,6 +189,8 @@ impl ConsumeLoop {
                     match consumer.set_window(size).await {
                         Ok(set) => {
                             stats.set_window(set);
+                            // Whether the new window fills is for new deliveries to show.
+                            peak = 0;
                             let handed = if set < before {
                                 unstarted.hand_back_beyond(usize::from(set), stats.in_flight()).await
                             } else {
@@ -215,15 +224,15 @@ impl ConsumeLoop {
                         let dispatcher = dispatcher.clone();
                         let in_flight = InFlight::enter(stats.clone());
                         let stats = stats.clone();
-                        let slot = unstarted.track(delivery, concurrency);
+                        let slot = unstarted.track(delivery, in_flight, concurrency);
                         peak = peak.max(stats.in_flight());
                         tasks.spawn(async move {
                             // Empty when the delivery was handed back before this ran.
-                            if let Some(delivery) = take(&slot) {
+                            if let Some((delivery, in_flight)) = take(&slot) {
                                 dispatcher.handle(delivery).await;
                                 stats.count_handled();
+                                drop(in_flight);
                             }
-                            drop(in_flight);
                             drop(permit);
                         });
                     }

@@ -6,8 +6,8 @@
 //! handlers) would have been better left on the queue, where a peer could take it.
 //! Every `window_interval_ms` the governor measures that wait: the age of the oldest
 //! delivery whose handler has not started, and how late the governor's own tick ran
-//! (a task woken now waits that long for a thread; it also covers deliveries the
-//! transport received that the server has not picked up yet). Then:
+//! (a task woken now waits that long for a thread, the consume loop included: it
+//! also covers deliveries that arrived while the loop itself waited to run). Then:
 //!
 //! * above `start_delay_target_ms` two intervals in a row (one late tick may be a
 //!   hiccup of the machine; a queue stays), the window halves, and deliveries taken

@@ -171,7 +171,9 @@ pub trait Consumer: Send + fmt::Debug {
     /// returns the window set. A narrower window holds from now on: no delivery is
     /// handed out while as many as the window are unsettled, and the transport does
     /// not take more than the window from the queue, so the rest stays there for
-    /// peers. Deliveries already handed out stay valid.
+    /// peers (a transport may take nothing new until every delivery handed out
+    /// before the change is settled, as AMQP does). Deliveries already handed out
+    /// stay valid.
     async fn set_window(&mut self, window: u16) -> Result<u16, TransportError>;
 
     /// The intake window (the prefetch until [`Consumer::set_window`] changes it).

@@ -50,6 +50,17 @@ impl Window {
         size
     }
 
+    /// Wait until no delivery is out (every place in the window is free); `None` if
+    /// the semaphore was closed. Cancel-safe.
+    pub(crate) async fn idle(&mut self) -> Option<()> {
+        while self.debt > 0 {
+            self.permits.clone().acquire_owned().await.ok()?.forget();
+            self.debt -= 1;
+        }
+        drop(self.permits.acquire_many(u32::from(self.size)).await.ok()?);
+        Some(())
+    }
+
     /// A place for the next delivery, once one is free; `None` if the semaphore was
     /// closed. Cancel-safe.
     pub(crate) async fn acquire(&mut self) -> Option<OwnedSemaphorePermit> {
@@ -93,6 +104,25 @@ mod tests {
         assert_eq!(w.resize(9), 4, "clamped to the cap");
         assert_eq!(w.permits.available_permits(), 3);
         assert_eq!(w.resize(0), 1, "at least one");
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_every_delivery_out_to_settle() {
+        let mut w = Window::new(4);
+        let mut held = hold(&w, 3);
+        w.resize(2);
+        let wait = tokio::time::timeout(std::time::Duration::from_millis(20), w.idle()).await;
+        assert!(wait.is_err(), "three deliveries out");
+        held.truncate(1);
+        let wait = tokio::time::timeout(std::time::Duration::from_millis(20), w.idle()).await;
+        assert!(wait.is_err(), "one delivery out");
+        drop(held);
+        assert_eq!(w.idle().await, Some(()));
+        assert_eq!(
+            w.permits.available_permits(),
+            2,
+            "the window of two is whole"
+        );
     }
 
     #[tokio::test]

@@ -174,6 +174,8 @@ impl ReplicatedContextStore {
                 .mul_f64(0.8 + (now_ms() % 400) as f64 / 1000.0);
             store.spawn(async move {
                 let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                // A pull that outlasts the interval is not followed by others at once.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
                     let Some(store) = weak.upgrade() else { break };

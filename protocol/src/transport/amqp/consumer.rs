@@ -7,9 +7,17 @@
 //! keep the promise.
 //!
 //! The broker applies a prefetch to consumers created after it, so a window change
-//! consumes again: once a place in the new window is free, the old broker consumer
-//! is cancelled (what it had buffered is requeued), `basic.qos` sets the new window
-//! and `basic.consume` starts a new one on the same channel.
+//! consumes again on the same channel: a narrower window cancels the broker consumer
+//! at once (what it had buffered is requeued) and consumes again with `basic.qos` =
+//! the window once every delivery taken before is settled (the broker counts only
+//! the new consumer's deliveries, so this is when its count and ours agree); a wider
+//! one cancels and consumes again at once (until the deliveries taken before are
+//! settled, the broker may then send up to that many beyond the window; they wait in
+//! the client, not handed out).
+//!
+//! `next` is raced in a `select!` by its caller, so whatever creates a broker
+//! consumer (attaching, consuming again) runs in a task of its own whose handle is
+//! kept: a dropped `next` never drops a consumer holding deliveries.
 //!
 //! The consumer survives connection losses: when its link is lost it detaches, waits
 //! for the next link and consumes again on a new channel. Deliveries handed out
@@ -51,6 +59,16 @@ struct Attached {
     channel: Channel,
     /// `None` while paused.
     stream: Option<lapin::Consumer>,
+    /// The prefetch of the latest `basic.consume` on the channel.
+    qos: u16,
+}
+
+/// What a task needs to attach a consumer.
+#[derive(Clone)]
+struct Target {
+    shared: Arc<Shared>,
+    queue: String,
+    service: Option<String>,
 }
 
 pub(crate) struct AmqpConsumer {
@@ -60,13 +78,16 @@ pub(crate) struct AmqpConsumer {
     /// The service whose queue it is; `None` for the dead-letter queue.
     service: Option<String>,
     window: Window,
-    /// The broker consumer was cancelled for a window change: consume again, with the
-    /// new window, once a place in it is free.
+    /// The window changed: consume again with it (after the broker consumer of the
+    /// old one is cancelled).
     requalify: bool,
-    /// That `basic.consume`, under way. A task of its own, so that a `next` dropped
-    /// meanwhile (it is raced in a `select!`) cannot drop the consumer it creates
-    /// with deliveries in it.
+    /// That `basic.consume` (and the cancellation before it), under way.
     consuming: Option<JoinHandle<Result<lapin::Consumer, TransportError>>>,
+    /// Attaching to a link, under way.
+    attaching: Option<JoinHandle<Option<Attached>>>,
+    /// Declare the queue again before the next attachment (the broker cancelled the
+    /// consumer on a live connection).
+    redeclare: bool,
     paused: bool,
     attached: Option<Attached>,
 }
@@ -107,17 +128,35 @@ impl AmqpConsumer {
             window: Window::new(prefetch),
             requalify: false,
             consuming: None,
+            attaching: None,
+            redeclare: false,
             paused: false,
             attached: None,
         };
         // Disconnected now: `next` attaches once a connection is back.
         if let Some(link) = consumer.shared.live_link() {
-            consumer.attached = Some(consumer.attach(link, false).await?);
+            let window = consumer.window.size();
+            consumer.attached = Some(consumer.target().attach(link, false, window).await?);
         }
         Ok(consumer)
     }
 
-    async fn attach(&self, link: Arc<Link>, redeclare: bool) -> Result<Attached, TransportError> {
+    fn target(&self) -> Target {
+        Target {
+            shared: self.shared.clone(),
+            queue: self.queue.clone(),
+            service: self.service.clone(),
+        }
+    }
+}
+
+impl Target {
+    async fn attach(
+        &self,
+        link: Arc<Link>,
+        redeclare: bool,
+        window: u16,
+    ) -> Result<Attached, TransportError> {
         if redeclare {
             self.redeclare(&link).await?;
         }
@@ -126,11 +165,12 @@ impl AmqpConsumer {
             .create_channel()
             .await
             .map_err(|e| topology::error("opening a consumer channel", &e))?;
-        let stream = consume(&channel, &self.queue, self.window.size()).await?;
+        let stream = consume(&channel, &self.queue, window).await?;
         Ok(Attached {
             link,
             channel,
             stream: Some(stream),
+            qos: window,
         })
     }
 
@@ -159,10 +199,10 @@ impl AmqpConsumer {
     }
 
     /// Attach to the next live link, retrying; `None` once the transport is closed.
-    async fn reattach(&self, mut redeclare: bool) -> Option<Attached> {
+    async fn reattach(self, mut redeclare: bool, window: u16) -> Option<Attached> {
         loop {
             let link = self.shared.wait_link().await?;
-            match self.attach(link, redeclare).await {
+            match self.attach(link, redeclare, window).await {
                 Ok(attached) => return Some(attached),
                 Err(e) => {
                     warn!("cannot consume {} yet: {e}; retrying", self.queue);
@@ -175,7 +215,9 @@ impl AmqpConsumer {
             }
         }
     }
+}
 
+impl AmqpConsumer {
     fn delivery(
         &self,
         d: lapin::message::Delivery,
@@ -287,25 +329,50 @@ impl Consumer for AmqpConsumer {
                 self.attached = None;
                 self.requalify = false;
                 self.consuming = None;
-                self.attached = Some(self.reattach(false).await?);
+                let (target, redeclare, window) =
+                    (self.target(), self.redeclare, self.window.size());
+                let attaching = self.attaching.get_or_insert_with(|| {
+                    tokio::spawn(async move { target.reattach(redeclare, window).await })
+                });
+                let attached = attaching.await;
+                self.attaching = None;
+                self.redeclare = false;
+                let attached = attached.ok().flatten()?;
+                // The window changed while attaching: consume again with it.
+                self.requalify = attached.qos != self.window.size();
+                self.attached = Some(attached);
+                continue;
             }
-            let permit = tokio::select! {
-                p = self.window.acquire() => p?,
-                () = self.shared.closed() => return None,
-            };
             if self.requalify {
-                let Some(attached) = self.attached.as_ref() else {
-                    // Detached meanwhile: attaching uses the new window.
+                let narrower = self
+                    .attached
+                    .as_ref()
+                    .is_some_and(|a| self.window.size() < a.qos);
+                if narrower {
+                    // Until the deliveries taken before are settled, a new broker
+                    // consumer would be sent a whole window beside them.
+                    tokio::select! {
+                        idle = self.window.idle() => idle?,
+                        () = self.shared.closed() => return None,
+                    }
+                }
+                let Some(attached) = self.attached.as_mut() else {
                     self.requalify = false;
                     continue;
                 };
-                let (channel, queue, window) = (
+                let (channel, queue, window, old) = (
                     attached.channel.clone(),
                     self.queue.clone(),
                     self.window.size(),
+                    attached.stream.take(),
                 );
                 let consuming = self.consuming.get_or_insert_with(|| {
-                    tokio::spawn(async move { consume(&channel, &queue, window).await })
+                    tokio::spawn(async move {
+                        if let Some(old) = old {
+                            cancel_and_requeue(&channel, old, &queue).await;
+                        }
+                        consume(&channel, &queue, window).await
+                    })
                 });
                 let consumed = consuming.await;
                 self.consuming = None;
@@ -314,6 +381,7 @@ impl Consumer for AmqpConsumer {
                     Ok(Ok(stream)) => {
                         if let Some(attached) = self.attached.as_mut() {
                             attached.stream = Some(stream);
+                            attached.qos = window;
                         }
                     }
                     // The channel or link died meanwhile: attach again.
@@ -327,6 +395,10 @@ impl Consumer for AmqpConsumer {
                     }
                 }
             }
+            let permit = tokio::select! {
+                p = self.window.acquire() => p?,
+                () = self.shared.closed() => return None,
+            };
             let event = {
                 let attached = self.attached.as_mut()?;
                 let link = attached.link.clone();
@@ -357,7 +429,7 @@ impl Consumer for AmqpConsumer {
                             "the consumer of {} ended ({why}); consuming again",
                             self.queue
                         );
-                        self.attached = Some(self.reattach(true).await?);
+                        self.redeclare = true;
                     } else {
                         debug!("the consumer of {} detached: {why}", self.queue);
                     }
@@ -371,6 +443,12 @@ impl Consumer for AmqpConsumer {
             return Ok(());
         }
         self.finish_consuming().await;
+        if let Some(attaching) = self.attaching.take() {
+            // Aborting drops its channel with it: the broker requeues whatever the
+            // new consumer got. `next` attaches again after `resume`.
+            attaching.abort();
+            self.attached = None;
+        }
         self.requalify = false;
         self.paused = true;
         if let Some(attached) = self.attached.as_mut()
@@ -391,8 +469,12 @@ impl Consumer for AmqpConsumer {
             && !attached.link.is_lost()
             && attached.channel.status().connected()
         {
-            match consume(&attached.channel, &self.queue, self.window.size()).await {
-                Ok(stream) => attached.stream = Some(stream),
+            let window = self.window.size();
+            match consume(&attached.channel, &self.queue, window).await {
+                Ok(stream) => {
+                    attached.stream = Some(stream);
+                    attached.qos = window;
+                }
                 Err(e) => debug!("resuming on the old channel of {}: {e}", self.queue),
             }
         }
@@ -413,15 +495,17 @@ impl Consumer for AmqpConsumer {
         }
         self.finish_consuming().await;
         if let Some(attached) = self.attached.as_mut() {
-            if let Some(stream) = attached.stream.take() {
+            if set < attached.qos
+                && let Some(stream) = attached.stream.take()
+            {
                 // Stop the broker sending more under the old window now (what it
-                // sent and `next` has not handed out goes back to the queue); `next`
-                // consumes again with the new one once a place in it is free.
+                // sent and `next` has not handed out goes back to the queue).
                 cancel_and_requeue(&attached.channel, stream, &self.queue).await;
             }
+            // `next` consumes again with the new window.
             self.requalify = true;
         }
-        // Detached: the next attachment uses the new window.
+        // Attaching or detached: `next` compares the window once attached.
         Ok(set)
     }
 
@@ -444,6 +528,9 @@ impl AmqpConsumer {
 
 impl Drop for AmqpConsumer {
     fn drop(&mut self) {
+        if let Some(attaching) = self.attaching.take() {
+            attaching.abort();
+        }
         if let Some(consuming) = self.consuming.take()
             && let Some(attached) = self.attached.as_ref()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()

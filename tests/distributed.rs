@@ -275,3 +275,26 @@ async fn the_shipped_distributed_configs_serve_the_embedded_examples() {
     assert!(gateway.terminate(Duration::from_secs(10)).await.success());
     assert!(server.terminate(Duration::from_secs(15)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_service_queue_is_declared_again_and_served() {
+    let vhost = Vhost::create("queue-deleted");
+    let mesh = Mesh::start(amqp_transport(&[vhost.url()]), 1, 1, 16).await;
+    let client = http();
+    let echo = || post(&client, mesh.url(0, "echo"), "{}".into(), None);
+    assert_eq!(echo().await.status, 200);
+    // The broker cancels the server's consumer; the server declares its queue again
+    // (bindings included) and consumes, while its governor ticks every 100 ms.
+    vhost.delete_queue("keelson.svc.default");
+    let started = Instant::now();
+    loop {
+        let out = echo().await;
+        if out.status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not served again after the queue was deleted: {out:?}"
+        );
+    }
+}

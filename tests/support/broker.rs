@@ -94,6 +94,11 @@ impl Vhost {
         closed
     }
 
+    /// Delete queue `name` of this vhost.
+    pub fn delete_queue(&self, name: &str) {
+        rabbitmqctl(&["-q", "delete_queue", "-p", &self.name, name]);
+    }
+
     /// Number of client connections open to this vhost.
     pub fn connection_count(&self) -> usize {
         rabbitmqctl(&["-q", "list_connections", "vhost"])

@@ -57,26 +57,9 @@ impl Unstarted {
 
     /// Give every delivery not begun back to the queue.
     async fn hand_back(&mut self) -> usize {
-        self.hand_back_beyond(0, 0).await
-    }
-
-    /// Give back the deliveries not begun that do not fit in `window` beside the ones
-    /// begun (of `in_flight` in all); the oldest stay.
-    async fn hand_back_beyond(&mut self, window: usize, in_flight: usize) -> usize {
-        let waiting: Vec<(Instant, Slot)> = self
-            .slots
-            .drain(..)
-            .filter_map(|(at, w)| Some((at, waiting(&w)?)))
-            .collect();
-        let begun = in_flight.saturating_sub(waiting.len());
-        let keep = window.saturating_sub(begun).min(waiting.len());
         let mut handed = 0;
-        for (i, (at, slot)) in waiting.iter().enumerate() {
-            if i < keep {
-                self.slots.push((*at, Arc::downgrade(slot)));
-                continue;
-            }
-            let Some((delivery, in_flight)) = take(slot) else {
+        for (_, weak) in self.slots.drain(..) {
+            let Some((delivery, in_flight)) = weak.upgrade().and_then(|slot| take(&slot)) else {
                 continue;
             };
             if let Err(e) = delivery.requeue().await {
@@ -191,11 +174,8 @@ impl ConsumeLoop {
                             stats.set_window(set);
                             // Whether the new window fills is for new deliveries to show.
                             peak = 0;
-                            let handed = if set < before {
-                                unstarted.hand_back_beyond(usize::from(set), stats.in_flight()).await
-                            } else {
-                                0
-                            };
+                            // Work waits in here: what has not begun goes to the peers.
+                            let handed = if set < before { unstarted.hand_back().await } else { 0 };
                             let cap = u16::try_from(concurrency).unwrap_or(u16::MAX);
                             if before == cap {
                                 tracing::info!(window = set, handed, "intake window narrowed: requests wait in this server before their handlers start");

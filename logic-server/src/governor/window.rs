@@ -11,7 +11,7 @@
 //!
 //! * above `start_delay_target_ms` two intervals in a row (one late tick may be a
 //!   hiccup of the machine; a queue stays), the window halves, and deliveries taken
-//!   but not begun beyond the new window go back to the queue;
+//!   but not begun go back to the queue (they are the work that waits);
 //! * at or below it, while the window was full, it grows by a quarter (at least one);
 //! * otherwise it stays.
 //!

@@ -13,11 +13,55 @@
 //! same operations in any order, any number of times, hold equal states.
 
 use keelson_protocol::context::{ContextOp, CounterEntry, Hlc, UserSnapshot, ValueEntry};
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::ops::Deref;
 use std::sync::Arc;
 
-/// A node id, interned: every stamp and share of one node shares one allocation.
-pub(crate) type Node = Arc<str>;
+/// A node id, interned: every stamp and share of one node shares one allocation, and
+/// holds it through a thin pointer (8 bytes in each stamp and share, not 16).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Node(Arc<Box<str>>);
+
+impl From<&str> for Node {
+    fn from(s: &str) -> Self {
+        Self(Arc::new(s.into()))
+    }
+}
+
+impl From<String> for Node {
+    fn from(s: String) -> Self {
+        Self(Arc::new(s.into_boxed_str()))
+    }
+}
+
+impl Deref for Node {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+// Hashes and compares as its text (derived through `Arc` and `Box`), so a set of
+// nodes can be searched with a `&str`.
+impl Borrow<str> for Node {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
 
 /// A context key, interned: a key used by every user ("cart", "visits") is stored
 /// once, not once per user.
@@ -28,6 +72,13 @@ type Key = Arc<str>;
 fn push_exact<T>(v: &mut Vec<T>, item: T) {
     v.reserve_exact(1);
     v.push(item);
+}
+
+/// The same for a boxed slice (16 bytes where a `Vec` takes 24).
+fn push_boxed<T>(b: &mut Box<[T]>, item: T) {
+    let mut v = std::mem::take(b).into_vec();
+    push_exact(&mut v, item);
+    *b = v.into_boxed_slice();
 }
 
 /// Bookkeeping charged per entry against the per-user size limit.
@@ -71,21 +122,31 @@ struct Share {
     sum: i64,
 }
 
+/// A counter: its key and one share per node that counted.
+type Counter = (Key, Vec<Share>);
+
 /// One user's replicated context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UserState {
     last_active: Active,
-    values: Vec<(Key, Register)>,
-    counters: Vec<(Key, Vec<Share>)>,
+    values: Box<[(Key, Register)]>,
+    /// Counters are rarer than values: `None` takes 8 bytes where an empty `Vec`
+    /// takes 24 (and a boxed slice 16), so the box around the `Vec` is on purpose.
+    #[allow(clippy::box_collection)]
+    counters: Option<Box<Vec<Counter>>>,
 }
 
 impl UserState {
     fn new(seen: &Stamp) -> Self {
         Self {
             last_active: Active::from(seen),
-            values: Vec::new(),
-            counters: Vec::new(),
+            values: Box::default(),
+            counters: None,
         }
+    }
+
+    fn counter_entries(&self) -> &[Counter] {
+        self.counters.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// Wall time of the latest activity.
@@ -101,7 +162,7 @@ impl UserState {
             .filter_map(|(k, r)| r.value.as_ref().map(|v| k.len() + v.len() + ENTRY_OVERHEAD))
             .sum();
         let counters: usize = self
-            .counters
+            .counter_entries()
             .iter()
             .map(|(k, shares)| k.len() + 8 + ENTRY_OVERHEAD * shares.len())
             .sum();
@@ -131,17 +192,18 @@ impl UserState {
                     *r = Register { ts, value };
                 }
             }
-            None => push_exact(&mut self.values, (key.clone(), Register { ts, value })),
+            None => push_boxed(&mut self.values, (key.clone(), Register { ts, value })),
         }
     }
 
     fn merge_share(&mut self, key: &Key, node: Node, seq: u64, sum: i64) {
-        let shares = match self.counters.iter_mut().position(|(k, _)| k == key) {
-            Some(i) => &mut self.counters[i].1,
+        let counters = self.counters.get_or_insert_with(Box::default);
+        let shares = match counters.iter_mut().position(|(k, _)| k == key) {
+            Some(i) => &mut counters[i].1,
             None => {
-                push_exact(&mut self.counters, (key.clone(), Vec::new()));
-                let last = self.counters.len() - 1;
-                &mut self.counters[last].1
+                push_exact(counters, (key.clone(), Vec::new()));
+                let last = counters.len() - 1;
+                &mut counters[last].1
             }
         };
         match shares.iter_mut().find(|s| s.node == node) {
@@ -265,7 +327,7 @@ impl State {
     pub(crate) fn counter(&self, user: &str, key: &str) -> i64 {
         self.users
             .get(user)
-            .and_then(|u| u.counters.iter().find(|(k, _)| &**k == key))
+            .and_then(|u| u.counter_entries().iter().find(|(k, _)| &**k == key))
             .map_or(0, |(_, shares)| {
                 shares.iter().fold(0i64, |acc, s| acc.wrapping_add(s.sum))
             })
@@ -275,7 +337,7 @@ impl State {
     pub(crate) fn share(&self, user: &str, key: &str, node: &str) -> (u64, i64) {
         self.users
             .get(user)
-            .and_then(|u| u.counters.iter().find(|(k, _)| &**k == key))
+            .and_then(|u| u.counter_entries().iter().find(|(k, _)| &**k == key))
             .and_then(|(_, shares)| shares.iter().find(|s| &*s.node == node))
             .map_or((0, 0), |s| (s.seq, s.sum))
     }
@@ -286,9 +348,13 @@ impl State {
         let before = self.users.len();
         self.users
             .retain(|_, u| u.last_active.wall_ms >= idle_before_ms);
+        let expired = |r: &Register| r.value.is_none() && r.ts.wall_ms < tombstones_before_ms;
         for u in self.users.values_mut() {
-            u.values
-                .retain(|(_, r)| r.value.is_some() || r.ts.wall_ms >= tombstones_before_ms);
+            if u.values.iter().any(|(_, r)| expired(r)) {
+                let mut values = std::mem::take(&mut u.values).into_vec();
+                values.retain(|(_, r)| !expired(r));
+                u.values = values.into_boxed_slice();
+            }
         }
         before - self.users.len()
     }
@@ -396,7 +462,7 @@ fn to_snapshot(name: &str, u: &UserState) -> UserSnapshot {
             })
             .collect(),
         counters: u
-            .counters
+            .counter_entries()
             .iter()
             .flat_map(|(k, shares)| {
                 shares.iter().map(move |s| CounterEntry {

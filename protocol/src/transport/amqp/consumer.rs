@@ -63,6 +63,25 @@ struct Attached {
     qos: u16,
 }
 
+type Consumed = Result<Option<(lapin::Consumer, u16)>, TransportError>;
+
+/// Cancel `old` (requeueing what it had buffered), then consume with prefetch `window`
+/// when one is given.
+async fn change_consumer(
+    channel: Channel,
+    queue: String,
+    old: Option<lapin::Consumer>,
+    window: Option<u16>,
+) -> Consumed {
+    if let Some(old) = old {
+        cancel_and_requeue(&channel, old, &queue).await;
+    }
+    match window {
+        Some(window) => Ok(Some((consume(&channel, &queue, window).await?, window))),
+        None => Ok(None),
+    }
+}
+
 /// What a task needs to attach a consumer.
 #[derive(Clone)]
 struct Target {
@@ -81,8 +100,9 @@ pub(crate) struct AmqpConsumer {
     /// The window changed: consume again with it (after the broker consumer of the
     /// old one is cancelled).
     requalify: bool,
-    /// That `basic.consume` (and the cancellation before it), under way.
-    consuming: Option<JoinHandle<Result<lapin::Consumer, TransportError>>>,
+    /// A change of broker consumer under way: the old one's cancellation, then (when
+    /// asked) a `basic.consume` with a prefetch, whose consumer and prefetch it gives.
+    consuming: Option<JoinHandle<Consumed>>,
     /// Attaching to a link, under way.
     attaching: Option<JoinHandle<Option<Attached>>>,
     /// Declare the queue again before the next attachment (the broker cancelled the
@@ -344,55 +364,59 @@ impl Consumer for AmqpConsumer {
                 continue;
             }
             if self.requalify {
-                let narrower = self
-                    .attached
-                    .as_ref()
-                    .is_some_and(|a| self.window.size() < a.qos);
-                if narrower {
-                    // Until the deliveries taken before are settled, a new broker
-                    // consumer would be sent a whole window beside them.
-                    tokio::select! {
-                        idle = self.window.idle() => idle?,
-                        () = self.shared.closed() => return None,
+                // Finish the change under way, if any (also after a dropped `next`).
+                if let Some(consuming) = self.consuming.as_mut() {
+                    let done = consuming.await;
+                    self.consuming = None;
+                    match done {
+                        Ok(Ok(Some((stream, qos)))) => {
+                            if let Some(attached) = self.attached.as_mut() {
+                                attached.stream = Some(stream);
+                                attached.qos = qos;
+                            }
+                        }
+                        Ok(Ok(None)) => {}
+                        // The channel or link died meanwhile: attach again.
+                        failed => {
+                            let why = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                Err(e) => e.to_string(),
+                                Ok(Ok(_)) => String::new(),
+                            };
+                            debug!("consuming {} again: {why}", self.queue);
+                            self.attached = None;
+                            self.requalify = false;
+                            continue;
+                        }
                     }
                 }
+                let window = self.window.size();
                 let Some(attached) = self.attached.as_mut() else {
                     self.requalify = false;
                     continue;
                 };
-                let (channel, queue, window, old) = (
-                    attached.channel.clone(),
-                    self.queue.clone(),
-                    self.window.size(),
-                    attached.stream.take(),
-                );
-                let consuming = self.consuming.get_or_insert_with(|| {
-                    tokio::spawn(async move {
-                        if let Some(old) = old {
-                            cancel_and_requeue(&channel, old, &queue).await;
+                if attached.stream.is_some() && attached.qos == window {
+                    self.requalify = false;
+                } else {
+                    let (channel, queue) = (attached.channel.clone(), self.queue.clone());
+                    let old = attached.stream.take();
+                    let next = if window >= attached.qos {
+                        Some(window)
+                    } else if old.is_some() {
+                        // Narrower: stop the old consumer first ...
+                        None
+                    } else {
+                        // ... then wait until every delivery taken under it is
+                        // settled: a new broker consumer would otherwise be sent a
+                        // whole window beside them.
+                        tokio::select! {
+                            idle = self.window.idle() => idle?,
+                            () = self.shared.closed() => return None,
                         }
-                        consume(&channel, &queue, window).await
-                    })
-                });
-                let consumed = consuming.await;
-                self.consuming = None;
-                self.requalify = false;
-                match consumed {
-                    Ok(Ok(stream)) => {
-                        if let Some(attached) = self.attached.as_mut() {
-                            attached.stream = Some(stream);
-                            attached.qos = window;
-                        }
-                    }
-                    // The channel or link died meanwhile: attach again.
-                    Ok(Err(e)) => {
-                        debug!("consuming {} again: {e}", self.queue);
-                        continue;
-                    }
-                    Err(e) => {
-                        debug!("consuming {} again: the task ended: {e}", self.queue);
-                        continue;
-                    }
+                        Some(window)
+                    };
+                    self.consuming = Some(tokio::spawn(change_consumer(channel, queue, old, next)));
+                    continue;
                 }
             }
             let permit = tokio::select! {
@@ -520,8 +544,11 @@ impl AmqpConsumer {
         let Some(consuming) = self.consuming.take() else {
             return;
         };
-        if let (Ok(Ok(stream)), Some(attached)) = (consuming.await, self.attached.as_mut()) {
+        if let (Ok(Ok(Some((stream, qos)))), Some(attached)) =
+            (consuming.await, self.attached.as_mut())
+        {
             attached.stream = Some(stream);
+            attached.qos = qos;
         }
     }
 }
@@ -537,7 +564,7 @@ impl Drop for AmqpConsumer {
         {
             let (channel, queue) = (attached.channel.clone(), self.queue.clone());
             runtime.spawn(async move {
-                if let Ok(Ok(stream)) = consuming.await {
+                if let Ok(Ok(Some((stream, _)))) = consuming.await {
                     cancel_and_requeue(&channel, stream, &queue).await;
                 }
             });

@@ -157,7 +157,6 @@ async fn a_server_whose_requests_wait_for_a_thread_narrows_its_window_then_widen
 
     // Requests that start at once, arriving faster than one at a time: the window
     // fills and widens back to the concurrency.
-    let cluster = format!("{}/cluster", mesh.gateways[0].base_url.clone().unwrap());
     let started = Instant::now();
     loop {
         let burst: Vec<_> = (0..32)
@@ -169,14 +168,7 @@ async fn a_server_whose_requests_wait_for_a_thread_narrows_its_window_then_widen
         for t in burst {
             assert_eq!(t.await.unwrap().status, 200);
         }
-        let table: serde_json::Value = client
-            .get(&cluster)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let table = mesh.cluster(&client).await;
         if node_window(&table, "cramped") == Some(16) {
             break;
         }

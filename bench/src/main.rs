@@ -151,6 +151,38 @@ fn bins_dir() -> PathBuf {
         .join("release")
 }
 
+/// Fail with what to run when one of the release binaries `names` is missing.
+fn require_bins(bins: &Path, names: &[&str]) -> anyhow::Result<()> {
+    for bin in names {
+        anyhow::ensure!(
+            bins.join(bin).exists(),
+            "{} is missing: run `cargo build --release --bins -p keelson -p keelson-bench`",
+            bins.join(bin).display()
+        );
+    }
+    Ok(())
+}
+
+/// This run's id (start time and process id) and its directory, created beside the
+/// binaries: logs and generated configurations.
+fn run_dir(bins: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let run_id = format!(
+        "{}-{}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        std::process::id()
+    );
+    let work_dir = bins
+        .parent()
+        .map_or_else(|| bins.to_path_buf(), Path::to_path_buf)
+        .join("bench")
+        .join(&run_id);
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("cannot create {}", work_dir.display()))?;
+    Ok((run_id, work_dir))
+}
+
 /// `cargo build --release` of the binaries, with the test handlers when `test_handlers`.
 fn build(test_handlers: bool) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -220,27 +252,8 @@ async fn run_special(cli: Cli) -> anyhow::Result<ExitCode> {
         build(name == "governor")?;
     }
     let bins = bins_dir();
-    for bin in ["keelson", "ui-gateway", "logic-server"] {
-        anyhow::ensure!(
-            bins.join(bin).exists(),
-            "{} is missing: run `cargo build --release --bins -p keelson -p keelson-bench`",
-            bins.join(bin).display()
-        );
-    }
-    let run_id = format!(
-        "{}-{}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        std::process::id()
-    );
-    let work_dir = bins
-        .parent()
-        .map_or_else(|| bins.clone(), Path::to_path_buf)
-        .join("bench")
-        .join(&run_id);
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("cannot create {}", work_dir.display()))?;
+    require_bins(&bins, &["keelson", "ui-gateway", "logic-server"])?;
+    let (run_id, work_dir) = run_dir(&bins)?;
     eprintln!(
         "keelson-bench: logs and generated configurations in {}",
         work_dir.display()
@@ -313,20 +326,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let began = Instant::now();
     let bins = bins_dir();
-    for bin in [
-        "keelson",
-        "ui-gateway",
-        "logic-server",
-        "bench-load",
-        "bench-axum",
-        "bench-lapin-server",
-    ] {
-        anyhow::ensure!(
-            bins.join(bin).exists(),
-            "{} is missing: run `cargo build --release --bins -p keelson -p keelson-bench`",
-            bins.join(bin).display()
-        );
-    }
+    require_bins(
+        &bins,
+        &[
+            "keelson",
+            "ui-gateway",
+            "logic-server",
+            "bench-load",
+            "bench-axum",
+            "bench-lapin-server",
+        ],
+    )?;
 
     let mut warnings = Vec::new();
     let needs_broker = selected.iter().any(|s| s.needs_broker());
@@ -358,18 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
     let quick = cli.quick;
     let ms = |full: u64, short: u64| Duration::from_millis(if quick { short } else { full });
-    let run_id = format!(
-        "{}-{}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        std::process::id()
-    );
-    let work_dir = bins
-        .parent()
-        .map_or_else(|| bins.clone(), Path::to_path_buf)
-        .join("bench")
-        .join(&run_id);
+    let (run_id, work_dir) = run_dir(&bins)?;
     let opts = Options {
         rounds: cli.rounds.unwrap_or(if quick { 2 } else { 3 }).max(1),
         warmup: ms(1000, 500),
@@ -393,8 +392,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         run_id,
         keep_logs: cli.keep_logs,
     };
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("cannot create {}", work_dir.display()))?;
     eprintln!(
         "keelson-bench: logs and generated configurations in {}{}",
         work_dir.display(),

@@ -261,6 +261,12 @@ pub async fn post(
 }
 
 impl Mesh {
+    /// The first gateway's `GET /cluster` now.
+    pub async fn cluster(&self, client: &reqwest::Client) -> serde_json::Value {
+        let url = format!("{}/cluster", self.gateways[0].base_url.clone().unwrap());
+        client.get(&url).send().await.unwrap().json().await.unwrap()
+    }
+
     /// Poll the first gateway's `GET /cluster` (fed by heartbeats, about one a
     /// second) until `done` holds for it; fails the test after 10 s. Returns the
     /// table that satisfied it.
@@ -270,11 +276,9 @@ impl Mesh {
         what: &str,
         done: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let url = format!("{}/cluster", self.gateways[0].base_url.clone().unwrap());
         let started = Instant::now();
         loop {
-            let table: serde_json::Value =
-                client.get(&url).send().await.unwrap().json().await.unwrap();
+            let table = self.cluster(client).await;
             if done(&table) {
                 return table;
             }

@@ -1,7 +1,7 @@
 //! D: Keelson on AMQP through HTTP: a `ui-gateway` and a `logic-server` process on the
 //! broker, `echo`.
 
-use super::keelson_config::{SERVICE, gateway, logic_server, spec_with_config};
+use super::keelson_config::{SERVICE, gateway_spec, logic_server, spec_with_config};
 use super::{Deployment, Env, Load, Scenario, stop_all};
 use crate::broker::Objects;
 use crate::procs::{Proc, Ready};
@@ -43,14 +43,7 @@ impl Scenario for AmqpHttp {
             Ready::Line("logic server ready"),
         )?;
         let logic = Proc::start(logic, env.worker_threads, &env.dir).await?;
-        let gateway = match spec_with_config(
-            env,
-            "gateway",
-            "ui-gateway",
-            "gateway.toml",
-            &gateway(env),
-            Ready::Listening,
-        ) {
+        let gateway = match gateway_spec(env) {
             Ok(spec) => Proc::start(spec, env.worker_threads, &env.dir).await,
             Err(e) => Err(e),
         };

@@ -5,7 +5,7 @@
 //! (`test.spin`, 2 ms) through the gateway; p99 with the governor off, then on (a
 //! fresh deployment each).
 
-use super::keelson_config::{SERVICE, gateway, logic_server, spec_with_config};
+use super::keelson_config::{SERVICE, gateway_spec, logic_server, spec_with_config};
 use super::special::{
     Disturbance, OpenLoad, Settings, Stats, http_status_target, http_target, loadavg, ms, payload,
     utc_now, window,
@@ -136,14 +136,7 @@ async fn one_mode(
             spec.program = "taskset".into();
             procs.push(Proc::start(spec, settings.worker_threads, &env.dir).await?);
         }
-        let gw_spec = spec_with_config(
-            &env,
-            "gateway",
-            "ui-gateway",
-            "gateway.toml",
-            &gateway(&env),
-            Ready::Listening,
-        )?;
+        let gw_spec = gateway_spec(&env)?;
         procs.push(Proc::start(gw_spec.clone(), settings.worker_threads, &env.dir).await?);
         let base = procs[2].url.clone().context("ui-gateway gave no URL")?;
         let target = match body {

@@ -116,6 +116,18 @@ pub(super) fn logic_server(env: &Env) -> String {
     s
 }
 
+/// The `ui-gateway` of a scenario on AMQP: `gateway.toml`, ready once it listens.
+pub(super) fn gateway_spec(env: &Env) -> anyhow::Result<Spec> {
+    spec_with_config(
+        env,
+        "gateway",
+        "ui-gateway",
+        "gateway.toml",
+        &gateway(env),
+        crate::procs::Ready::Listening,
+    )
+}
+
 /// Write `contents` to `name` in the scenario's directory and return a spec running
 /// `binary --config FILE`, with the broker password in its environment.
 pub(super) fn spec_with_config(

@@ -4,7 +4,7 @@
 //! same binary under a new node id (`up-N-g1` for `up-N-g0`), wait until `keelson status --expect-up NODE`
 //! exits 0), measured during. Failures must be 0; goal p99 during <= 3x p99 before.
 
-use super::keelson_config::{SERVICE, gateway, logic_server, spec_with_config};
+use super::keelson_config::{SERVICE, gateway_spec, logic_server, spec_with_config};
 use super::special::{
     Disturbance, OpenLoad, Settings, http_target, loadavg, ms, payload, utc_now, window,
 };
@@ -76,14 +76,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<serde_json::Value> {
                 Proc::start(server_spec(&env, i, 0)?, settings.worker_threads, &env.dir).await?,
             ));
         }
-        let gw_spec = spec_with_config(
-            &env,
-            "gateway",
-            "ui-gateway",
-            "gateway.toml",
-            &gateway(&env),
-            Ready::Listening,
-        )?;
+        let gw_spec = gateway_spec(&env)?;
         for role in ["gateway0", "gateway1"] {
             let mut spec = gw_spec.clone();
             spec.role = role;

@@ -366,23 +366,21 @@ impl Consumer for AmqpConsumer {
             if self.requalify {
                 // Finish the change under way, if any (also after a dropped `next`).
                 if let Some(consuming) = self.consuming.as_mut() {
-                    let done = consuming.await;
+                    let done = match consuming.await {
+                        Ok(consumed) => consumed.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
                     self.consuming = None;
                     match done {
-                        Ok(Ok(Some((stream, qos)))) => {
+                        Ok(Some((stream, qos))) => {
                             if let Some(attached) = self.attached.as_mut() {
                                 attached.stream = Some(stream);
                                 attached.qos = qos;
                             }
                         }
-                        Ok(Ok(None)) => {}
+                        Ok(None) => {}
                         // The channel or link died meanwhile: attach again.
-                        failed => {
-                            let why = match failed {
-                                Ok(Err(e)) => e.to_string(),
-                                Err(e) => e.to_string(),
-                                Ok(Ok(_)) => String::new(),
-                            };
+                        Err(why) => {
                             debug!("consuming {} again: {why}", self.queue);
                             self.attached = None;
                             self.requalify = false;

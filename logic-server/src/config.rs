@@ -21,6 +21,11 @@ pub struct LogicServerConfig {
     pub drain_timeout_ms: u64,
     /// How often the server announces itself on the control channel.
     pub heartbeat_interval_ms: u64,
+    /// Longest time a request's deadline may lie ahead when it arrives; a request
+    /// with a deadline farther away (or already past) is refused with an error reply.
+    pub max_deadline_ms: u64,
+    /// Idempotency records: how redeliveries and client retries are recognised.
+    pub idempotency: IdempotencyConfig,
     /// Bounds on the per-user context.
     pub context: ContextConfig,
     /// The load governor (self-throttling).
@@ -37,9 +42,39 @@ impl Default for LogicServerConfig {
             concurrency: 64,
             drain_timeout_ms: 10_000,
             heartbeat_interval_ms: 1000,
+            max_deadline_ms: 300_000,
+            idempotency: IdempotencyConfig::default(),
             context: ContextConfig::default(),
             governor: GovernorConfig::default(),
             handler_settings: BTreeMap::new(),
+        }
+    }
+}
+
+/// Idempotency records (the `[logic_server.idempotency]` section).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    /// How long the outcome of a request sent with an `Idempotency-Key` is kept: a
+    /// retry with the same key within this time is answered from it.
+    pub ttl_s: u64,
+    /// Most client idempotency keys one user holds records of at once; a request
+    /// with a new key past it is refused (HTTP 429) until older ones expire.
+    pub max_keys_per_user: usize,
+    /// The same bound for anonymous requests, which share one scope.
+    pub max_anonymous_keys: usize,
+    /// How long a redelivered request waits for the effects its earlier delivery may
+    /// have replicated before it runs again.
+    pub redelivery_barrier_ms: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            ttl_s: 86_400,
+            max_keys_per_user: 1000,
+            max_anonymous_keys: 100_000,
+            redelivery_barrier_ms: 1000,
         }
     }
 }

@@ -1,13 +1,17 @@
-//! One delivery, from bytes to reply: decode, check the deadline, run the handler
-//! (catching panics, bounded by the deadline), reply, then settle.
+//! One delivery, from bytes to reply: decode, check the deadline, answer from the
+//! outcome record when the request was seen before, else run the handler (catching
+//! panics, bounded by the deadline) and replicate its effects with its outcome,
+//! reply, then settle.
 
-use crate::context::{ContextStore, UserContext};
+use crate::config::IdempotencyConfig;
+use crate::context::{ContextStore, Effects, RecordWrite, UserContext};
 use crate::handler::{Handler, HandlerError, RequestCtx};
 use crate::plugin::Registry;
 use futures_util::FutureExt;
 use keelson_protocol::control::{ClusterView, NodeState};
+use keelson_protocol::idempotency::{ANONYMOUS_SCOPE, OutcomeRecord, RecordPhase, record_key};
 use keelson_protocol::transport::Delivery;
-use keelson_protocol::{Reply, ReplyStatus, Request, decode, encode};
+use keelson_protocol::{ProtocolVersion, Reply, ReplyStatus, Request, decode, encode, peek_id};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +25,14 @@ pub(crate) struct Dispatcher {
     pub(crate) store: Arc<dyn ContextStore>,
     /// The peers heard on the control channel: who hosts which handlers.
     pub(crate) peers: Arc<Mutex<ClusterView>>,
+    pub(crate) limits: Limits,
+}
+
+/// The bounds a server puts on the requests it takes.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) max_deadline_ms: u64,
+    pub(crate) idempotency: IdempotencyConfig,
 }
 
 /// How long a request for a handler hosted only by peers is held before it goes back
@@ -28,11 +40,19 @@ pub(crate) struct Dispatcher {
 /// it back and forth in a tight loop.
 const HAND_OVER_DELAY: Duration = Duration::from_millis(5);
 
+/// How long the record of a request without a client key outlives its deadline: a
+/// redelivery later than that is dropped as expired anyway; the margin covers clocks
+/// that disagree.
+const REQUEST_RECORD_MARGIN_MS: u64 = 60_000;
+
 /// How a delivery ended, for logs and counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Handled {
     Replied(ReplyStatus),
-    Expired,
+    /// Answered from the outcome record; the handler did not run.
+    Replayed(ReplyStatus),
+    /// Refused before the handler: deadline past or too far, key reused or busy.
+    Refused(ReplyStatus),
     DeadLettered,
     /// Requeued for a peer that hosts the handler.
     HandedOver,
@@ -44,12 +64,31 @@ pub(crate) fn unix_ms_now() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Where a request's outcome is recorded.
+struct Keyed {
+    scope: String,
+    key: String,
+    /// The client sent an `Idempotency-Key` (else the request id is the key).
+    client: bool,
+}
+
 impl Dispatcher {
     pub(crate) async fn handle(&self, delivery: Delivery) -> Handled {
         let request: Request = match decode(&delivery.payload) {
             Ok(r) => r,
             Err(e) => {
                 let reason = format!("undecodable request: {e}");
+                // A peer that cannot be read may still be waiting: tell it why.
+                if let Some(id) = peek_id(&delivery.payload) {
+                    let code = match e {
+                        keelson_protocol::DecodeError::IncompatibleVersion { .. } => {
+                            "incompatible_version"
+                        }
+                        _ => "undecodable_request",
+                    };
+                    let reply = self.error(id, ReplyStatus::BadRequest, code, reason.clone());
+                    send(&delivery, &reply).await;
+                }
                 tracing::warn!(%reason, "dead-lettering a message");
                 if let Err(e) = delivery.reject(reason).await {
                     tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
@@ -59,12 +98,30 @@ impl Dispatcher {
         };
         let now_ms = unix_ms_now();
         if request.deadline_unix_ms <= now_ms {
-            // The caller has given up; running it would only waste a slot.
-            tracing::debug!(id = %request.id, handler = %request.handler, "dropping expired request");
-            settle_ack(delivery).await;
-            return Handled::Expired;
+            // The caller has most likely given up; if not, it learns why.
+            tracing::debug!(id = %request.id, handler = %request.handler, "refusing an expired request");
+            let reply = self.error(
+                request.id,
+                ReplyStatus::Timeout,
+                "deadline_passed",
+                "the request's deadline passed before a server took it",
+            );
+            return self.refuse(delivery, reply).await;
         }
-        let deadline = Instant::now() + Duration::from_millis(request.deadline_unix_ms - now_ms);
+        let ahead = request.deadline_unix_ms - now_ms;
+        if ahead > self.limits.max_deadline_ms {
+            let reply = self.error(
+                request.id,
+                ReplyStatus::BadRequest,
+                "deadline_out_of_range",
+                format!(
+                    "the request's deadline is {ahead} ms away; this server takes at most {} ms",
+                    self.limits.max_deadline_ms
+                ),
+            );
+            return self.refuse(delivery, reply).await;
+        }
+        let deadline = Instant::now() + Duration::from_millis(ahead);
         let handler = self.registry.get(&request.handler).cloned();
         if handler.is_none() && self.peer_hosts(&request.handler) {
             // During a rolling upgrade servers of two versions share one queue; a
@@ -75,12 +132,85 @@ impl Dispatcher {
             }
             return Handled::HandedOver;
         }
-        let reply = self.run(handler, request, deadline).await;
+        let keyed = Keyed {
+            scope: request
+                .user
+                .clone()
+                .unwrap_or_else(|| ANONYMOUS_SCOPE.to_owned()),
+            key: record_key(request.idempotency_key.as_deref(), &request.id),
+            client: request.idempotency_key.is_some(),
+        };
+        if delivery.redelivered && self.store.record(&keyed.scope, &keyed.key).is_none() {
+            // The server that held it before may have replicated its effects and
+            // outcome just before it died: let them arrive before deciding to run.
+            let within = Duration::from_millis(self.limits.idempotency.redelivery_barrier_ms);
+            if !self.store.barrier(within).await {
+                tracing::debug!(id = %request.id, "redelivery barrier timed out");
+            }
+        }
+        if let Some(reply) = self.answer_from_record(&request, &keyed, now_ms) {
+            let status = reply.status;
+            send(&delivery, &reply).await;
+            settle_ack(delivery).await;
+            return if reply.replayed {
+                Handled::Replayed(status)
+            } else {
+                Handled::Refused(status)
+            };
+        }
+        if keyed.client
+            && let Err(reply) = self.mark_running(&request, &keyed, deadline).await
+        {
+            return self.refuse(delivery, reply).await;
+        }
+        let effects = Arc::new(Effects::default());
+        let fingerprint = request.idempotency_fingerprint.clone();
+        let id = request.id.clone();
+        let deadline_ms = request.deadline_unix_ms;
+        let mut reply = self.run(handler, request, deadline, effects.clone()).await;
+        // A timeout that wrote nothing may simply run again; any other outcome of a
+        // keyed request, and any request that wrote, is recorded with its effects.
+        let wrote = !effects.is_empty();
+        let record = (wrote || (keyed.client && reply.status != ReplyStatus::Timeout)).then(|| {
+            let expires_unix_ms = if keyed.client {
+                unix_ms_now().saturating_add(self.limits.idempotency.ttl_s.saturating_mul(1000))
+            } else {
+                deadline_ms.saturating_add(REQUEST_RECORD_MARGIN_MS)
+            };
+            RecordWrite {
+                scope: keyed.scope.clone(),
+                key: keyed.key.clone(),
+                record: OutcomeRecord {
+                    v: ProtocolVersion::CURRENT,
+                    request_id: id.clone(),
+                    fingerprint,
+                    expires_unix_ms,
+                    phase: RecordPhase::Done {
+                        status: reply.status,
+                        body: reply.body.clone(),
+                        error: reply.error.clone(),
+                        served_by: self.node_id.clone(),
+                    },
+                },
+            }
+        });
+        if let Err(e) = self.store.commit(&effects, record, deadline).await {
+            // The effects and the outcome stand here and go out when the transport
+            // is back; the caller must not take this as done.
+            tracing::warn!(%id, error = %e, "the request's effects are not replicated yet");
+            reply = self.error(
+                id,
+                ReplyStatus::Overloaded,
+                "not_replicated",
+                "the request's effects could not be replicated yet; retry with the same Idempotency-Key",
+            );
+        }
         let status = reply.status;
         match encode(&reply) {
             Ok(bytes) => {
                 if let Err(e) = delivery.reply(bytes).await {
-                    // Not acked: the broker redelivers it, to us or a peer.
+                    // Not acked: the broker redelivers it, to us or a peer, which
+                    // answers it from the record.
                     tracing::warn!(error = %e, "could not publish a reply; requeueing");
                     let _ = delivery.requeue().await;
                     return Handled::Replied(status);
@@ -90,6 +220,115 @@ impl Dispatcher {
         }
         settle_ack(delivery).await;
         Handled::Replied(status)
+    }
+
+    fn error(
+        &self,
+        id: impl Into<String>,
+        status: ReplyStatus,
+        code: &str,
+        message: impl Into<String>,
+    ) -> Reply {
+        Reply::error(id, status, code, message, &self.node_id)
+    }
+
+    /// Answer without running the handler, and settle.
+    async fn refuse(&self, delivery: Delivery, reply: Reply) -> Handled {
+        send(&delivery, &reply).await;
+        settle_ack(delivery).await;
+        Handled::Refused(reply.status)
+    }
+
+    /// The answer owed to a request whose key has a record: the recorded reply, a
+    /// refusal of a reused or busy key; `None` when the handler should run.
+    fn answer_from_record(&self, request: &Request, keyed: &Keyed, now_ms: u64) -> Option<Reply> {
+        let record = self.store.record(&keyed.scope, &keyed.key)?;
+        if keyed.client && record.fingerprint != request.idempotency_fingerprint {
+            return Some(self.error(
+                request.id.clone(),
+                ReplyStatus::KeyReused,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another request (handler or body)",
+            ));
+        }
+        match record.phase {
+            RecordPhase::Done {
+                status,
+                body,
+                error,
+                served_by,
+            } => Some(Reply {
+                v: ProtocolVersion::CURRENT,
+                id: request.id.clone(),
+                status,
+                body,
+                error,
+                served_by,
+                replayed: true,
+            }),
+            // A redelivery of the request that is running (its server died), or one
+            // whose deadline has passed: run it.
+            RecordPhase::Running { until_unix_ms }
+                if record.request_id == request.id || until_unix_ms <= now_ms =>
+            {
+                None
+            }
+            RecordPhase::Running { .. } => Some(self.error(
+                request.id.clone(),
+                ReplyStatus::Conflict,
+                "request_in_progress",
+                "a request with this Idempotency-Key is still running; retry later",
+            )),
+        }
+    }
+
+    /// Record that a request with a client key runs now, so that a retry meanwhile is
+    /// told so rather than run beside it. Refused when the scope holds too many keys.
+    async fn mark_running(
+        &self,
+        request: &Request,
+        keyed: &Keyed,
+        deadline: Instant,
+    ) -> Result<(), Reply> {
+        let limit = if request.user.is_some() {
+            self.limits.idempotency.max_keys_per_user
+        } else {
+            self.limits.idempotency.max_anonymous_keys
+        };
+        if self.store.client_keys(&keyed.scope) >= limit {
+            return Err(self.error(
+                request.id.clone(),
+                ReplyStatus::TooManyRequests,
+                "idempotency_keys_exhausted",
+                format!(
+                    "{limit} idempotency keys are held for this user; retry once older ones expire ({} s after use)",
+                    self.limits.idempotency.ttl_s
+                ),
+            ));
+        }
+        let record = RecordWrite {
+            scope: keyed.scope.clone(),
+            key: keyed.key.clone(),
+            record: OutcomeRecord {
+                v: ProtocolVersion::CURRENT,
+                request_id: request.id.clone(),
+                fingerprint: request.idempotency_fingerprint.clone(),
+                expires_unix_ms: request.deadline_unix_ms,
+                phase: RecordPhase::Running {
+                    until_unix_ms: request.deadline_unix_ms,
+                },
+            },
+        };
+        // Best effort: if it cannot be replicated, a concurrent retry elsewhere is
+        // not refused, and the outcome record still settles which reply counts.
+        if let Err(e) = self
+            .store
+            .commit(&Effects::default(), Some(record), deadline)
+            .await
+        {
+            tracing::debug!(error = %e, "the running mark is not replicated yet");
+        }
+        Ok(())
     }
 
     /// Whether a live peer (not this server) hosts `handler`: taking requests, or
@@ -103,7 +342,13 @@ impl Dispatcher {
         })
     }
 
-    async fn run(&self, h: Option<Arc<dyn Handler>>, request: Request, deadline: Instant) -> Reply {
+    async fn run(
+        &self,
+        h: Option<Arc<dyn Handler>>,
+        request: Request,
+        deadline: Instant,
+        effects: Arc<Effects>,
+    ) -> Reply {
         let Request {
             id,
             handler,
@@ -125,7 +370,7 @@ impl Dispatcher {
         };
         let context = user
             .as_ref()
-            .map(|u| UserContext::new(self.store.clone(), u.clone()));
+            .map(|u| UserContext::new(self.store.clone(), u.clone(), effects));
         let ctx = RequestCtx {
             id: id.clone(),
             handler: handler.clone(),
@@ -173,6 +418,19 @@ impl Dispatcher {
                 )
             }
         }
+    }
+}
+
+/// Publish `reply` to the requester, if it awaits one; a failure is logged (the
+/// requester times out).
+async fn send(delivery: &Delivery, reply: &Reply) {
+    match encode(reply) {
+        Ok(bytes) => {
+            if let Err(e) = delivery.reply(bytes).await {
+                tracing::debug!(error = %e, "could not publish a reply");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not encode a reply"),
     }
 }
 

@@ -7,7 +7,8 @@
 //!
 //! * [`handler`]: the [`Handler`] trait, [`RequestCtx`], [`Response`], [`HandlerError`];
 //! * [`context`]: the per-user context handlers read and write ([`UserContext`]),
-//!   behind the [`ContextStore`] trait; [`LocalContextStore`] keeps it in this process;
+//!   behind the [`ContextStore`] trait, replicated between servers by
+//!   [`ReplicatedContextStore`];
 //! * [`plugin`]: registration of handler plugins and the [`Registry`] built from config;
 //! * [`server`]: the consume loop, deadlines, panics, drain on shutdown.
 //!
@@ -42,9 +43,9 @@ mod monitor;
 mod stats;
 
 pub use async_trait::async_trait;
-pub use config::{ContextConfig, GovernorConfig, LogicServerConfig};
+pub use config::{ContextConfig, GovernorConfig, IdempotencyConfig, LogicServerConfig};
 pub use context::{
-    ContextError, ContextStore, LocalContextStore, ReplicatedContextStore, UserContext,
+    ContextError, ContextStore, Effects, RecordWrite, ReplicatedContextStore, UserContext,
 };
 pub use handler::{Handler, HandlerError, RequestCtx, Response};
 pub use plugin::{HandlerPlugin, PluginError, Registry, Settings};

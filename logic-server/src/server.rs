@@ -3,7 +3,7 @@
 use crate::config::LogicServerConfig;
 use crate::consume::{ConsumeLoop, WindowSettings};
 use crate::context::ContextStore;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Limits};
 use crate::governor::WindowControl;
 use crate::monitor::Monitor;
 use crate::plugin::Registry;
@@ -76,6 +76,10 @@ impl LogicServer {
         registry: Registry,
         store: Arc<dyn ContextStore>,
     ) -> Self {
+        let limits = Limits {
+            max_deadline_ms: config.max_deadline_ms,
+            idempotency: config.idempotency.clone(),
+        };
         Self {
             config,
             transport,
@@ -84,6 +88,7 @@ impl LogicServer {
                 registry,
                 store,
                 peers: Arc::new(Mutex::new(ClusterView::default())),
+                limits,
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }

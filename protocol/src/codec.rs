@@ -114,6 +114,20 @@ fn check_version<T: Envelope>(found: ProtocolVersion) -> Result<(), DecodeError>
     }
 }
 
+/// The `id` of a message that [`decode`] refused (another major version, a field of
+/// the wrong type), when it has a readable one: so that its sender can still be
+/// told why, in a reply it can match to its request. Bounded like [`decode`].
+pub fn peek_id(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdProbe {
+        id: String,
+    }
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return None;
+    }
+    bounded::<IdProbe>(bytes).ok().map(|p| p.id)
+}
+
 /// Reads only the version of any envelope; every other field is skipped.
 #[derive(Deserialize)]
 struct VersionProbe {

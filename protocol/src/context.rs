@@ -87,6 +87,11 @@ pub struct ContextDelta {
     pub origin: String,
     /// The changes.
     pub ops: Vec<ContextOp>,
+    /// A barrier marker (with no ops): the origin sends it to itself, and once it is
+    /// back, every delta published before it has been received. Since protocol 1.1;
+    /// absent from the wire when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<u64>,
 }
 
 impl Envelope for ContextDelta {

@@ -58,9 +58,17 @@ pub struct Request {
     /// 1 for the first attempt; a retry by the caller increments it.
     #[serde(default = "first_attempt")]
     pub attempt: u32,
-    /// A caller-chosen key that makes retries of one logical operation recognisable.
+    /// A caller-chosen key that makes retries of one logical operation recognisable
+    /// (the HTTP `Idempotency-Key`). Scoped to `user` (or to the anonymous scope) by
+    /// the logic server; without it, the request id is the key.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// A digest of what the keyed operation is (handler and body), so that the same
+    /// key sent with another request is refused rather than answered with the first
+    /// one's outcome. Set with `idempotency_key`. Since protocol 1.1; absent from
+    /// the wire when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_fingerprint: Option<String>,
     /// Trace context and other propagated metadata (`traceparent`, ...).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -95,6 +103,7 @@ impl Request {
             deadline_unix_ms,
             attempt: 1,
             idempotency_key: None,
+            idempotency_fingerprint: None,
             headers: BTreeMap::new(),
             body,
             #[cfg(feature = "next-preview")]
@@ -129,8 +138,15 @@ pub enum ReplyStatus {
     Forbidden,
     /// No handler of that name on the server that took the request.
     NotFound,
-    /// A client-visible conflict (e.g. a state precondition failed).
+    /// A client-visible conflict (e.g. a state precondition failed, or a request with
+    /// the same idempotency key is still running).
     Conflict,
+    /// The idempotency key was used before with another request (HTTP 422). Since
+    /// protocol 1.1.
+    KeyReused,
+    /// A bound was reached (e.g. too many idempotency keys held for one user; HTTP
+    /// 429). Since protocol 1.1.
+    TooManyRequests,
     /// The user's context would exceed its size limit.
     PayloadTooLarge,
     /// The handler failed or panicked.
@@ -171,6 +187,11 @@ pub struct Reply {
     /// Node id of the logic server that produced the reply.
     #[serde(default)]
     pub served_by: String,
+    /// The reply was not produced now: it is the recorded outcome of an earlier
+    /// delivery or request with the same idempotency key. Since protocol 1.1; absent
+    /// from the wire when `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
 
 impl Reply {
@@ -183,6 +204,7 @@ impl Reply {
             body,
             error: None,
             served_by: served_by.into(),
+            replayed: false,
         }
     }
 
@@ -204,6 +226,7 @@ impl Reply {
                 message: message.into(),
             }),
             served_by: served_by.into(),
+            replayed: false,
         }
     }
 }

@@ -17,10 +17,11 @@ pub mod codec;
 pub mod context;
 pub mod control;
 pub mod envelope;
+pub mod idempotency;
 pub mod transport;
 pub mod version;
 
-pub use codec::{DecodeError, EncodeError, decode, encode};
+pub use codec::{DecodeError, EncodeError, decode, encode, peek_id};
 pub use envelope::{ErrorInfo, Reply, ReplyStatus, Request};
 pub use transport::{Transport, TransportConfig};
 pub use version::ProtocolVersion;

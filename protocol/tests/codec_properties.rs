@@ -27,8 +27,10 @@ const KNOWN_STATUSES: [ReplyStatus; 10] = [
     ReplyStatus::Overloaded,
 ];
 
-const STATUS_NAMES: [&str; 11] = [
+const STATUS_NAMES: [&str; 13] = [
     "ok",
+    "key_reused",
+    "too_many_requests",
     "bad_request",
     "unauthorized",
     "forbidden",
@@ -78,6 +80,7 @@ fn request_with_version(
         any::<u64>(),
         any::<u32>(),
         option::of(any::<String>()),
+        option::of(any::<String>()),
         btree_map(any::<String>(), any::<String>(), 0..8),
         body(),
     )
@@ -91,6 +94,7 @@ fn request_with_version(
                 deadline_unix_ms,
                 attempt,
                 idempotency_key,
+                idempotency_fingerprint,
                 headers,
                 body,
             )| Request {
@@ -102,6 +106,7 @@ fn request_with_version(
                 deadline_unix_ms,
                 attempt,
                 idempotency_key,
+                idempotency_fingerprint,
                 headers,
                 body,
             },
@@ -122,14 +127,16 @@ fn reply_with_version(
         body(),
         option::of((any::<String>(), any::<String>())),
         any::<String>(),
+        any::<bool>(),
     )
-        .prop_map(|(v, id, status, body, error, served_by)| Reply {
+        .prop_map(|(v, id, status, body, error, served_by, replayed)| Reply {
             v,
             id,
             status,
             body,
             error: error.map(|(code, message)| ErrorInfo { code, message }),
             served_by,
+            replayed,
         })
 }
 
@@ -259,6 +266,7 @@ struct ReplyWithStatusName<'a> {
     body: &'a [u8],
     error: &'a Option<ErrorInfo>,
     served_by: &'a str,
+    replayed: bool,
 }
 
 impl<'a> ReplyWithStatusName<'a> {
@@ -270,6 +278,7 @@ impl<'a> ReplyWithStatusName<'a> {
             body: &reply.body,
             error: &reply.error,
             served_by: &reply.served_by,
+            replayed: reply.replayed,
         }
     }
 }

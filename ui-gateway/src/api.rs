@@ -26,6 +26,16 @@ use tokio::time::Instant;
 /// Request header with which a client asks for a shorter deadline, in milliseconds.
 pub(crate) const TIMEOUT_HEADER: &str = "x-keelson-timeout-ms";
 
+/// Request header of a client's idempotency key (IETF draft-ietf-httpapi-idempotency-key-header).
+pub(crate) const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// Response header set when the answer is the stored outcome of an earlier request
+/// (a retry with the same `Idempotency-Key`, or a redelivery), not a new run.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// Longest idempotency key, in bytes.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
 /// Trace-context headers carried from HTTP into the envelope, and their length bound.
 const PROPAGATED_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 const MAX_PROPAGATED_LEN: usize = 1024;
@@ -60,6 +70,38 @@ fn timeout(headers: &HeaderMap, configured: Duration) -> Result<Duration, ApiErr
         .filter(|&ms| ms > 0)
         .ok_or(ApiError::BadTimeout)?;
     Ok(Duration::from_millis(ms).min(configured))
+}
+
+/// The client's idempotency key: 1 to 255 printable ASCII characters, given bare or as
+/// a structured-field string (`"..."`, as the draft writes it).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::BadIdempotencyKey)?
+        .trim();
+    let key = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    let printable = key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !printable {
+        return Err(ApiError::BadIdempotencyKey);
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// What a keyed request is, for telling a retry (same handler, same body) from a
+/// misuse of the key: SHA-256 of the handler name and the body, in hex.
+fn fingerprint(handler: &str, body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(handler.as_bytes());
+    hash.update([0]);
+    hash.update(body);
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The trace-context headers to propagate; malformed or oversized ones are dropped.
@@ -114,6 +156,7 @@ pub(crate) async fn call(
     let user = auth::user_from_headers(&state.secret, headers)?;
     let timeout = timeout(headers, state.config.request_timeout())?;
     let trace_headers = propagated(headers);
+    let key = idempotency_key(headers)?;
     let id = request
         .extensions()
         .get::<RequestId>()
@@ -127,6 +170,10 @@ pub(crate) async fn call(
     let mut envelope = Envelope::new(id.as_str(), handler.as_str(), body, unix_ms_after(timeout));
     envelope.user = user;
     envelope.headers = trace_headers;
+    if let Some(key) = key {
+        envelope.idempotency_fingerprint = Some(fingerprint(&handler, &envelope.body));
+        envelope.idempotency_key = Some(key);
+    }
     let payload = encode(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
 
     let reply_bytes = state
@@ -140,14 +187,22 @@ pub(crate) async fn call(
             reply.id, envelope.id
         )));
     }
-    match reply.status {
-        ReplyStatus::Ok => Ok(ok_response(reply.body, &reply.served_by)),
-        status => Err(ApiError::Reply {
+    let replayed = reply.replayed;
+    let mut response = match reply.status {
+        ReplyStatus::Ok => ok_response(reply.body, &reply.served_by),
+        status => ApiError::Reply {
             status,
             error: reply.error,
             served_by: reply.served_by,
-        }),
+        }
+        .into_response(),
+    };
+    if replayed {
+        response
+            .headers_mut()
+            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     }
+    Ok(response)
 }
 
 /// How much of an over-limit body is read and dropped so that the client receives the
@@ -247,6 +302,36 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        let with = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(IDEMPOTENCY_KEY_HEADER, HeaderValue::from_bytes(v).unwrap());
+            h
+        };
+        assert_eq!(idempotency_key(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(
+            idempotency_key(&with(b"k-1")).unwrap().as_deref(),
+            Some("k-1")
+        );
+        assert_eq!(
+            idempotency_key(&with(b"\"8e03978e\"")).unwrap().as_deref(),
+            Some("8e03978e")
+        );
+        for bad in [&b""[..], b"\"\"", &[b'x'; 256], b"caf\xc3\xa9", b"a\tb"] {
+            assert!(
+                matches!(
+                    idempotency_key(&with(bad)),
+                    Err(ApiError::BadIdempotencyKey)
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_ne!(fingerprint("a", b"1"), fingerprint("a", b"2"));
+        assert_ne!(fingerprint("a", b"1"), fingerprint("b", b"1"));
+        assert_eq!(fingerprint("a", b"1").len(), 64);
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub enum ApiError {
     /// 400 `bad_request`: the body could not be read (other than being too large).
     #[error("cannot read the request body: {0}")]
     BadBody(String),
+    /// 400 `bad_idempotency_key`: the `Idempotency-Key` header is empty, too long, or
+    /// not printable ASCII.
+    #[error("Idempotency-Key must be 1 to 255 printable ASCII characters")]
+    BadIdempotencyKey,
     /// 400 `bad_timeout`: the `x-keelson-timeout-ms` header is not a positive integer.
     #[error("x-keelson-timeout-ms must be a positive integer of milliseconds")]
     BadTimeout,
@@ -101,6 +105,7 @@ impl ApiError {
             E::MalformedJson(_) => own(StatusCode::BAD_REQUEST, "malformed_json"),
             E::BadBody(_) => own(StatusCode::BAD_REQUEST, "bad_request"),
             E::BadTimeout => own(StatusCode::BAD_REQUEST, "bad_timeout"),
+            E::BadIdempotencyKey => own(StatusCode::BAD_REQUEST, "bad_idempotency_key"),
             E::InvalidToken(_) => own(StatusCode::UNAUTHORIZED, "invalid_token"),
             E::UnknownHandler(_) | E::InvalidHandlerName => {
                 own(StatusCode::NOT_FOUND, "unknown_handler")
@@ -169,6 +174,16 @@ fn reply_parts(status: ReplyStatus, error: Option<&ErrorInfo>) -> (StatusCode, S
         ),
         R::NotFound => (StatusCode::NOT_FOUND, "unknown_handler", "no such handler"),
         R::Conflict => (StatusCode::CONFLICT, "conflict", "conflict"),
+        R::KeyReused => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with another request",
+        ),
+        R::TooManyRequests => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "a limit was reached; retry later",
+        ),
         R::PayloadTooLarge => (
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",

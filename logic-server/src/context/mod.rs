@@ -5,9 +5,19 @@
 //! request, never to another. Values are JSON documents under string keys; counters
 //! are separate, integer-valued, and changed only by increments.
 //!
-//! Storage is behind [`ContextStore`], so the local store of a single process
-//! ([`LocalContextStore`]) and a replicated store shared by many logic servers are
-//! interchangeable.
+//! Storage is behind [`ContextStore`]; [`ReplicatedContextStore`] keeps every user's
+//! context on every logic server of the mesh (one process alone included).
+//!
+//! # One request, one delta
+//!
+//! The writes a handler makes are its request's [`Effects`]: applied to this server's
+//! store at once (the handler and this server read them back), and replicated to the
+//! peers together, in one delta, with the request's recorded outcome when the request
+//! ends ([`ContextStore::commit`]). A peer therefore holds a request's effects and its
+//! outcome together or neither, and a redelivery finds either both (and is answered
+//! from the record) or neither (and runs again). The writing requests of one user
+//! run one at a time on a server (from the first write to the commit), so that a
+//! delta never carries another request's uncommitted effects.
 //!
 //! # Which write wins
 //!
@@ -16,18 +26,20 @@
 //! * `increment` of a counter never loses an update: concurrent increments add up.
 //!   Use a counter rather than get-then-set for anything that counts.
 
-mod local;
+mod effects;
 mod replicated;
 
-pub use local::LocalContextStore;
+pub use effects::Effects;
 pub use replicated::ReplicatedContextStore;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use keelson_protocol::idempotency::OutcomeRecord;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
 use std::sync::Arc;
+use tokio::time::Instant;
 
 /// Why a context operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,26 +76,109 @@ pub enum ContextError {
     /// The store cannot be reached.
     #[error("context store unavailable: {0}")]
     Unavailable(String),
+    /// Keys starting with a NUL character are Keelson's own (outcome records).
+    #[error("context key `{key:?}` is reserved: keys may not start with a NUL character")]
+    ReservedKey {
+        /// The key.
+        key: String,
+    },
+    /// The request these writes belonged to has ended (a task the handler spawned
+    /// outlived it); its effects were already replicated.
+    #[error("the request has ended; its context can no longer be written")]
+    Ended,
+}
+
+/// A recorded outcome to replicate with a request's effects.
+#[derive(Debug, Clone)]
+pub struct RecordWrite {
+    /// The user, or [`keelson_protocol::idempotency::ANONYMOUS_SCOPE`].
+    pub scope: String,
+    /// [`keelson_protocol::idempotency::record_key`].
+    pub key: String,
+    /// The record.
+    pub record: OutcomeRecord,
 }
 
 /// Storage of per-user contexts, shared by all requests of a server.
 ///
 /// Implementations are safe to call concurrently. `user` is always a verified user
 /// id; the store never decides who may read what (that is [`UserContext`]'s job).
+///
+/// Writes go into an [`Effects`]: applied here at once, replicated by
+/// [`ContextStore::commit`]. `set`, `delete` and `increment` without effects are one
+/// write committed at once.
 #[async_trait]
 pub trait ContextStore: Send + Sync + fmt::Debug + 'static {
     /// The JSON value under `key`, if any.
     async fn get(&self, user: &str, key: &str) -> Result<Option<Bytes>, ContextError>;
-    /// Store a JSON value under `key`, replacing any previous value.
-    async fn set(&self, user: &str, key: &str, value: Bytes) -> Result<(), ContextError>;
-    /// Remove `key`; whether it existed.
-    async fn delete(&self, user: &str, key: &str) -> Result<bool, ContextError>;
-    /// Add `by` to the counter `key` (absent counters are 0); the new value.
-    async fn increment(&self, user: &str, key: &str, by: i64) -> Result<i64, ContextError>;
     /// The value of the counter `key` (0 when absent).
     async fn counter(&self, user: &str, key: &str) -> Result<i64, ContextError>;
+    /// Store a JSON value under `key`, replacing any previous value, as part of
+    /// `effects`.
+    async fn set_in(
+        &self,
+        effects: &Effects,
+        user: &str,
+        key: &str,
+        value: Bytes,
+    ) -> Result<(), ContextError>;
+    /// Remove `key` as part of `effects`; whether it existed.
+    async fn delete_in(
+        &self,
+        effects: &Effects,
+        user: &str,
+        key: &str,
+    ) -> Result<bool, ContextError>;
+    /// Add `by` to the counter `key` (absent counters are 0) as part of `effects`;
+    /// the new value.
+    async fn increment_in(
+        &self,
+        effects: &Effects,
+        user: &str,
+        key: &str,
+        by: i64,
+    ) -> Result<i64, ContextError>;
+    /// Replicate `effects`, and `record` with them, in one delta; retried until
+    /// `deadline`. On an error the effects and the record stand on this server and
+    /// are replicated later, when the transport carries traffic again. Afterwards
+    /// `effects` takes no more writes ([`ContextError::Ended`]).
+    async fn commit(
+        &self,
+        effects: &Effects,
+        record: Option<RecordWrite>,
+        deadline: Instant,
+    ) -> Result<(), ContextError>;
+    /// The outcome recorded under `key` in `scope`, unless expired.
+    fn record(&self, scope: &str, key: &str) -> Option<OutcomeRecord>;
+    /// How many client idempotency keys `scope` holds records of.
+    fn client_keys(&self, scope: &str) -> usize;
+    /// Wait until every delta that any server published before this call has been
+    /// applied here (a marker sent to itself through the context channel came back),
+    /// or `within` passed; whether the marker came back.
+    async fn barrier(&self, within: std::time::Duration) -> bool;
     /// How many users have a context.
     fn user_count(&self) -> usize;
+
+    /// [`ContextStore::set_in`], committed at once.
+    async fn set(&self, user: &str, key: &str, value: Bytes) -> Result<(), ContextError> {
+        let effects = Effects::default();
+        self.set_in(&effects, user, key, value).await?;
+        self.commit(&effects, None, Instant::now()).await
+    }
+    /// [`ContextStore::delete_in`], committed at once.
+    async fn delete(&self, user: &str, key: &str) -> Result<bool, ContextError> {
+        let effects = Effects::default();
+        let existed = self.delete_in(&effects, user, key).await?;
+        self.commit(&effects, None, Instant::now()).await?;
+        Ok(existed)
+    }
+    /// [`ContextStore::increment_in`], committed at once.
+    async fn increment(&self, user: &str, key: &str, by: i64) -> Result<i64, ContextError> {
+        let effects = Effects::default();
+        let value = self.increment_in(&effects, user, key, by).await?;
+        self.commit(&effects, None, Instant::now()).await?;
+        Ok(value)
+    }
 }
 
 /// The context of one verified user, as a handler sees it.
@@ -91,6 +186,7 @@ pub trait ContextStore: Send + Sync + fmt::Debug + 'static {
 pub struct UserContext {
     store: Arc<dyn ContextStore>,
     user: String,
+    effects: Arc<Effects>,
 }
 
 impl fmt::Debug for UserContext {
@@ -103,8 +199,12 @@ impl fmt::Debug for UserContext {
 
 impl UserContext {
     /// Bind `store` to `user`. Only the server does this, with the verified user.
-    pub(crate) fn new(store: Arc<dyn ContextStore>, user: String) -> Self {
-        Self { store, user }
+    pub(crate) fn new(store: Arc<dyn ContextStore>, user: String, effects: Arc<Effects>) -> Self {
+        Self {
+            store,
+            user,
+            effects,
+        }
     }
 
     /// The user this context belongs to.
@@ -114,7 +214,7 @@ impl UserContext {
 
     /// The value under `key`, deserialized as `T`.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ContextError> {
-        match self.store.get(&self.user, key).await? {
+        match self.store.get(&self.user, own(key)?).await? {
             None => Ok(None),
             Some(bytes) => {
                 serde_json::from_slice(&bytes)
@@ -137,21 +237,37 @@ impl UserContext {
             key: key.to_owned(),
             reason: e.to_string(),
         })?;
-        self.store.set(&self.user, key, bytes.into()).await
+        self.store
+            .set_in(&self.effects, &self.user, own(key)?, bytes.into())
+            .await
     }
 
     /// Remove `key`; whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, ContextError> {
-        self.store.delete(&self.user, key).await
+        self.store
+            .delete_in(&self.effects, &self.user, own(key)?)
+            .await
     }
 
     /// Add `by` to the counter `key`; concurrent increments all count.
     pub async fn increment(&self, key: &str, by: i64) -> Result<i64, ContextError> {
-        self.store.increment(&self.user, key, by).await
+        self.store
+            .increment_in(&self.effects, &self.user, own(key)?, by)
+            .await
     }
 
     /// The current value of the counter `key` (0 when never incremented).
     pub async fn counter(&self, key: &str) -> Result<i64, ContextError> {
-        self.store.counter(&self.user, key).await
+        self.store.counter(&self.user, own(key)?).await
     }
+}
+
+/// `key`, unless it is one of Keelson's own.
+fn own(key: &str) -> Result<&str, ContextError> {
+    if key.starts_with('\0') {
+        return Err(ContextError::ReservedKey {
+            key: key.to_owned(),
+        });
+    }
+    Ok(key)
 }

@@ -46,6 +46,8 @@ fn wire_name(status: ReplyStatus) -> &'static str {
         ReplyStatus::Forbidden => "forbidden",
         ReplyStatus::NotFound => "not_found",
         ReplyStatus::Conflict => "conflict",
+        ReplyStatus::KeyReused => "key_reused",
+        ReplyStatus::TooManyRequests => "too_many_requests",
         ReplyStatus::PayloadTooLarge => "payload_too_large",
         ReplyStatus::HandlerError => "handler_error",
         ReplyStatus::Timeout => "timeout",
@@ -54,7 +56,9 @@ fn wire_name(status: ReplyStatus) -> &'static str {
     }
 }
 
-const KNOWN_STATUSES: [ReplyStatus; 10] = [
+const KNOWN_STATUSES: [ReplyStatus; 12] = [
+    ReplyStatus::KeyReused,
+    ReplyStatus::TooManyRequests,
     ReplyStatus::Ok,
     ReplyStatus::BadRequest,
     ReplyStatus::Unauthorized,
@@ -294,6 +298,7 @@ fn newer_minor_reply_with_unknown_fields_decodes_with_known_fields_intact() {
                 message: "come back later".into(),
             }),
             served_by: "node-c".into(),
+            replayed: false,
         }
     );
 }
@@ -360,6 +365,7 @@ fn reply_without_optional_fields_decodes_with_defaults() {
             body: Vec::new(),
             error: None,
             served_by: String::new(),
+            replayed: false,
         }
     );
 }

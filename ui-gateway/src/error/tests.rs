@@ -42,6 +42,7 @@ fn gateway_errors_have_distinct_statuses_and_codes() {
         (ApiError::NotReady, 503, "not_ready"),
         (ApiError::Timeout, 504, "timeout"),
         (ApiError::BadReply("x".into()), 502, "bad_reply"),
+        (ApiError::BadIdempotencyKey, 400, "bad_idempotency_key"),
         (ApiError::Internal("x".into()), 500, "internal"),
     ];
     for (error, status, code) in cases {
@@ -58,6 +59,8 @@ fn reply_statuses_map_to_http_with_the_reply_error_info() {
         (ReplyStatus::Forbidden, 403),
         (ReplyStatus::NotFound, 404),
         (ReplyStatus::Conflict, 409),
+        (ReplyStatus::KeyReused, 422),
+        (ReplyStatus::TooManyRequests, 429),
         (ReplyStatus::PayloadTooLarge, 413),
         (ReplyStatus::HandlerError, 500),
         (ReplyStatus::Unknown, 500),

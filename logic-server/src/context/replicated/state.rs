@@ -13,8 +13,9 @@
 //! same operations in any order, any number of times, hold equal states.
 
 use keelson_protocol::context::{ContextOp, CounterEntry, Hlc, UserSnapshot, ValueEntry};
+use keelson_protocol::idempotency::{RECORD_KEY_PREFIX, is_client_key};
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -122,6 +123,19 @@ struct Share {
     sum: i64,
 }
 
+/// An outcome record (see `keelson_protocol::idempotency`): a register of its own,
+/// apart from the user's values, since a user may hold many and they do not count
+/// against the context's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    ts: Stamp,
+    value: Box<[u8]>,
+    /// From the record itself; every server forgets it then.
+    expires_ms: u64,
+}
+
+type Records = HashMap<Box<str>, Record>;
+
 /// A counter: its key and one share per node that counted.
 type Counter = (Key, Vec<Share>);
 
@@ -134,6 +148,9 @@ pub(crate) struct UserState {
     /// takes 24 (and a boxed slice 16), so the box around the `Vec` is on purpose.
     #[allow(clippy::box_collection)]
     counters: Option<Box<Vec<Counter>>>,
+    /// Outcome records, by record key; most users have none.
+    #[allow(clippy::box_collection)]
+    records: Option<Box<Records>>,
 }
 
 impl UserState {
@@ -142,6 +159,41 @@ impl UserState {
             last_active: Active::from(seen),
             values: Box::default(),
             counters: None,
+            records: None,
+        }
+    }
+
+    fn record_entries(&self) -> impl Iterator<Item = (&Box<str>, &Record)> {
+        self.records.iter().flat_map(|r| r.iter())
+    }
+
+    fn merge_record(&mut self, key: &str, ts: Stamp, value: Option<&[u8]>) {
+        // A record is never deleted, only replaced or expired.
+        let Some(value) = value else { return };
+        let Some(expires_ms) = keelson_protocol::idempotency::expiry_of(value) else {
+            tracing::debug!("ignoring an undecodable outcome record");
+            return;
+        };
+        let records = self.records.get_or_insert_with(Box::default);
+        match records.get_mut(key) {
+            Some(r) if ts <= r.ts => {}
+            Some(r) => {
+                *r = Record {
+                    ts,
+                    value: value.into(),
+                    expires_ms,
+                }
+            }
+            None => {
+                records.insert(
+                    key.into(),
+                    Record {
+                        ts,
+                        value: value.into(),
+                        expires_ms,
+                    },
+                );
+            }
         }
     }
 
@@ -286,6 +338,12 @@ impl State {
                 ts,
             } => {
                 let ts = self.stamp(ts);
+                if key.starts_with(RECORD_KEY_PREFIX) {
+                    // Not interned: record keys are unique.
+                    self.user_mut(user, &ts)
+                        .merge_record(key, ts, value.as_deref());
+                    return;
+                }
                 let key = self.key(key);
                 let u = self.user_mut(user, &ts);
                 u.touch(&ts);
@@ -323,6 +381,19 @@ impl State {
         self.users.get(user)?.register(key)?.value.as_deref()
     }
 
+    /// The bytes of the outcome record under `key`, unless expired at `now_ms`.
+    pub(crate) fn record(&self, user: &str, key: &str, now_ms: u64) -> Option<&[u8]> {
+        let r = self.users.get(user)?.records.as_ref()?.get(key)?;
+        (r.expires_ms > now_ms).then_some(&*r.value)
+    }
+
+    /// How many records of client idempotency keys `user` holds.
+    pub(crate) fn client_keys(&self, user: &str) -> usize {
+        self.users.get(user).map_or(0, |u| {
+            u.record_entries().filter(|(k, _)| is_client_key(k)).count()
+        })
+    }
+
     /// The value of a counter: the sum of every node's share.
     pub(crate) fn counter(&self, user: &str, key: &str) -> i64 {
         self.users
@@ -342,12 +413,26 @@ impl State {
             .map_or((0, 0), |s| (s.seq, s.sum))
     }
 
-    /// Drop users idle since before `idle_before_ms`, and tombstones written before
+    /// Drop outcome records expired at `now_ms`, users idle since before
+    /// `idle_before_ms` that hold no record, and tombstones written before
     /// `tombstones_before_ms`. Returns the number of users dropped.
-    pub(crate) fn expire(&mut self, idle_before_ms: u64, tombstones_before_ms: u64) -> usize {
+    pub(crate) fn expire(
+        &mut self,
+        now_ms: u64,
+        idle_before_ms: u64,
+        tombstones_before_ms: u64,
+    ) -> usize {
         let before = self.users.len();
+        for u in self.users.values_mut() {
+            if let Some(records) = u.records.as_mut() {
+                records.retain(|_, r| r.expires_ms > now_ms);
+                if records.is_empty() {
+                    u.records = None;
+                }
+            }
+        }
         self.users
-            .retain(|_, u| u.last_active.wall_ms >= idle_before_ms);
+            .retain(|_, u| u.last_active.wall_ms >= idle_before_ms || u.records.is_some());
         let expired = |r: &Register| r.value.is_none() && r.ts.wall_ms < tombstones_before_ms;
         for u in self.users.values_mut() {
             if u.values.iter().any(|(_, r)| expired(r)) {
@@ -401,6 +486,10 @@ impl State {
             state.touch(&active);
             for v in &snap.values {
                 let ts = self.stamp(&v.ts);
+                if v.key.starts_with(RECORD_KEY_PREFIX) {
+                    state.merge_record(&v.key, ts, v.value.as_deref());
+                    continue;
+                }
                 let key = self.key(&v.key);
                 state.merge_value(&key, ts, v.value.as_deref().map(Box::from));
             }
@@ -460,6 +549,11 @@ fn to_snapshot(name: &str, u: &UserState) -> UserSnapshot {
                 value: r.value.as_ref().map(|v| v.to_vec()),
                 ts: to_hlc(&r.ts),
             })
+            .chain(u.record_entries().map(|(k, r)| ValueEntry {
+                key: k.to_string(),
+                value: Some(r.value.to_vec()),
+                ts: to_hlc(&r.ts),
+            }))
             .collect(),
         counters: u
             .counter_entries()

@@ -4,21 +4,30 @@
 use super::clock::Clock;
 use super::state::{Node, Stamp, State};
 use crate::config::ContextConfig;
-use crate::context::{ContextError, ContextStore};
+use crate::context::{ContextError, ContextStore, Effects, RecordWrite};
 use async_trait::async_trait;
 use bytes::Bytes;
 use keelson_protocol::context::{
     CONTEXT_CHANNEL, ContextDelta, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE, SnapshotChunk,
     SnapshotRequest,
 };
+use keelson_protocol::idempotency::OutcomeRecord;
 use keelson_protocol::transport::{Message, RequestError, ServiceSpec};
 use keelson_protocol::{ProtocolVersion, Transport, decode, encode};
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{OwnedMutexGuard, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+/// How often a delta that could not be published is tried again.
+const REPUBLISH_EVERY: Duration = Duration::from_millis(200);
+
+/// Per-user write turns: one writing request of a user at a time on this server.
+type Turns = HashMap<Box<str>, Weak<tokio::sync::Mutex<()>>>;
 
 /// How often a failed snapshot chunk is asked again before the server gives up and
 /// serves with what it has.
@@ -32,6 +41,10 @@ pub struct ReplicatedContextStore {
     inner: Mutex<Inner>,
     ready: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    turns: Mutex<Turns>,
+    /// The last barrier marker sent, and the highest one received back.
+    markers_sent: AtomicU64,
+    markers_back: watch::Sender<u64>,
 }
 
 struct Inner {
@@ -105,6 +118,9 @@ impl ReplicatedContextStore {
             }),
             ready: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            turns: Mutex::new(HashMap::new()),
+            markers_sent: AtomicU64::new(0),
+            markers_back: watch::channel(0).0,
         });
         let unavailable = |e: keelson_protocol::transport::TransportError| {
             ContextError::Unavailable(e.to_string())
@@ -223,6 +239,13 @@ impl ReplicatedContextStore {
             }
         };
         if *delta.origin == *self.node {
+            if let Some(marker) = delta.marker {
+                self.markers_back.send_if_modified(|back| {
+                    let newer = marker > *back;
+                    *back = (*back).max(marker);
+                    newer
+                });
+            }
             return;
         }
         let mut inner = self.lock();
@@ -234,17 +257,76 @@ impl ReplicatedContextStore {
         }
     }
 
-    async fn publish(&self, ops: Vec<ContextOp>) -> Result<(), ContextError> {
+    fn delta(&self, ops: Vec<ContextOp>, marker: Option<u64>) -> Result<Bytes, ContextError> {
         let delta = ContextDelta {
             v: ProtocolVersion::CURRENT,
             origin: self.node.to_string(),
             ops,
+            marker,
         };
-        let payload = encode(&delta).map_err(|e| ContextError::Unavailable(e.to_string()))?;
+        encode(&delta)
+            .map(Bytes::from)
+            .map_err(|e| ContextError::Unavailable(e.to_string()))
+    }
+
+    async fn broadcast(&self, payload: Bytes) -> Result<(), ContextError> {
         self.transport
             .broadcast(CONTEXT_CHANNEL, Message::new(payload))
             .await
             .map_err(|e| ContextError::Unavailable(format!("cannot replicate the write: {e}")))
+    }
+
+    /// Publish a delta, trying again until `deadline`; past it, go on trying in the
+    /// background (the writes stand here and must reach the peers) and report the
+    /// error.
+    async fn publish(&self, payload: Bytes, deadline: Instant) -> Result<(), ContextError> {
+        let error = loop {
+            match self.broadcast(payload.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() + REPUBLISH_EVERY >= deadline => break e,
+                Err(_) => tokio::time::sleep(REPUBLISH_EVERY).await,
+            }
+        };
+        tracing::warn!(error = %error, "a context delta is not replicated yet; trying again in the background");
+        let transport = self.transport.clone();
+        self.spawn(async move {
+            loop {
+                tokio::time::sleep(REPUBLISH_EVERY).await;
+                let message = Message::new(payload.clone());
+                if transport.broadcast(CONTEXT_CHANNEL, message).await.is_ok() {
+                    tracing::info!("a delayed context delta is replicated");
+                    break;
+                }
+            }
+        });
+        Err(error)
+    }
+
+    /// The write turn of `user`, unless `effects` holds it already.
+    async fn take_turn(&self, effects: &Effects, user: &str) -> Result<(), ContextError> {
+        if effects.ended() {
+            return Err(ContextError::Ended);
+        }
+        if effects.has_turn() {
+            return Ok(());
+        }
+        let lock = {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            if turns.len() > 1024 {
+                turns.retain(|_, w| w.strong_count() > 0);
+            }
+            match turns.get(user).and_then(Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    turns.insert(user.into(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        let turn: OwnedMutexGuard<()> = lock.lock_owned().await;
+        effects.hold_turn(turn);
+        Ok(())
     }
 
     /// Pull the peers' state chunk by chunk and merge it: to join, or to resync.
@@ -399,7 +481,7 @@ impl ReplicatedContextStore {
         let now = now_ms();
         let idle = now.saturating_sub(self.config.idle_ttl_s.saturating_mul(1000));
         let tombstones = now.saturating_sub(self.config.tombstone_ttl_s.saturating_mul(1000));
-        let dropped = self.lock().state.expire(idle, tombstones);
+        let dropped = self.lock().state.expire(now, idle, tombstones);
         if dropped > 0 {
             tracing::debug!(dropped, "expired idle user contexts");
         }
@@ -459,6 +541,7 @@ impl ReplicatedContextStore {
                 v: ProtocolVersion::CURRENT,
                 origin,
                 ops: vec![op],
+                marker: None,
             };
             if let Ok(payload) = encode(&delta) {
                 let _ = this.broadcast(CONTEXT_CHANNEL, Message::new(payload)).await;
@@ -475,80 +558,145 @@ impl ContextStore for ReplicatedContextStore {
         Ok(value)
     }
 
-    async fn set(&self, user: &str, key: &str, value: Bytes) -> Result<(), ContextError> {
-        let op = {
-            let mut inner = self.lock();
-            let ts = self.admit(&mut inner, user, key, value.len())?;
-            ContextOp::Set {
-                user: user.to_owned(),
-                key: key.to_owned(),
-                value: Some(value.to_vec()),
-                ts: to_hlc(&ts),
-            }
-        };
-        // Broadcast first: if that fails, no server (this one included) has it.
-        self.publish(vec![op.clone()]).await?;
-        self.lock().state.apply(&op);
-        Ok(())
-    }
-
-    async fn delete(&self, user: &str, key: &str) -> Result<bool, ContextError> {
-        let op = {
-            let mut inner = self.lock();
-            if inner.state.get(user, key).is_none() {
-                return Ok(false);
-            }
-            let ts = inner.clock.tick();
-            ContextOp::Set {
-                user: user.to_owned(),
-                key: key.to_owned(),
-                value: None,
-                ts: to_hlc(&ts),
-            }
-        };
-        self.publish(vec![op.clone()]).await?;
-        self.lock().state.apply(&op);
-        Ok(true)
-    }
-
-    async fn increment(&self, user: &str, key: &str, by: i64) -> Result<i64, ContextError> {
-        let (ops, value) = {
-            let mut inner = self.lock();
-            let ts = self.admit(&mut inner, user, key, 8)?;
-            let (seq, sum) = inner.state.share(user, key, &self.node);
-            let sum = sum
-                .checked_add(by)
-                .ok_or_else(|| ContextError::NotANumber {
-                    key: key.to_owned(),
-                })?;
-            let ops = vec![
-                ContextOp::Count {
-                    user: user.to_owned(),
-                    key: key.to_owned(),
-                    node: self.node.to_string(),
-                    seq: seq + 1,
-                    sum,
-                },
-                ContextOp::Touch {
-                    user: user.to_owned(),
-                    ts: to_hlc(&ts),
-                },
-            ];
-            // Applied at once so concurrent local increments serialise here; the
-            // running sum makes a lost broadcast heal with the next one.
-            for op in &ops {
-                inner.state.apply(op);
-            }
-            (ops, inner.state.counter(user, key))
-        };
-        self.publish(ops).await?;
-        Ok(value)
-    }
-
     async fn counter(&self, user: &str, key: &str) -> Result<i64, ContextError> {
         let value = self.lock().state.counter(user, key);
         self.touch_if_stale(user);
         Ok(value)
+    }
+
+    async fn set_in(
+        &self,
+        effects: &Effects,
+        user: &str,
+        key: &str,
+        value: Bytes,
+    ) -> Result<(), ContextError> {
+        self.take_turn(effects, user).await?;
+        let mut inner = self.lock();
+        let ts = self.admit(&mut inner, user, key, value.len())?;
+        let op = ContextOp::Set {
+            user: user.to_owned(),
+            key: key.to_owned(),
+            value: Some(value.to_vec()),
+            ts: to_hlc(&ts),
+        };
+        effects.push([op.clone()])?;
+        inner.state.apply(&op);
+        Ok(())
+    }
+
+    async fn delete_in(
+        &self,
+        effects: &Effects,
+        user: &str,
+        key: &str,
+    ) -> Result<bool, ContextError> {
+        self.take_turn(effects, user).await?;
+        let mut inner = self.lock();
+        if inner.state.get(user, key).is_none() {
+            return Ok(false);
+        }
+        let ts = inner.clock.tick();
+        let op = ContextOp::Set {
+            user: user.to_owned(),
+            key: key.to_owned(),
+            value: None,
+            ts: to_hlc(&ts),
+        };
+        effects.push([op.clone()])?;
+        inner.state.apply(&op);
+        Ok(true)
+    }
+
+    async fn increment_in(
+        &self,
+        effects: &Effects,
+        user: &str,
+        key: &str,
+        by: i64,
+    ) -> Result<i64, ContextError> {
+        self.take_turn(effects, user).await?;
+        let mut inner = self.lock();
+        let ts = self.admit(&mut inner, user, key, 8)?;
+        let (seq, sum) = inner.state.share(user, key, &self.node);
+        let sum = sum
+            .checked_add(by)
+            .ok_or_else(|| ContextError::NotANumber {
+                key: key.to_owned(),
+            })?;
+        let ops = [
+            ContextOp::Count {
+                user: user.to_owned(),
+                key: key.to_owned(),
+                node: self.node.to_string(),
+                seq: seq + 1,
+                sum,
+            },
+            ContextOp::Touch {
+                user: user.to_owned(),
+                ts: to_hlc(&ts),
+            },
+        ];
+        effects.push(ops.iter().cloned())?;
+        // Applied at once so that the request (and this server) reads it back; the
+        // running sum makes a lost broadcast heal with the next one.
+        for op in &ops {
+            inner.state.apply(op);
+        }
+        Ok(inner.state.counter(user, key))
+    }
+
+    async fn commit(
+        &self,
+        effects: &Effects,
+        record: Option<RecordWrite>,
+        deadline: Instant,
+    ) -> Result<(), ContextError> {
+        // The user's turn is held until the delta is out: a later request's delta
+        // must not overtake this one's running sums.
+        let (mut ops, _turn) = effects.end();
+        if let Some(RecordWrite { scope, key, record }) = record {
+            let value = encode(&record).map_err(|e| ContextError::Unavailable(e.to_string()))?;
+            let mut inner = self.lock();
+            let ts = inner.clock.tick();
+            let op = ContextOp::Set {
+                user: scope,
+                key,
+                value: Some(value),
+                ts: to_hlc(&ts),
+            };
+            inner.state.apply(&op);
+            ops.push(op);
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let payload = self.delta(ops, None)?;
+        self.publish(payload, deadline).await
+    }
+
+    fn record(&self, scope: &str, key: &str) -> Option<OutcomeRecord> {
+        let inner = self.lock();
+        let bytes = inner.state.record(scope, key, now_ms())?;
+        decode(bytes).ok()
+    }
+
+    fn client_keys(&self, scope: &str) -> usize {
+        self.lock().state.client_keys(scope)
+    }
+
+    async fn barrier(&self, within: Duration) -> bool {
+        let marker = self.markers_sent.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut back = self.markers_back.subscribe();
+        let Ok(payload) = self.delta(Vec::new(), Some(marker)) else {
+            return false;
+        };
+        if self.broadcast(payload).await.is_err() {
+            return false;
+        }
+        tokio::time::timeout(within, back.wait_for(|b| *b >= marker))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     fn user_count(&self) -> usize {

@@ -233,12 +233,12 @@ fn tombstones_hide_values_and_are_collected_after_the_bound() {
         ts: ts(15),
     });
     assert_eq!(s.get("u", "k"), None);
-    assert_eq!(s.expire(0, 21), 0);
+    assert_eq!(s.expire(0, 0, 21), 0);
     assert!(
         s.user("u").unwrap().values.is_empty(),
         "the tombstone was not collected"
     );
     // Idle users are dropped.
-    assert_eq!(s.expire(21, 0), 1);
+    assert_eq!(s.expire(0, 21, 0), 1);
     assert_eq!(s.user_count(), 0);
 }

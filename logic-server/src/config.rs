@@ -24,6 +24,11 @@ pub struct LogicServerConfig {
     /// Longest time a request's deadline may lie ahead when it arrives; a request
     /// with a deadline farther away (or already past) is refused with an error reply.
     pub max_deadline_ms: u64,
+    /// Most deliveries of one request without an outcome (a server died running it,
+    /// or lost its connection) before it is dead-lettered and its requester told so.
+    /// A delivery given back unstarted (governor pause, narrower window, drain) does
+    /// not count.
+    pub max_deliveries: u32,
     /// Idempotency records: how redeliveries and client retries are recognised.
     pub idempotency: IdempotencyConfig,
     /// Bounds on the per-user context.
@@ -43,6 +48,7 @@ impl Default for LogicServerConfig {
             drain_timeout_ms: 10_000,
             heartbeat_interval_ms: 1000,
             max_deadline_ms: 300_000,
+            max_deliveries: 5,
             idempotency: IdempotencyConfig::default(),
             context: ContextConfig::default(),
             governor: GovernorConfig::default(),

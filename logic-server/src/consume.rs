@@ -62,8 +62,8 @@ impl Unstarted {
             let Some((delivery, in_flight)) = weak.upgrade().and_then(|slot| take(&slot)) else {
                 continue;
             };
-            if let Err(e) = delivery.requeue().await {
-                tracing::debug!(error = %e, "requeue failed; the request will be redelivered");
+            if let Err(e) = delivery.hand_back().await {
+                tracing::debug!(error = %e, "hand-back failed; the request will be redelivered");
             }
             drop(in_flight);
             handed += 1;
@@ -196,6 +196,22 @@ impl ConsumeLoop {
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "consumer error");
+                    }
+                    Some(Ok(delivery)) if dispatcher.needs_isolation(&delivery) => {
+                        // Alone: nothing else taken, nothing else in flight.
+                        tracing::info!(deliveries = delivery.deliveries(), "running a request that came back without an outcome alone");
+                        if let Err(e) = consumer.pause().await {
+                            tracing::warn!(error = %e, "could not stop intake to run a request alone");
+                        }
+                        unstarted.hand_back().await;
+                        while tasks.join_next().await.is_some() {}
+                        let in_flight = InFlight::enter(stats.clone());
+                        dispatcher.handle(delivery).await;
+                        stats.count_handled();
+                        drop(in_flight);
+                        if !paused && let Err(e) = consumer.resume().await {
+                            tracing::warn!(error = %e, "could not resume intake");
+                        }
                     }
                     Some(Ok(delivery)) => {
                         // The transport's prefetch is the real cap; this guards

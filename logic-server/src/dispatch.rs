@@ -32,6 +32,7 @@ pub(crate) struct Dispatcher {
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
     pub(crate) max_deadline_ms: u64,
+    pub(crate) max_deliveries: u32,
     pub(crate) idempotency: IdempotencyConfig,
 }
 
@@ -54,8 +55,10 @@ pub(crate) enum Handled {
     /// Refused before the handler: deadline past or too far, key reused or busy.
     Refused(ReplyStatus),
     DeadLettered,
-    /// Requeued for a peer that hosts the handler.
+    /// Given back to the queue for a peer that hosts the handler.
     HandedOver,
+    /// A redelivery, put back as a copy that counts it; the copy runs.
+    Recounted,
 }
 
 pub(crate) fn unix_ms_now() -> u64 {
@@ -73,7 +76,24 @@ struct Keyed {
 }
 
 impl Dispatcher {
+    /// Whether `delivery` must run alone on this server: an earlier delivery of it
+    /// reached a consumer and ended without an outcome (that server may have died of
+    /// it), so that if it kills this one too, nothing else is lost with it or blamed
+    /// for it.
+    pub(crate) fn needs_isolation(&self, delivery: &Delivery) -> bool {
+        !delivery.redelivered && (2..=self.limits.max_deliveries).contains(&delivery.deliveries())
+    }
+
     pub(crate) async fn handle(&self, delivery: Delivery) -> Handled {
+        if delivery.redelivered {
+            // It reached a consumer before and was not settled (that server died or
+            // lost its connection). Not every queue counts deliveries (classic queues
+            // and the memory transport do not): count it in a copy, which runs.
+            if let Err(e) = delivery.count_redelivery().await {
+                tracing::warn!(error = %e, "could not count a redelivery; it comes again");
+            }
+            return Handled::Recounted;
+        }
         let request: Request = match decode(&delivery.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -127,8 +147,8 @@ impl Dispatcher {
             // During a rolling upgrade servers of two versions share one queue; a
             // handler only the newer ones host must reach one of them.
             tokio::time::sleep(HAND_OVER_DELAY).await;
-            if let Err(e) = delivery.requeue().await {
-                tracing::debug!(error = %e, "requeue failed; the request will be redelivered");
+            if let Err(e) = delivery.hand_back().await {
+                tracing::debug!(error = %e, "hand-back failed; the request will be redelivered");
             }
             return Handled::HandedOver;
         }
@@ -140,7 +160,8 @@ impl Dispatcher {
             key: record_key(request.idempotency_key.as_deref(), &request.id),
             client: request.idempotency_key.is_some(),
         };
-        if delivery.redelivered && self.store.record(&keyed.scope, &keyed.key).is_none() {
+        let deliveries = delivery.deliveries();
+        if deliveries > 1 && self.store.record(&keyed.scope, &keyed.key).is_none() {
             // The server that held it before may have replicated its effects and
             // outcome just before it died: let them arrive before deciding to run.
             let within = Duration::from_millis(self.limits.idempotency.redelivery_barrier_ms);
@@ -157,6 +178,9 @@ impl Dispatcher {
             } else {
                 Handled::Refused(status)
             };
+        }
+        if deliveries > self.limits.max_deliveries {
+            return self.poison(delivery, request, deliveries).await;
         }
         if keyed.client
             && let Err(reply) = self.mark_running(&request, &keyed, deadline).await
@@ -230,6 +254,29 @@ impl Dispatcher {
         message: impl Into<String>,
     ) -> Reply {
         Reply::error(id, status, code, message, &self.node_id)
+    }
+
+    /// A request delivered more than `max_deliveries` times without an outcome: its
+    /// handler most likely kills the server. Dead-lettered with the reason and the
+    /// count (in its headers); its requester gets an error, not a timeout.
+    async fn poison(&self, delivery: Delivery, request: Request, deliveries: u32) -> Handled {
+        let max = self.limits.max_deliveries;
+        let reason = format!(
+            "delivered {deliveries} times without an outcome (max_deliveries = {max}): its handler `{}` may kill the server",
+            request.handler
+        );
+        tracing::error!(id = %request.id, handler = %request.handler, user = ?request.user, deliveries, "dead-lettering a request that never completed");
+        let reply = self.error(
+            request.id,
+            ReplyStatus::HandlerError,
+            "delivery_limit",
+            reason.clone(),
+        );
+        send(&delivery, &reply).await;
+        if let Err(e) = delivery.reject(reason).await {
+            tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
+        }
+        Handled::DeadLettered
     }
 
     /// Answer without running the handler, and settle.

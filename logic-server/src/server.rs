@@ -78,6 +78,7 @@ impl LogicServer {
     ) -> Self {
         let limits = Limits {
             max_deadline_ms: config.max_deadline_ms,
+            max_deliveries: config.max_deliveries.max(1),
             idempotency: config.idempotency.clone(),
         };
         Self {

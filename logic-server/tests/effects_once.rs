@@ -13,7 +13,7 @@ use keelson_logic_server::{
 };
 use keelson_protocol::context::CONTEXT_CHANNEL;
 use keelson_protocol::transport::memory::MemoryTransport;
-use keelson_protocol::transport::{DEAD_LETTER_REASON_HEADER, Message};
+use keelson_protocol::transport::{DEAD_LETTER_REASON_HEADER, DELIVERIES_HEADER, Message};
 use keelson_protocol::{ProtocolVersion, ReplyStatus, Request, Transport, encode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -310,4 +310,129 @@ async fn records_are_kept_apart_from_what_handlers_can_reach() {
         String::from_utf8_lossy(&reply.body).contains("reserved"),
         "{reply:?}"
     );
+}
+
+/// Counts the handlers running at once, each held until `release` gives a permit;
+/// reports on `entered` how many others were running when it started.
+struct Held {
+    running: Arc<AtomicUsize>,
+    release: Arc<Semaphore>,
+    entered: tokio::sync::mpsc::UnboundedSender<usize>,
+}
+
+#[async_trait]
+impl Handler for Held {
+    async fn call(&self, _req: RequestCtx) -> Result<Response, HandlerError> {
+        let others = self.running.fetch_add(1, Ordering::SeqCst);
+        let _ = self.entered.send(others);
+        self.release.acquire().await.unwrap().forget();
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Response::json(&others)
+    }
+}
+
+async fn send_with_deliveries(
+    transport: &MemoryTransport,
+    req: &Request,
+    deliveries: u32,
+) -> keelson_protocol::Reply {
+    let mut message = Message::new(encode(req).unwrap());
+    message
+        .headers
+        .insert(DELIVERIES_HEADER.to_owned(), deliveries.to_string());
+    let raw = guard(
+        "a reply",
+        transport.request(&req.handler, message, Instant::now() + LONG),
+    )
+    .await
+    .unwrap();
+    keelson_protocol::decode(&raw).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_came_back_without_an_outcome_runs_alone() {
+    let transport = MemoryTransport::new();
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(Semaphore::new(0));
+    let held = Arc::new(Held {
+        running: Arc::new(AtomicUsize::new(0)),
+        release: release.clone(),
+        entered: entered_tx,
+    });
+    let _server = start(&transport, vec![("held", held)]).await;
+
+    let ask_held = |deliveries: u32| {
+        let transport = transport.clone();
+        tokio::spawn(async move {
+            let req = request("held", Some("kim"), b"{}", LONG);
+            send_with_deliveries(&transport, &req, deliveries).await
+        })
+    };
+    let first: Vec<_> = (0..3).map(|_| ask_held(1)).collect();
+    for _ in 0..3 {
+        guard("a first request in its handler", entered.recv()).await;
+    }
+    // Delivered before without an outcome: it waits until nothing else runs ...
+    let suspect = ask_held(2);
+    let early = tokio::time::timeout(QUIET, entered.recv()).await;
+    assert!(early.is_err(), "it started beside others: {early:?}");
+    release.add_permits(3);
+    let others = guard("the suspect in its handler", entered.recv())
+        .await
+        .unwrap();
+    assert_eq!(others, 0, "it runs alone");
+    // ... and nothing starts beside it.
+    let later = ask_held(1);
+    let beside = tokio::time::timeout(QUIET, entered.recv()).await;
+    assert!(beside.is_err(), "a request started beside it: {beside:?}");
+    release.add_permits(1);
+    assert_eq!(
+        guard("the suspect's reply", suspect).await.unwrap().status,
+        ReplyStatus::Ok
+    );
+    guard("the later request in its handler", entered.recv()).await;
+    release.add_permits(1);
+    assert_eq!(
+        guard("the later reply", later).await.unwrap().status,
+        ReplyStatus::Ok
+    );
+    for f in first {
+        assert_eq!(
+            guard("a first reply", f).await.unwrap().status,
+            ReplyStatus::Ok
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_delivered_too_often_is_dead_lettered_with_an_error_reply() {
+    let transport = MemoryTransport::new();
+    let inc = Arc::new(Increment::default());
+    let _server = start(&transport, vec![("inc", inc.clone())]).await;
+    let mut dead_letters = transport.consume_dead_letters(1).await.unwrap();
+
+    let req = request("inc", Some("lee"), b"{}", LONG);
+    // max_deliveries is 5 by default: a sixth delivery is one too many.
+    let reply = send_with_deliveries(&transport, &req, 6).await;
+    assert_error(&reply, ReplyStatus::HandlerError, "delivery_limit");
+    let dl = guard("a dead letter", dead_letters.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        dl.headers[DEAD_LETTER_REASON_HEADER].contains("delivered 6 times"),
+        "{:?}",
+        dl.headers
+    );
+    assert_eq!(dl.headers[DELIVERIES_HEADER], "6");
+    assert_eq!(
+        inc.calls.load(Ordering::SeqCst),
+        0,
+        "the handler did not run"
+    );
+
+    // The fifth still runs.
+    let req = request("inc", Some("lee"), b"{}", LONG);
+    let reply = send_with_deliveries(&transport, &req, 5).await;
+    assert_eq!(reply.status, ReplyStatus::Ok);
 }

@@ -147,3 +147,26 @@ async fn an_undecodable_delta_is_ignored_and_the_store_goes_on() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_barrier_returns_once_the_deltas_published_before_it_are_applied() {
+    let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+    let a = ReplicatedContextStore::start(transport.clone(), "a", config())
+        .await
+        .unwrap();
+    let b = ReplicatedContextStore::start(transport.clone(), "b", config())
+        .await
+        .unwrap();
+    for i in 0..100 {
+        a.increment("u", "c", 1).await.unwrap();
+        assert!(
+            b.barrier(Duration::from_secs(5)).await,
+            "the marker came back"
+        );
+        assert_eq!(
+            b.counter("u", "c").await.unwrap(),
+            i + 1,
+            "every earlier delta applied"
+        );
+    }
+}

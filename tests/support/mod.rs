@@ -203,6 +203,11 @@ impl Process {
             .expect("cannot wait for the process")
     }
 
+    /// Whether the process has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// SIGKILL, and reap it.
     pub async fn kill9(mut self) {
         self.child.kill().await.expect("cannot kill the process");

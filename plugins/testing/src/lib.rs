@@ -6,6 +6,8 @@
 //! * `test.panic`: panics;
 //! * `test.fail`: returns an internal error;
 //! * `test.whoami`: answers `{"user": ...}` with the verified user or `null`;
+//! * `test.abort`: aborts the whole process (a poison message: a handler that kills
+//!   its server, as an out-of-memory kill or a crash in native code would);
 //! * `test.next` (feature `next`): exists only in the "next version" build of the
 //!   rolling-upgrade test.
 //!
@@ -90,6 +92,16 @@ impl Handler for Fail {
     }
 }
 
+struct Abort;
+
+#[async_trait]
+impl Handler for Abort {
+    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
+        tracing::error!(id = req.id(), "test.abort: aborting the process");
+        std::process::abort()
+    }
+}
+
 struct WhoAmI;
 
 #[async_trait]
@@ -110,6 +122,7 @@ keelson_logic_server::register_handler!(
 );
 keelson_logic_server::register_handler!("test.fail", "fails with an internal error", |_| Ok(Fail));
 keelson_logic_server::register_handler!("test.whoami", "answers the verified user", |_| Ok(WhoAmI));
+keelson_logic_server::register_handler!("test.abort", "aborts the process", |_| Ok(Abort));
 
 #[cfg(feature = "next")]
 struct Next;

@@ -254,6 +254,59 @@ pub async fn dropped_delivery_is_requeued(t: Arc<dyn Transport>) {
     assert_eq!(req.await.unwrap().unwrap(), Bytes::from_static(b"y"));
 }
 
+pub async fn hand_back_is_not_a_redelivery_and_keeps_the_reply_address(t: Arc<dyn Transport>) {
+    t.declare_service(&service("hb", &["hb"])).await.unwrap();
+    let mut c = t.consume("hb", 1).await.unwrap();
+    let req = {
+        let t = t.clone();
+        tokio::spawn(async move { t.request("hb", Message::new(&b"back"[..]), soon()).await })
+    };
+    let first = within("delivery", c.next()).await.unwrap().unwrap();
+    assert_eq!(first.deliveries(), 1);
+    // Given back many times, as a governor that pauses again and again would.
+    let mut d = first;
+    for _ in 0..10 {
+        d.hand_back().await.unwrap();
+        d = within("the handed-back message", c.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!d.redelivered, "a hand-back is not a redelivery");
+        assert_eq!(d.deliveries(), 1, "a hand-back does not count");
+    }
+    assert_eq!(d.payload, Bytes::from_static(b"back"));
+    d.reply(&b"answered"[..]).await.unwrap();
+    d.ack().await.unwrap();
+    assert_eq!(req.await.unwrap().unwrap(), Bytes::from_static(b"answered"));
+}
+
+pub async fn counted_redeliveries_carry_their_count(t: Arc<dyn Transport>) {
+    t.declare_service(&service("cr", &["cr"])).await.unwrap();
+    let mut c = t.consume("cr", 1).await.unwrap();
+    let req = {
+        let t = t.clone();
+        let mut msg = Message::new(&b"count"[..]);
+        msg.headers.insert("x-test".into(), "kept".into());
+        tokio::spawn(async move { t.request("cr", msg, soon()).await })
+    };
+    let mut d = within("delivery", c.next()).await.unwrap().unwrap();
+    for expected in 2..=4 {
+        // The consumer died with it (dropped unsettled): it comes back redelivered,
+        // and counting it puts a copy with the count on the queue.
+        drop(d);
+        let again = within("redelivery", c.next()).await.unwrap().unwrap();
+        assert!(again.redelivered);
+        again.count_redelivery().await.unwrap();
+        d = within("the counted copy", c.next()).await.unwrap().unwrap();
+        assert!(!d.redelivered);
+        assert_eq!(d.deliveries(), expected);
+        assert_eq!(d.headers.get("x-test").map(String::as_str), Some("kept"));
+    }
+    d.reply(&b"fourth"[..]).await.unwrap();
+    d.ack().await.unwrap();
+    assert_eq!(req.await.unwrap().unwrap(), Bytes::from_static(b"fourth"));
+}
+
 pub async fn reject_dead_letters_with_reason(t: Arc<dyn Transport>) {
     t.declare_service(&service("dl", &["dl"])).await.unwrap();
     let mut dead = t.consume_dead_letters(10).await.unwrap();
@@ -513,6 +566,8 @@ macro_rules! transport_conformance_tests {
             prefetch_limits_unsettled_deliveries,
             requeue_redelivers,
             dropped_delivery_is_requeued,
+            hand_back_is_not_a_redelivery_and_keeps_the_reply_address,
+            counted_redeliveries_carry_their_count,
             reject_dead_letters_with_reason,
             paused_consumer_leaves_work_to_peers,
             resumed_consumer_takes_work_again,

@@ -17,6 +17,15 @@ pub enum Outcome {
         /// Why, for the operator reading the dead-letter queue.
         reason: String,
     },
+    /// Put a copy at the back of the queue, with `headers` replacing the message's
+    /// own, not marked redelivered and not counted by the broker as a delivery (a
+    /// RabbitMQ quorum queue counts every requeue toward its `x-delivery-limit` before
+    /// 4.3); then remove this one. At least once: if the copy cannot be placed, the
+    /// message is requeued instead.
+    Republish {
+        /// The copy's headers.
+        headers: Headers,
+    },
 }
 
 /// The transport-specific half of a [`Delivery`]: how to reply and settle.
@@ -96,6 +105,34 @@ impl Delivery {
             reason: reason.into(),
         })
         .await
+    }
+
+    /// How many times this message has reached a consumer, this time included, as
+    /// counted in [`super::DELIVERIES_HEADER`] (1 when absent). Hand-backs do not count.
+    pub fn deliveries(&self) -> u32 {
+        self.headers
+            .get(super::DELIVERIES_HEADER)
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// Give the message back to the queue for any consumer without counting a
+    /// delivery: work this consumer took but never began (intake paused, window
+    /// narrowed, drain, a handler only a peer hosts).
+    pub async fn hand_back(self) -> Result<(), TransportError> {
+        let headers = self.headers.clone();
+        self.finish(Outcome::Republish { headers }).await
+    }
+
+    /// Count a redelivery: a copy at the back of the queue carrying
+    /// [`Delivery::deliveries`] + 1, so that the count survives on queues whose broker
+    /// does not keep one (classic queues, the memory transport).
+    pub async fn count_redelivery(self) -> Result<(), TransportError> {
+        let mut headers = self.headers.clone();
+        let next = self.deliveries().saturating_add(1);
+        headers.insert(super::DELIVERIES_HEADER.to_owned(), next.to_string());
+        self.finish(Outcome::Republish { headers }).await
     }
 
     /// Settle with an explicit outcome.

@@ -383,6 +383,13 @@ impl Settle for MemorySettle {
                 lock(&self.queued).take();
             }
             Outcome::Requeue => self.requeue(),
+            Outcome::Republish { headers } => {
+                if let Some(mut q) = lock(&self.queued).take() {
+                    q.message.headers = headers;
+                    q.redelivered = false;
+                    self.queue.push_back(q);
+                }
+            }
             Outcome::Reject { reason } => {
                 if let Some(q) = lock(&self.queued).take() {
                     let mut headers: Headers = q.message.headers;

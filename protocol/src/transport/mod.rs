@@ -51,6 +51,10 @@ pub type Headers = BTreeMap<String, String>;
 /// Header set on a dead-lettered message: why it was rejected.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-keelson-dead-letter-reason";
 
+/// Header counting how many times a message reached a consumer (see
+/// [`Delivery::deliveries`]); absent on a first delivery.
+pub const DELIVERIES_HEADER: &str = "x-keelson-deliveries";
+
 /// A message as the transport carries it: opaque payload plus headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {

@@ -65,11 +65,24 @@ impl Link {
         properties: lapin::BasicProperties,
         what: &str,
     ) -> Result<(), crate::transport::TransportError> {
+        self.publish_confirmed_to(exchange, "".into(), payload, properties, what)
+            .await
+    }
+
+    /// [`Link::publish_confirmed`] with a routing key.
+    pub(crate) async fn publish_confirmed_to(
+        &self,
+        exchange: lapin::types::ShortString,
+        routing_key: lapin::types::ShortString,
+        payload: &[u8],
+        properties: lapin::BasicProperties,
+        what: &str,
+    ) -> Result<(), crate::transport::TransportError> {
         let confirm = self
             .publisher
             .basic_publish(
                 exchange,
-                "".into(),
+                routing_key,
                 lapin::options::BasicPublishOptions::default(),
                 payload,
                 properties,

@@ -24,22 +24,23 @@
 //! before stay valid objects; settling them reaches a dead channel, and the broker
 //! redelivers them (see `settle.rs`).
 //!
-//! `pause` cancels the broker consumer and requeues what the broker had already sent
-//! but `next` had not handed out, so peers get it; the channel stays open for the
+//! `pause` cancels the broker consumer and gives back what the broker had already
+//! sent but `next` had not handed out (republished: not a delivery that counts), so
+//! peers get it; the channel stays open for the
 //! deliveries handed out, and `resume` consumes again on it.
 
 use super::super::window::Window;
 use super::super::{Consumer, DEAD_LETTER_REASON_HEADER, Delivery, TransportError};
 use super::connection::Link;
 use super::headers;
-use super::settle::AmqpSettle;
+use super::settle::{AmqpSettle, copy_properties, republish_then_ack};
 use super::shared::Shared;
 use super::topology;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::Channel;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::types::ShortString;
 use std::fmt;
@@ -68,13 +69,14 @@ type Consumed = Result<Option<(lapin::Consumer, u16)>, TransportError>;
 /// Cancel `old` (requeueing what it had buffered), then consume with prefetch `window`
 /// when one is given.
 async fn change_consumer(
+    shared: Arc<Shared>,
     channel: Channel,
     queue: String,
     old: Option<lapin::Consumer>,
     window: Option<u16>,
 ) -> Consumed {
     if let Some(old) = old {
-        cancel_and_requeue(&channel, old, &queue).await;
+        cancel_and_requeue(&shared, &channel, old, &queue).await;
     }
     match window {
         Some(window) => Ok(Some((consume(&channel, &queue, window).await?, window))),
@@ -264,6 +266,7 @@ impl AmqpConsumer {
             reply_to,
             correlation_id: d.properties.correlation_id().clone(),
             message_id: d.properties.message_id().clone(),
+            expiration: d.properties.expiration().clone(),
             payload: payload.clone(),
             headers: d.properties.headers().clone(),
             queue: self.queue.clone(),
@@ -301,8 +304,15 @@ async fn consume(
         .map_err(|e| topology::error(&format!("consuming {queue}"), &e))
 }
 
-/// Cancel `stream` and requeue what the broker sent it that was not handed out yet.
-async fn cancel_and_requeue(channel: &Channel, mut stream: lapin::Consumer, queue: &str) {
+/// Cancel `stream` and give back what the broker sent it that was not handed out yet:
+/// republished, so that it is neither counted as a delivery nor marked redelivered
+/// (it never reached a handler).
+async fn cancel_and_requeue(
+    shared: &Shared,
+    channel: &Channel,
+    mut stream: lapin::Consumer,
+    queue: &str,
+) {
     let tag: ShortString = stream.tag();
     if let Err(e) = channel
         .basic_cancel(tag, BasicCancelOptions::default())
@@ -315,13 +325,14 @@ async fn cancel_and_requeue(channel: &Channel, mut stream: lapin::Consumer, queu
     // After cancel-ok the stream yields what was buffered, then ends.
     while let Ok(Some(item)) = tokio::time::timeout(CANCEL_GRACE, stream.next()).await {
         if let Ok(d) = item {
-            let nack = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            if let Err(e) = d.acker.nack(nack).await {
-                debug!("requeueing a buffered delivery of {queue}: {e}");
-            }
+            let properties = copy_properties(
+                d.properties.reply_to().as_ref(),
+                d.properties.correlation_id().as_ref(),
+                d.properties.message_id().as_ref(),
+                d.properties.expiration().as_ref(),
+            );
+            let headers = d.properties.headers().clone().unwrap_or_default();
+            republish_then_ack(shared, queue, &d.acker, &d.data, properties, headers).await;
         }
     }
 }
@@ -413,7 +424,13 @@ impl Consumer for AmqpConsumer {
                         }
                         Some(window)
                     };
-                    self.consuming = Some(tokio::spawn(change_consumer(channel, queue, old, next)));
+                    self.consuming = Some(tokio::spawn(change_consumer(
+                        self.shared.clone(),
+                        channel,
+                        queue,
+                        old,
+                        next,
+                    )));
                     continue;
                 }
             }
@@ -476,7 +493,7 @@ impl Consumer for AmqpConsumer {
         if let Some(attached) = self.attached.as_mut()
             && let Some(stream) = attached.stream.take()
         {
-            cancel_and_requeue(&attached.channel, stream, &self.queue).await;
+            cancel_and_requeue(&self.shared, &attached.channel, stream, &self.queue).await;
         }
         Ok(())
     }
@@ -522,7 +539,7 @@ impl Consumer for AmqpConsumer {
             {
                 // Stop the broker sending more under the old window now (what it
                 // sent and `next` has not handed out goes back to the queue).
-                cancel_and_requeue(&attached.channel, stream, &self.queue).await;
+                cancel_and_requeue(&self.shared, &attached.channel, stream, &self.queue).await;
             }
             // `next` consumes again with the new window.
             self.requalify = true;
@@ -561,9 +578,10 @@ impl Drop for AmqpConsumer {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let (channel, queue) = (attached.channel.clone(), self.queue.clone());
+            let shared = self.shared.clone();
             runtime.spawn(async move {
                 if let Ok(Ok(Some((stream, _)))) = consuming.await {
-                    cancel_and_requeue(&channel, stream, &queue).await;
+                    cancel_and_requeue(&shared, &channel, stream, &queue).await;
                 }
             });
         }
@@ -576,7 +594,7 @@ impl Drop for AmqpConsumer {
         else {
             return;
         };
-        let (channel, queue) = (attached.channel, self.queue.clone());
-        runtime.spawn(async move { cancel_and_requeue(&channel, stream, &queue).await });
+        let (channel, queue, shared) = (attached.channel, self.queue.clone(), self.shared.clone());
+        runtime.spawn(async move { cancel_and_requeue(&shared, &channel, stream, &queue).await });
     }
 }

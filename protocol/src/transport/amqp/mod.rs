@@ -11,6 +11,7 @@
 //! * `topology.rs`: names, arguments, idempotent declarations;
 //! * `rpc.rs`: requests (confirms, `mandatory`, expiry) and direct reply-to;
 //! * `consumer.rs` and `settle.rs`: competing consumers, ack/requeue/reject;
+//! * `reply.rs`: replies, on connections of their own (one per requester node);
 //! * `fanout.rs`: broadcast and subscriptions;
 //! * `shared.rs`: the state they share; `headers.rs`: header conversion.
 //!
@@ -23,6 +24,7 @@ mod connection;
 mod consumer;
 mod fanout;
 mod headers;
+mod reply;
 mod rpc;
 mod settle;
 mod shared;
@@ -262,6 +264,7 @@ impl Transport for AmqpTransport {
 
     async fn close(&self) {
         self.shared().close();
+        self.shared().replies.close().await;
         let supervisor = lock(&self.handle.supervisor).take();
         if let Some(task) = supervisor
             && tokio::time::timeout(CLOSE_GRACE, task).await.is_err()

@@ -15,7 +15,7 @@ use super::shared::Shared;
 use super::topology;
 use async_trait::async_trait;
 use bytes::Bytes;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Acker, BasicProperties, Channel};
 use std::fmt;
@@ -31,6 +31,7 @@ pub(crate) struct AmqpSettle {
     pub(crate) reply_to: Option<ShortString>,
     pub(crate) correlation_id: Option<ShortString>,
     pub(crate) message_id: Option<ShortString>,
+    pub(crate) expiration: Option<ShortString>,
     /// Payload and headers as received, to dead-letter them unchanged.
     pub(crate) payload: Bytes,
     pub(crate) headers: Option<FieldTable>,
@@ -100,6 +101,85 @@ impl AmqpSettle {
     }
 }
 
+/// Place a copy of a message (`payload`, `properties` with `headers`) at the back of
+/// `queue` through the default exchange and wait for the broker to take it. The
+/// caller then acks the original: the message goes back to the queue without the
+/// broker counting a delivery or marking it redelivered.
+pub(crate) async fn republish(
+    shared: &Shared,
+    queue: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+    headers: FieldTable,
+) -> Result<(), TransportError> {
+    let link = shared.live_link().ok_or_else(|| {
+        TransportError::Disconnected("cannot republish while disconnected".into())
+    })?;
+    let queue = topology::short("queue name", queue)?;
+    link.publish_confirmed_to(
+        "".into(),
+        queue,
+        payload,
+        properties.with_headers(headers),
+        "republished message",
+    )
+    .await
+}
+
+/// An `Outcome::Republish` of the delivery `acker` holds: a copy, then an ack; if the
+/// copy cannot be placed, a requeue (counted, but nothing is lost).
+pub(crate) async fn republish_then_ack(
+    shared: &Shared,
+    queue: &str,
+    acker: &Acker,
+    payload: &[u8],
+    properties: BasicProperties,
+    headers: FieldTable,
+) {
+    match republish(shared, queue, payload, properties, headers).await {
+        Ok(()) => {
+            let result = acker.ack(BasicAckOptions::default()).await;
+            redelivery_coming(queue, "ack of a republished message", &result);
+        }
+        Err(e) => {
+            debug!("republishing on {queue} failed ({e}); requeueing instead");
+            let result = acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+            redelivery_coming(queue, "requeue", &result);
+        }
+    }
+}
+
+/// The properties a copy of a delivery keeps: everything but the headers, which the
+/// caller sets.
+pub(crate) fn copy_properties(
+    reply_to: Option<&ShortString>,
+    correlation_id: Option<&ShortString>,
+    message_id: Option<&ShortString>,
+    expiration: Option<&ShortString>,
+) -> BasicProperties {
+    let mut properties = BasicProperties::default();
+    if let Some(v) = reply_to {
+        properties = properties.with_reply_to(v.clone());
+    }
+    if let Some(v) = correlation_id {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = message_id {
+        properties = properties.with_message_id(v.clone());
+    }
+    // The original time to live again, from now: the requester's deadline is in the
+    // envelope, and the server refuses the request past it.
+    if let Some(v) = expiration {
+        properties = properties.with_expiration(v.clone());
+    }
+    properties
+}
+
 #[async_trait]
 impl Settle for AmqpSettle {
     async fn reply(&self, payload: Bytes) -> Result<(), TransportError> {
@@ -110,25 +190,34 @@ impl Settle for AmqpSettle {
         if let Some(id) = &self.correlation_id {
             properties = properties.with_correlation_id(id.clone());
         }
-        // Not mandatory, no confirm: a reply to a requester that is gone is dropped by
-        // the broker, which is what the contract asks for.
-        self.channel
-            .basic_publish(
-                "".into(),
-                reply_to.clone(),
-                BasicPublishOptions::default(),
-                &payload,
-                properties,
-            )
+        // Not on this delivery's connection: see `reply.rs`.
+        self.shared
+            .replies
+            .publish(reply_to, properties, &payload)
             .await
-            .map(|_| ())
-            .map_err(|e| topology::error("publishing a reply", &e))
     }
 
     async fn settle(&self, outcome: Outcome) -> Result<(), TransportError> {
         match outcome {
             Outcome::Ack => self.ack().await,
             Outcome::Requeue => self.requeue().await,
+            Outcome::Republish { headers } => {
+                let properties = copy_properties(
+                    self.reply_to.as_ref(),
+                    self.correlation_id.as_ref(),
+                    self.message_id.as_ref(),
+                    self.expiration.as_ref(),
+                );
+                republish_then_ack(
+                    &self.shared,
+                    &self.queue,
+                    &self.acker,
+                    &self.payload,
+                    properties,
+                    super::headers::to_table(&headers),
+                )
+                .await;
+            }
             Outcome::Reject { reason } => {
                 if let Err(e) = self.dead_letter(reason).await {
                     // Not dead-lettered: put it back rather than lose it.

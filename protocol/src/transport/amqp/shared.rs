@@ -4,6 +4,7 @@
 
 use super::config::{AmqpConfig, BrokerUrl};
 use super::connection::Link;
+use super::reply::Replies;
 use super::topology::Names;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -40,11 +41,19 @@ pub(crate) struct Shared {
     /// Correlation id → the request awaiting that reply.
     pub(crate) pending: Mutex<HashMap<String, oneshot::Sender<Bytes>>>,
     next_correlation: AtomicU64,
+    /// The connections replies go out on.
+    pub(crate) replies: Replies,
 }
 
 impl Shared {
     pub(crate) fn new(config: AmqpConfig, node_id: &str, brokers: Vec<BrokerUrl>) -> Self {
+        let replies = Replies::new(
+            brokers.clone(),
+            format!("keelson {node_id} replies ({})", config.namespace),
+            config.connect_timeout(),
+        );
         Self {
+            replies,
             names: Names::new(&config.namespace),
             config,
             node_id: node_id.to_owned(),

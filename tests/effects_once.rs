@@ -1,0 +1,370 @@
+//! Effects happen once (issue 11), across processes on a real RabbitMQ: a reply that
+//! cannot be delivered never makes a request run again, redeliveries and client
+//! retries are answered from the outcome records, each test in a vhost of its own.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use keelson_protocol::{Request, encode};
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use support::broker::{Vhost, amqp_transport};
+use support::mesh::{Mesh, ServerSpec, post};
+use support::{Process, http};
+
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// A direct reply-to address naming a broker node that does not exist: a real
+/// address from the broker (`amq.rabbitmq.reply-to.{base64 pid}.{key}`, the pid in
+/// Erlang's external term format) with the node name in the pid replaced by another
+/// of the same length.
+async fn dead_reply_to(channel: &lapin::Channel) -> String {
+    // Kept until the address is read: dropping the consumer cancels it.
+    let _replies = channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.name().clone(),
+            BasicPublishOptions::default(),
+            b"probe",
+            BasicProperties::default().with_reply_to(DIRECT_REPLY_TO.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let probe = channel
+        .basic_get(queue.name().clone(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the probe is in its queue");
+    let address = probe
+        .delivery
+        .properties
+        .reply_to()
+        .clone()
+        .expect("the broker expanded the reply-to")
+        .to_string();
+    let rest = address
+        .strip_prefix(&format!("{DIRECT_REPLY_TO}."))
+        .unwrap();
+    let (pid, key) = rest.split_once('.').unwrap();
+    let mut term = STANDARD.decode(pid).unwrap();
+    // 131, a pid tag, then the node as an atom: tag 118 (or 100) and a 2-byte length.
+    assert!(term[0] == 131 && matches!(term[2], 100 | 118), "{term:?}");
+    let len = usize::from(u16::from_be_bytes([term[3], term[4]]));
+    let node = &mut term[5..5 + len];
+    let at = node.iter().position(|&b| b == b'@').unwrap();
+    for b in &mut node[at + 1..] {
+        *b = if *b == b'7' { b'3' } else { b'7' };
+    }
+    format!("{DIRECT_REPLY_TO}.{}.{key}", STANDARD.encode(&term))
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// Messages ready or unacknowledged in the vhost's service queue.
+fn queued(vhost: &Vhost) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            &vhost.name,
+            "name",
+            "messages",
+            "--no-table-headers",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("keelson.svc."))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_reply_address_names_a_missing_node_runs_once() {
+    let vhost = Vhost::create("dead-reply");
+    let mesh = Mesh::start(amqp_transport(&[vhost.url()]), 1, 1, 8).await;
+    let client = http();
+
+    let connection = Connection::connect(&vhost.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let reply_to = dead_reply_to(&channel).await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut request = Request::new(
+        "crafted-1",
+        "counter.increment",
+        b"{}".to_vec(),
+        unix_ms() + 20_000,
+    );
+    request.user = Some("victim".to_owned());
+    channel
+        .basic_publish(
+            "keelson.requests".into(),
+            "counter.increment".into(),
+            BasicPublishOptions::default(),
+            &encode(&request).unwrap(),
+            BasicProperties::default()
+                .with_reply_to(reply_to.as_str().into())
+                .with_correlation_id("1".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let token = mesh.token("victim");
+    mesh.wait_for_counter(&client, &token, 1).await;
+    // What must not happen, watched for a while: the request running again (the
+    // counter moving on), the server's connection lost again and again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = post(
+        &client,
+        mesh.url(0, "counter.get"),
+        String::new(),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(out.body, r#"{"value":1}"#, "the handler ran once: {out:?}");
+    let log = mesh.servers[0].as_ref().unwrap().log_text();
+    let lost = log.matches("lost the connection to broker").count();
+    assert!(lost <= 1, "{lost} reconnections for one message:\n{log}");
+    assert_eq!(queued(&vhost), 0, "the message is settled");
+    drop(connection);
+}
+
+/// Restart, as a supervisor would, every logic server of `mesh` that has exited;
+/// returns how many were restarted.
+async fn restart_exited(mesh: &mut Mesh, spec: &ServerSpec) -> usize {
+    let mut restarted = 0;
+    for i in 0..mesh.servers.len() {
+        let exited = mesh.servers[i].as_mut().is_some_and(Process::has_exited);
+        if exited {
+            mesh.servers[i] = None;
+            mesh.add_server(spec.clone()).await;
+            restarted += 1;
+        }
+    }
+    restarted
+}
+
+/// Messages in the vhost's dead-letter queue.
+fn dead_letters(vhost: &Vhost) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            &vhost.name,
+            "name",
+            "messages",
+            "--no-table-headers",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some("keelson.dead-letter"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_kills_its_server_is_dead_lettered_and_blames_nobody() {
+    let vhost = Vhost::create("poison");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    let mut spec = ServerSpec::new("logic").concurrency(64);
+    spec.handlers.push("test.abort".to_owned());
+    for _ in 0..2 {
+        mesh.add_server(spec.clone()).await;
+    }
+    mesh.add_gateway().await;
+    let client = http();
+
+    let poison = tokio::spawn({
+        let (client, url) = (client.clone(), mesh.url(0, "test.abort"));
+        async move { post(&client, url, "{}".into(), None, None).await }
+    });
+    // Slow enough that every crash catches many of them in flight beside the poison.
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(128));
+    let normal: Vec<_> = (0..200)
+        .map(|i| {
+            let (client, url, limit) = (client.clone(), mesh.url(0, "test.slow"), limit.clone());
+            tokio::spawn(async move {
+                let _permit = limit.acquire().await.unwrap();
+                let body = format!(r#"{{"ms":{}}}"#, 300 + i);
+                (300 + i, post(&client, url, body, None, None).await)
+            })
+        })
+        .collect();
+    let mut crashes = 0;
+    while !(poison.is_finished() && normal.iter().all(tokio::task::JoinHandle::is_finished)) {
+        crashes += restart_exited(&mut mesh, &spec).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    crashes += restart_exited(&mut mesh, &spec).await;
+
+    let poison = poison.await.unwrap();
+    println!(
+        "crashes: {crashes}, poison answered in {:?}",
+        poison.elapsed
+    );
+    assert_eq!(poison.status, 500, "{poison:?}");
+    assert!(poison.body.contains("delivery_limit"), "{poison:?}");
+    assert!(
+        (1..=5).contains(&crashes),
+        "{crashes} crashes for one poison message (max_deliveries = 5)"
+    );
+    for task in normal {
+        let (ms, out) = task.await.unwrap();
+        assert_eq!(out.status, 200, "a bystander failed: {out:?}");
+        assert_eq!(out.body, format!(r#"{{"slept_ms":{ms}}}"#));
+    }
+    assert_eq!(dead_letters(&vhost), 1, "only the poison is dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_killed_under_counter_load_apply_each_increment_once() {
+    let vhost = Vhost::create("kill-counters");
+    let mut mesh = Mesh::start(amqp_transport(&[vhost.url()]), 3, 2, 16).await;
+    let spec = ServerSpec::new("logic-r").concurrency(16);
+    let client = http();
+    let users: Vec<(String, String)> = (0..20)
+        .map(|u| {
+            let user = format!("user-{u}");
+            let token = mesh.token(&user);
+            (user, token)
+        })
+        .collect();
+
+    // About 150 increments a second for 8 s, round robin over users and gateways.
+    let mut tick = tokio::time::interval(Duration::from_micros(6_667));
+    let mut sent = Vec::new();
+    let started = tokio::time::Instant::now();
+    let mut killed = 0;
+    for i in 0..1200usize {
+        tick.tick().await;
+        if killed < 2 && started.elapsed() > Duration::from_secs(2 + 3 * killed) {
+            let victim = usize::try_from(killed).unwrap();
+            mesh.kill_server(victim).await;
+            mesh.add_server(spec.clone()).await;
+            killed += 1;
+        }
+        let (client, url) = (client.clone(), mesh.url(i, "counter.increment"));
+        let (user, token) = users[i % users.len()].clone();
+        sent.push(tokio::spawn(async move {
+            (
+                user,
+                post(&client, url, String::new(), Some(&token), None).await,
+            )
+        }));
+    }
+    let mut answered = std::collections::BTreeMap::<String, i64>::new();
+    let mut unknown = std::collections::BTreeMap::<String, i64>::new();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for task in sent {
+        let (user, out) = task.await.unwrap();
+        *statuses.entry(out.status).or_default() += 1;
+        let tally = if out.status == 200 {
+            &mut answered
+        } else {
+            &mut unknown
+        };
+        *tally.entry(user).or_default() += 1;
+    }
+    println!("statuses: {statuses:?}");
+    for (user, token) in &users {
+        let ok = answered.get(user).copied().unwrap_or(0);
+        let maybe = unknown.get(user).copied().unwrap_or(0);
+        let value = wait_for_at_least(&mesh, &client, token, ok).await;
+        assert!(
+            value <= ok + maybe,
+            "{user}: counter {value}, but {ok} increments answered and {maybe} unknown"
+        );
+    }
+    assert_eq!(
+        statuses.get(&200),
+        Some(&1200),
+        "every increment answered: {statuses:?}"
+    );
+}
+
+/// Read `counter.get` through every gateway until each reads at least `min` (writes
+/// replicate asynchronously); then the value, once two reads through every gateway
+/// agree.
+async fn wait_for_at_least(mesh: &Mesh, client: &reqwest::Client, token: &str, min: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut values = Vec::new();
+        for g in 0..mesh.gateways.len() {
+            let out = post(
+                client,
+                mesh.url(g, "counter.get"),
+                String::new(),
+                Some(token),
+                None,
+            )
+            .await;
+            let value = serde_json::from_str::<serde_json::Value>(&out.body)
+                .ok()
+                .and_then(|v| v["value"].as_i64())
+                .unwrap_or(-1);
+            values.push(value);
+        }
+        if values.iter().all(|&v| v >= min && v == values[0]) {
+            return values[0];
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the counter never reached {min} everywhere: {values:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

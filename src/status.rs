@@ -108,6 +108,7 @@ mod tests {
                 window,
                 ready: true,
                 contexts: 7,
+                context: None,
                 interval_ms: 1000,
                 leaving: false,
             },

@@ -255,3 +255,47 @@ async fn a_server_that_missed_writes_while_disconnected_gets_them_by_resync() {
     );
     mesh.wait_for_counter(&client, &token, 21).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_missed_writes_repairs_the_gap_within_two_heartbeats() {
+    let vhost = Vhost::create("ctx-gap");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    mesh.add_server(ServerSpec::new("writer").service("writers", &["counter.increment"]))
+        .await;
+    // No periodic resync: only the gap detection can bring the missed writes.
+    mesh.add_server(
+        ServerSpec::new("reader")
+            .service("readers", &["counter.get"])
+            .extra("resync_interval_s = 0\n"),
+    )
+    .await;
+    mesh.add_gateway().await;
+    let token = mesh.token("alice");
+    let client = http();
+    let increment = || call(&mesh, &client, "counter.increment", &token);
+    assert_eq!(increment().await.status, 200);
+    mesh.wait_for_counter(&client, &token, 1).await;
+
+    assert!(vhost.close_connections_of("reader") > 0);
+    for _ in 0..20 {
+        let out = increment().await;
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    let written = std::time::Instant::now();
+    // The writer's next heartbeats (one a second) announce deltas the reader never
+    // got; it pulls its peers' state at once.
+    loop {
+        let out = call(&mesh, &client, "counter.get", &token).await;
+        if out.status == 200 && value(&out.body) == 21 {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_millis(2_500),
+            "the reader still reads {} after {:?}",
+            out.body,
+            written.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("gap repaired {:?} after the writes", written.elapsed());
+}

@@ -1,6 +1,7 @@
 //! The monitor of a running server: samples the load, drives the governor, publishes
 //! heartbeats on the control channel, and listens to the peers' heartbeats.
 
+use crate::context::ContextStore;
 use crate::dispatch::Dispatcher;
 use crate::governor::{CpuSampler, Governor, GovernorConfig, Transition};
 use crate::stats::ServerStats;
@@ -27,8 +28,12 @@ pub(crate) struct Monitor {
 
 impl Monitor {
     /// Listen to the peers' heartbeats (to know when this server is the last active
-    /// one of its service).
-    pub(crate) async fn listen(transport: Arc<dyn Transport>, peers: Arc<Mutex<ClusterView>>) {
+    /// one of its service, and whether it missed context writes).
+    pub(crate) async fn listen(
+        transport: Arc<dyn Transport>,
+        peers: Arc<Mutex<ClusterView>>,
+        store: Arc<dyn ContextStore>,
+    ) {
         let mut sub = match transport.subscribe(CONTROL_CHANNEL).await {
             Ok(s) => s,
             Err(e) => {
@@ -38,6 +43,9 @@ impl Monitor {
         };
         while let Some(message) = sub.next().await {
             if let Ok(hb) = decode::<Heartbeat>(&message.payload) {
+                if let Some(mark) = &hb.context {
+                    store.observe_mark(mark);
+                }
                 let mut view = peers.lock().unwrap_or_else(|p| p.into_inner());
                 view.observe(hb, Instant::now());
                 view.prune(Instant::now(), 20);
@@ -66,6 +74,7 @@ impl Monitor {
             contexts: self.dispatcher.store.user_count() as u64,
             interval_ms: u64::try_from(self.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
             leaving,
+            context: self.dispatcher.store.mark(),
         }
     }
 

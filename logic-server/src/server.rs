@@ -155,7 +155,11 @@ impl LogicServer {
             intake_paused: intake_tx,
             peers: peers.clone(),
         });
-        let listener_task = tokio::spawn(Monitor::listen(self.transport.clone(), peers));
+        let listener_task = tokio::spawn(Monitor::listen(
+            self.transport.clone(),
+            peers,
+            self.dispatcher.store.clone(),
+        ));
         let monitor_task = tokio::spawn(monitor.clone().run(stopped.clone()));
         let task = tokio::spawn(
             ConsumeLoop {

@@ -92,6 +92,21 @@ pub struct ContextDelta {
     /// absent from the wire when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub marker: Option<u64>,
+    /// This delta's number among its origin's deltas (1, 2, ...; `origin` names one
+    /// incarnation of a server): a receiver that misses one sees the gap and repairs
+    /// it at once. Since protocol 1.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+/// How far a server's context deltas have gone: carried in its heartbeats, so that a
+/// peer that applied less (it was disconnected) notices and repairs at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextMark {
+    /// The `origin` of its deltas.
+    pub origin: String,
+    /// The `seq` of the last delta it published.
+    pub seq: u64,
 }
 
 impl Envelope for ContextDelta {

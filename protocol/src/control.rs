@@ -62,6 +62,9 @@ pub struct Heartbeat {
     /// Set in the last heartbeat of a server that is shutting down.
     #[serde(default)]
     pub leaving: bool,
+    /// How far its context deltas have gone. Since protocol 1.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<crate::context::ContextMark>,
 }
 
 impl Envelope for Heartbeat {

@@ -34,6 +34,7 @@ pub use replicated::ReplicatedContextStore;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use keelson_protocol::context::ContextMark;
 use keelson_protocol::idempotency::OutcomeRecord;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -158,6 +159,16 @@ pub trait ContextStore: Send + Sync + fmt::Debug + 'static {
     async fn barrier(&self, within: std::time::Duration) -> bool;
     /// How many users have a context.
     fn user_count(&self) -> usize;
+
+    /// How far this store's replicated writes have got, for the server's heartbeats;
+    /// `None` for a store that does not replicate.
+    fn mark(&self) -> Option<ContextMark> {
+        None
+    }
+
+    /// A peer's heartbeat said how far its writes have got: a store that applied less
+    /// repairs.
+    fn observe_mark(&self, _mark: &ContextMark) {}
 
     /// [`ContextStore::set_in`], committed at once.
     async fn set(&self, user: &str, key: &str, value: Bytes) -> Result<(), ContextError> {

@@ -24,6 +24,7 @@
 //! peer at all) means it is alone: it says so and starts empty.
 
 mod clock;
+mod gaps;
 mod state;
 mod store;
 

@@ -2,14 +2,15 @@
 //! peers through the transport.
 
 use super::clock::Clock;
+use super::gaps::Gaps;
 use super::state::{Node, Stamp, State};
 use crate::config::ContextConfig;
 use crate::context::{ContextError, ContextStore, Effects, RecordWrite};
 use async_trait::async_trait;
 use bytes::Bytes;
 use keelson_protocol::context::{
-    CONTEXT_CHANNEL, ContextDelta, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE, SnapshotChunk,
-    SnapshotRequest,
+    CONTEXT_CHANNEL, ContextDelta, ContextMark, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE,
+    SnapshotChunk, SnapshotRequest,
 };
 use keelson_protocol::idempotency::OutcomeRecord;
 use keelson_protocol::transport::{Message, RequestError, ServiceSpec};
@@ -22,6 +23,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{OwnedMutexGuard, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+/// How often the store looks for gaps in what it applied of its peers' deltas.
+const GAP_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// How often a delta that could not be published is tried again.
 const REPUBLISH_EVERY: Duration = Duration::from_millis(200);
@@ -45,6 +49,13 @@ pub struct ReplicatedContextStore {
     /// The last barrier marker sent, and the highest one received back.
     markers_sent: AtomicU64,
     markers_back: watch::Sender<u64>,
+    /// The `seq` of the last delta this store numbered.
+    published: AtomicU64,
+    /// What this store applied of each peer's deltas, and the gaps it sees.
+    gaps: Mutex<Gaps>,
+    /// A repair (a pull of the peers' state) is under way.
+    repairing: AtomicBool,
+    repairs: AtomicU64,
 }
 
 struct Inner {
@@ -121,6 +132,10 @@ impl ReplicatedContextStore {
             turns: Mutex::new(HashMap::new()),
             markers_sent: AtomicU64::new(0),
             markers_back: watch::channel(0).0,
+            published: AtomicU64::new(0),
+            gaps: Mutex::new(Gaps::default()),
+            repairing: AtomicBool::new(false),
+            repairs: AtomicU64::new(0),
         });
         let unavailable = |e: keelson_protocol::transport::TransportError| {
             ContextError::Unavailable(e.to_string())
@@ -180,6 +195,16 @@ impl ReplicatedContextStore {
                 tick.tick().await;
                 let Some(store) = weak.upgrade() else { break };
                 store.expire();
+            }
+        });
+        let weak = Arc::downgrade(&store);
+        store.spawn(async move {
+            let mut tick = tokio::time::interval(GAP_CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(store) = weak.upgrade() else { break };
+                store.repair_gaps();
             }
         });
         if store.config.resync_interval_s > 0 {
@@ -248,21 +273,65 @@ impl ReplicatedContextStore {
             }
             return;
         }
-        let mut inner = self.lock();
-        for op in &delta.ops {
-            if let ContextOp::Set { ts, .. } | ContextOp::Touch { ts, .. } = op {
-                inner.clock.observe(ts.wall_ms, ts.logical);
+        {
+            let mut inner = self.lock();
+            for op in &delta.ops {
+                if let ContextOp::Set { ts, .. } | ContextOp::Touch { ts, .. } = op {
+                    inner.clock.observe(ts.wall_ms, ts.logical);
+                }
+                inner.state.apply(op);
             }
-            inner.state.apply(op);
+        }
+        if let Some(seq) = delta.seq {
+            self.lock_gaps().applied(&delta.origin, seq, Instant::now());
         }
     }
 
+    fn lock_gaps(&self) -> MutexGuard<'_, Gaps> {
+        // Plain bookkeeping; a poisoned lock still holds valid counters.
+        self.gaps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// If a peer's delta has been missing for a while (lost while this server's
+    /// connection was down, or its subscription was recreated), pull the peers'
+    /// state now rather than at the next periodic resync.
+    fn repair_gaps(self: &Arc<Self>) {
+        if self.repairing.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(missing) = self.lock_gaps().due(Instant::now()) else {
+            return;
+        };
+        self.repairing.store(true, Ordering::Release);
+        tracing::info!(origins = ?missing.origins(), "context deltas were missed; pulling the peers' state now");
+        let store = self.clone();
+        tokio::spawn(async move {
+            let report = store.pull(Pull::Resync).await;
+            if report.chunks > 0 || report.alone {
+                store.lock_gaps().repaired(&missing, Instant::now());
+            }
+            store.repairs.fetch_add(1, Ordering::Relaxed);
+            store.repairing.store(false, Ordering::Release);
+        });
+    }
+
+    /// How many gap repairs this store ran.
+    pub fn repairs(&self) -> u64 {
+        self.repairs.load(Ordering::Relaxed)
+    }
+
+    /// Encode a delta of `ops` (numbered), or a barrier `marker` (not numbered: only
+    /// its sender applies it).
     fn delta(&self, ops: Vec<ContextOp>, marker: Option<u64>) -> Result<Bytes, ContextError> {
+        let seq = marker
+            .is_none()
+            .then(|| self.published.fetch_add(1, Ordering::AcqRel) + 1);
         let delta = ContextDelta {
             v: ProtocolVersion::CURRENT,
             origin: self.node.to_string(),
             ops,
             marker,
+            seq,
         };
         encode(&delta)
             .map(Bytes::from)
@@ -534,18 +603,14 @@ impl ReplicatedContextStore {
             inner.state.apply(&op);
             op
         };
-        let this = self.transport.clone();
-        let origin = self.node.to_string();
+        let Ok(payload) = self.delta(vec![op], None) else {
+            return;
+        };
+        let transport = self.transport.clone();
         tokio::spawn(async move {
-            let delta = ContextDelta {
-                v: ProtocolVersion::CURRENT,
-                origin,
-                ops: vec![op],
-                marker: None,
-            };
-            if let Ok(payload) = encode(&delta) {
-                let _ = this.broadcast(CONTEXT_CHANNEL, Message::new(payload)).await;
-            }
+            let _ = transport
+                .broadcast(CONTEXT_CHANNEL, Message::new(payload))
+                .await;
         });
     }
 }
@@ -701,6 +766,20 @@ impl ContextStore for ReplicatedContextStore {
 
     fn user_count(&self) -> usize {
         self.lock().state.user_count()
+    }
+
+    fn mark(&self) -> Option<ContextMark> {
+        Some(ContextMark {
+            origin: self.node.to_string(),
+            seq: self.published.load(Ordering::Acquire),
+        })
+    }
+
+    fn observe_mark(&self, mark: &ContextMark) {
+        if *mark.origin != *self.node {
+            self.lock_gaps()
+                .announced(&mark.origin, mark.seq, Instant::now());
+        }
     }
 }
 

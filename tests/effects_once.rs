@@ -368,3 +368,88 @@ async fn wait_for_at_least(mesh: &Mesh, client: &reqwest::Client, token: &str, m
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A POST with an `Idempotency-Key`: status, the replay header, the body bytes.
+async fn post_keyed(
+    client: &reqwest::Client,
+    url: String,
+    token: &str,
+    key: &str,
+    body: &str,
+) -> (u16, Option<String>, Vec<u8>) {
+    let resp = client
+        .post(url)
+        .bearer_auth(token)
+        .header("idempotency-key", key)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let replayed = resp
+        .headers()
+        .get("idempotent-replayed")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, replayed, resp.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_makes_http_retries_safe_through_any_gateway() {
+    let vhost = Vhost::create("idem-http");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    mesh.add_server(ServerSpec::new("logic").extra("\n[logic_server.idempotency]\nttl_s = 3\n"))
+        .await;
+    mesh.add_gateway().await;
+    mesh.add_gateway().await;
+    let client = http();
+    let token = mesh.token("alice");
+    let inc = |g: usize| mesh.url(g, "counter.increment");
+
+    let first = post_keyed(&client, inc(0), &token, "order-1", r#"{"by":5}"#).await;
+    assert_eq!((first.0, first.1.as_deref()), (200, None), "{first:?}");
+    // The retry through the other gateway: the stored response, byte for byte.
+    let retry = post_keyed(&client, inc(1), &token, "order-1", r#"{"by":5}"#).await;
+    assert_eq!(retry.0, 200);
+    assert_eq!(retry.1.as_deref(), Some("true"), "marked as replayed");
+    assert_eq!(retry.2, first.2, "byte for byte");
+    mesh.wait_for_counter(&client, &token, 5).await;
+
+    // The same key with another body: 422, nothing runs.
+    let reused = post_keyed(&client, inc(1), &token, "order-1", r#"{"by":6}"#).await;
+    assert_eq!(reused.0, 422, "{reused:?}");
+    assert!(String::from_utf8_lossy(&reused.2).contains("idempotency_key_reused"));
+
+    // The same key while the first request still runs: 409.
+    let slow = mesh.url(0, "test.slow");
+    let running = tokio::spawn({
+        let (client, token, slow) = (client.clone(), token.clone(), slow.clone());
+        async move { post_keyed(&client, slow, &token, "slow-1", r#"{"ms":1500}"#).await }
+    });
+    mesh.servers[0]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("test.slow started")
+        .await;
+    let busy = post_keyed(
+        &client,
+        mesh.url(1, "test.slow"),
+        &token,
+        "slow-1",
+        r#"{"ms":1500}"#,
+    )
+    .await;
+    assert_eq!(busy.0, 409, "{busy:?}");
+    assert!(String::from_utf8_lossy(&busy.2).contains("request_in_progress"));
+    assert_eq!(running.await.unwrap().0, 200);
+
+    // After the TTL the key is forgotten: the same request runs again.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let later = post_keyed(&client, inc(0), &token, "order-1", r#"{"by":5}"#).await;
+    assert_eq!((later.0, later.1.as_deref()), (200, None), "{later:?}");
+    mesh.wait_for_counter(&client, &token, 10).await;
+
+    // A malformed key is refused at the gateway.
+    let bad = post_keyed(&client, inc(0), &token, "", "{}").await;
+    assert_eq!(bad.0, 400);
+    assert!(String::from_utf8_lossy(&bad.2).contains("bad_idempotency_key"));
+}

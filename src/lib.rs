@@ -6,6 +6,7 @@
 //! `keelson-logic-server` ([`run`]). Handler plugins are linked here, because a plugin
 //! depends on the logic-server library and the binary depends on the plugins.
 
+pub mod dlq;
 pub mod run;
 pub mod settings;
 pub mod status;

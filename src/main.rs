@@ -36,6 +36,12 @@ enum Command {
     },
     /// List the handlers linked into this binary.
     Handlers,
+    /// Inspect the dead-letter queue of the configuration's transport, and re-drive
+    /// dead requests.
+    ///
+    /// On `kind = "memory"` the queue is this command's own, and empty: another
+    /// process's in-memory queues cannot be reached.
+    Dlq(keelson::dlq::DlqArgs),
     /// Print the logic servers of the cluster the configuration's transport reaches,
     /// from their heartbeats.
     Status {
@@ -108,6 +114,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(3));
                 }
             }
+        }
+        Command::Dlq(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            return Ok(runtime.block_on(keelson::dlq::run(&config, args))?);
         }
         Command::Handlers => {
             for (name, plugin) in keelson_logic_server::Registry::available() {

@@ -476,6 +476,92 @@ mod amqp_specific {
         .await;
     }
 
+    /// 100 pause/resume cycles of a consumer that, like a logic server, hands back
+    /// what it took and did not begin, and counts the redeliveries it gets (a copy).
+    /// Returns how many of the deliveries it took were marked redelivered.
+    async fn pause_resume_cycles(t: Arc<dyn Transport>, queue: &str) -> usize {
+        t.declare_service(&service(queue, &[queue])).await.unwrap();
+        let mut dead = t.consume_dead_letters(4).await.unwrap();
+        let mut c = t.consume(queue, 8).await.unwrap();
+        let requests: Vec<_> = (0..8)
+            .map(|i| {
+                let (t, queue) = (t.clone(), queue.to_owned());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let message = Message::new(format!("m{i}").into_bytes());
+                    t.request(&queue, message, deadline).await
+                })
+            })
+            .collect();
+        let mut redelivered = 0;
+        for _ in 0..100 {
+            let d = tokio::time::timeout(Duration::from_secs(5), c.next())
+                .await
+                .expect("a delivery")
+                .unwrap()
+                .unwrap();
+            c.pause().await.unwrap();
+            if d.redelivered {
+                redelivered += 1;
+                d.count_redelivery().await.unwrap();
+            } else {
+                d.hand_back().await.unwrap();
+            }
+            c.resume().await.unwrap();
+        }
+        let mut answered = 0;
+        while answered < 8 {
+            let d = tokio::time::timeout(Duration::from_secs(5), c.next())
+                .await
+                .expect("a delivery")
+                .unwrap()
+                .unwrap();
+            if d.redelivered {
+                redelivered += 1;
+                d.count_redelivery().await.unwrap();
+                continue;
+            }
+            let mut reply = b"re:".to_vec();
+            reply.extend_from_slice(&d.payload);
+            d.reply(reply).await.unwrap();
+            d.ack().await.unwrap();
+            answered += 1;
+        }
+        for (i, r) in requests.into_iter().enumerate() {
+            assert_eq!(r.await.unwrap().unwrap(), Bytes::from(format!("re:m{i}")));
+        }
+        let got = tokio::time::timeout(Duration::from_millis(300), dead.next()).await;
+        assert!(got.is_err(), "a message was dead-lettered: {got:?}");
+        redelivered
+    }
+
+    /// A hand-back is a republished copy, so 100 pause/resume cycles on a classic
+    /// queue give no redelivery at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hand_backs_are_never_redeliveries() {
+        with_transport(test_config(vec![broker_url()]), |t| async move {
+            assert_eq!(pause_resume_cycles(t, "hb").await, 0);
+        })
+        .await;
+    }
+
+    /// RabbitMQ 3.10 counts every return toward a quorum queue's delivery limit (the
+    /// check above dead-letters a message requeued past a limit of 1), and returns, as
+    /// redelivered, the deliveries in flight to a consumer when it is cancelled.
+    /// Hand-backs and counted redeliveries are copies, whose broker count starts
+    /// afresh: 100 pause/resume cycles never reach a limit of 2.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hand_backs_never_reach_a_quorum_delivery_limit() {
+        let mut config = test_config(vec![broker_url()]);
+        config.queue_type = QueueType::Quorum;
+        config.delivery_limit = Some(2);
+        with_transport(config, |t| async move {
+            let redelivered = pause_resume_cycles(t, "hbq").await;
+            println!("deliveries returned by the quorum queue on cancel: {redelivered}");
+        })
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn expired_requests_are_not_dead_lettered() {
         with_transport(test_config(vec![broker_url()]), |t| async move {

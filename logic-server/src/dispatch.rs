@@ -96,52 +96,13 @@ impl Dispatcher {
         }
         let request: Request = match decode(&delivery.payload) {
             Ok(r) => r,
-            Err(e) => {
-                let reason = format!("undecodable request: {e}");
-                // A peer that cannot be read may still be waiting: tell it why.
-                if let Some(id) = peek_id(&delivery.payload) {
-                    let code = match e {
-                        keelson_protocol::DecodeError::IncompatibleVersion { .. } => {
-                            "incompatible_version"
-                        }
-                        _ => "undecodable_request",
-                    };
-                    let reply = self.error(id, ReplyStatus::BadRequest, code, reason.clone());
-                    send(&delivery, &reply).await;
-                }
-                tracing::warn!(%reason, "dead-lettering a message");
-                if let Err(e) = delivery.reject(reason).await {
-                    tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
-                }
-                return Handled::DeadLettered;
-            }
+            Err(e) => return self.undecodable(delivery, e).await,
         };
         let now_ms = unix_ms_now();
-        if request.deadline_unix_ms <= now_ms {
-            // The caller has most likely given up; if not, it learns why.
-            tracing::debug!(id = %request.id, handler = %request.handler, "refusing an expired request");
-            let reply = self.error(
-                request.id,
-                ReplyStatus::Timeout,
-                "deadline_passed",
-                "the request's deadline passed before a server took it",
-            );
-            return self.refuse(delivery, reply).await;
-        }
-        let ahead = request.deadline_unix_ms - now_ms;
-        if ahead > self.limits.max_deadline_ms {
-            let reply = self.error(
-                request.id,
-                ReplyStatus::BadRequest,
-                "deadline_out_of_range",
-                format!(
-                    "the request's deadline is {ahead} ms away; this server takes at most {} ms",
-                    self.limits.max_deadline_ms
-                ),
-            );
-            return self.refuse(delivery, reply).await;
-        }
-        let deadline = Instant::now() + Duration::from_millis(ahead);
+        let deadline = match self.time_left(&request, now_ms) {
+            Ok(left) => Instant::now() + left,
+            Err(reply) => return self.refuse(delivery, reply).await,
+        };
         let handler = self.registry.get(&request.handler).cloned();
         if handler.is_none() && self.peer_hosts(&request.handler) {
             // During a rolling upgrade servers of two versions share one queue; a
@@ -195,29 +156,8 @@ impl Dispatcher {
         // A timeout that wrote nothing may simply run again; any other outcome of a
         // keyed request, and any request that wrote, is recorded with its effects.
         let wrote = !effects.is_empty();
-        let record = (wrote || (keyed.client && reply.status != ReplyStatus::Timeout)).then(|| {
-            let expires_unix_ms = if keyed.client {
-                unix_ms_now().saturating_add(self.limits.idempotency.ttl_s.saturating_mul(1000))
-            } else {
-                deadline_ms.saturating_add(REQUEST_RECORD_MARGIN_MS)
-            };
-            RecordWrite {
-                scope: keyed.scope.clone(),
-                key: keyed.key.clone(),
-                record: OutcomeRecord {
-                    v: ProtocolVersion::CURRENT,
-                    request_id: id.clone(),
-                    fingerprint,
-                    expires_unix_ms,
-                    phase: RecordPhase::Done {
-                        status: reply.status,
-                        body: reply.body.clone(),
-                        error: reply.error.clone(),
-                        served_by: self.node_id.clone(),
-                    },
-                },
-            }
-        });
+        let record = (wrote || (keyed.client && reply.status != ReplyStatus::Timeout))
+            .then(|| self.outcome(keyed, &id, fingerprint, deadline_ms, &reply));
         if let Err(e) = self.store.commit(&effects, record, deadline).await {
             // The effects and the outcome stand here and go out when the transport
             // is back; the caller must not take this as done.
@@ -244,6 +184,86 @@ impl Dispatcher {
         }
         settle_ack(delivery).await;
         Handled::Replied(status)
+    }
+
+    /// A request that cannot be read: dead-lettered, and answered when it has a
+    /// readable id and a reply address (a peer of another version may be waiting).
+    async fn undecodable(&self, delivery: Delivery, e: keelson_protocol::DecodeError) -> Handled {
+        let reason = format!("undecodable request: {e}");
+        if let Some(id) = peek_id(&delivery.payload) {
+            let code = match e {
+                keelson_protocol::DecodeError::IncompatibleVersion { .. } => "incompatible_version",
+                _ => "undecodable_request",
+            };
+            let reply = self.error(id, ReplyStatus::BadRequest, code, reason.clone());
+            send(&delivery, &reply).await;
+        }
+        tracing::warn!(%reason, "dead-lettering a message");
+        if let Err(e) = delivery.reject(reason).await {
+            tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
+        }
+        Handled::DeadLettered
+    }
+
+    /// The time left until the request's deadline, or the refusal of a deadline past
+    /// or farther than `max_deadline_ms`.
+    fn time_left(&self, request: &Request, now_ms: u64) -> Result<Duration, Reply> {
+        if request.deadline_unix_ms <= now_ms {
+            // The caller has most likely given up; if not, it learns why.
+            tracing::debug!(id = %request.id, handler = %request.handler, "refusing an expired request");
+            return Err(self.error(
+                request.id.clone(),
+                ReplyStatus::Timeout,
+                "deadline_passed",
+                "the request's deadline passed before a server took it",
+            ));
+        }
+        let ahead = request.deadline_unix_ms - now_ms;
+        if ahead > self.limits.max_deadline_ms {
+            return Err(self.error(
+                request.id.clone(),
+                ReplyStatus::BadRequest,
+                "deadline_out_of_range",
+                format!(
+                    "the request's deadline is {ahead} ms away; this server takes at most {} ms",
+                    self.limits.max_deadline_ms
+                ),
+            ));
+        }
+        Ok(Duration::from_millis(ahead))
+    }
+
+    /// The record of a request's outcome: kept `ttl_s` for a client's key, until the
+    /// deadline has surely passed for a request id.
+    fn outcome(
+        &self,
+        keyed: Keyed,
+        id: &str,
+        fingerprint: Option<String>,
+        deadline_ms: u64,
+        reply: &Reply,
+    ) -> RecordWrite {
+        let expires_unix_ms = if keyed.client {
+            unix_ms_now().saturating_add(self.limits.idempotency.ttl_s.saturating_mul(1000))
+        } else {
+            deadline_ms.saturating_add(REQUEST_RECORD_MARGIN_MS)
+        };
+        RecordWrite {
+            scope: keyed.scope,
+            key: keyed.key,
+            record: OutcomeRecord {
+                v: ProtocolVersion::CURRENT,
+                request_id: id.to_owned(),
+                fingerprint,
+                expires_unix_ms,
+                phase: RecordPhase::Done {
+                    status: reply.status,
+                    body: reply.body.clone(),
+                    error: reply.error.clone(),
+                    served_by: self.node_id.clone(),
+                },
+            },
+        }
     }
 
     fn error(

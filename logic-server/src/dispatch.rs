@@ -101,7 +101,7 @@ impl Dispatcher {
         let now_ms = unix_ms_now();
         let deadline = match self.time_left(&request, now_ms) {
             Ok(left) => Instant::now() + left,
-            Err(reply) => return self.refuse(delivery, reply).await,
+            Err(reply) => return self.refuse(delivery, *reply).await,
         };
         let handler = self.registry.get(&request.handler).cloned();
         if handler.is_none() && self.peer_hosts(&request.handler) {
@@ -207,20 +207,20 @@ impl Dispatcher {
 
     /// The time left until the request's deadline, or the refusal of a deadline past
     /// or farther than `max_deadline_ms`.
-    fn time_left(&self, request: &Request, now_ms: u64) -> Result<Duration, Reply> {
+    fn time_left(&self, request: &Request, now_ms: u64) -> Result<Duration, Box<Reply>> {
         if request.deadline_unix_ms <= now_ms {
             // The caller has most likely given up; if not, it learns why.
             tracing::debug!(id = %request.id, handler = %request.handler, "refusing an expired request");
-            return Err(self.error(
+            return Err(Box::new(self.error(
                 request.id.clone(),
                 ReplyStatus::Timeout,
                 "deadline_passed",
                 "the request's deadline passed before a server took it",
-            ));
+            )));
         }
         let ahead = request.deadline_unix_ms - now_ms;
         if ahead > self.limits.max_deadline_ms {
-            return Err(self.error(
+            return Err(Box::new(self.error(
                 request.id.clone(),
                 ReplyStatus::BadRequest,
                 "deadline_out_of_range",
@@ -228,7 +228,7 @@ impl Dispatcher {
                     "the request's deadline is {ahead} ms away; this server takes at most {} ms",
                     self.limits.max_deadline_ms
                 ),
-            ));
+            )));
         }
         Ok(Duration::from_millis(ahead))
     }

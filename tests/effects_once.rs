@@ -453,3 +453,45 @@ async fn an_idempotency_key_makes_http_retries_safe_through_any_gateway() {
     assert_eq!(bad.0, 400);
     assert!(String::from_utf8_lossy(&bad.2).contains("bad_idempotency_key"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_after_replicating_a_write_leaves_the_redelivery_to_its_record() {
+    let vhost = Vhost::create("after-commit");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    mesh.add_server(
+        ServerSpec::new("dying").env("KEELSON_TEST_ABORT_AFTER_COMMIT", "counter.increment"),
+    )
+    .await;
+    mesh.add_server(ServerSpec::new("survivor")).await;
+    mesh.add_gateway().await;
+    let client = http();
+    let token = mesh.token("alice");
+
+    // The queue alternates between the two servers: increments go on until the dying
+    // one took one, replicated its effects and outcome, and died before replying.
+    let mut answered = 0;
+    let mut replayed = None;
+    for _ in 0..20 {
+        let resp = client
+            .post(mesh.url(0, "counter.increment"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{resp:?}");
+        answered += 1;
+        if resp.headers().contains_key("idempotent-replayed") {
+            replayed = Some(resp);
+            break;
+        }
+    }
+    let replayed = replayed.expect("the dying server took an increment");
+    assert_eq!(
+        replayed.headers()["x-keelson-served-by"],
+        "dying",
+        "the survivor answered with the dying server's recorded outcome"
+    );
+    assert!(mesh.servers[0].as_mut().unwrap().has_exited());
+    // Each increment answered was applied once: the one whose server died included.
+    mesh.wait_for_counter(&client, &token, answered).await;
+}

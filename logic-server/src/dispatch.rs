@@ -149,6 +149,8 @@ impl Dispatcher {
             return self.refuse(delivery, reply).await;
         }
         let effects = Arc::new(Effects::default());
+        #[cfg(feature = "test-failpoints")]
+        let handler_name = request.handler.clone();
         let fingerprint = request.idempotency_fingerprint.clone();
         let id = request.id.clone();
         let deadline_ms = request.deadline_unix_ms;
@@ -169,6 +171,8 @@ impl Dispatcher {
                 "the request's effects could not be replicated yet; retry with the same Idempotency-Key",
             );
         }
+        #[cfg(feature = "test-failpoints")]
+        crate::failpoint::after_commit(&handler_name);
         let status = reply.status;
         match encode(&reply) {
             Ok(bytes) => {

@@ -39,6 +39,8 @@ pub mod server;
 
 mod consume;
 mod dispatch;
+#[cfg(feature = "test-failpoints")]
+mod failpoint;
 mod monitor;
 mod stats;
 

@@ -3,8 +3,8 @@
 
 use crate::settings::KeelsonConfig;
 use anyhow::Context as _;
-use keelson_protocol::control::{CONTROL_CHANNEL, ClusterView, Heartbeat, NodeState, NodeStatus};
-use keelson_protocol::decode;
+use keelson_protocol::control::{ClusterView, NodeState, NodeStatus};
+use keelson_protocol::topic::HEARTBEATS;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -16,16 +16,14 @@ pub async fn collect(config: &KeelsonConfig, listen: Duration) -> anyhow::Result
         .build(&node)
         .await
         .with_context(|| format!("cannot connect the {} transport", config.transport.kind()))?;
-    let mut sub = transport
-        .subscribe(CONTROL_CHANNEL)
+    let mut heartbeats = HEARTBEATS
+        .subscribe(transport.as_ref())
         .await
         .context("cannot listen to the control channel")?;
     let mut view = ClusterView::default();
     let until = Instant::now() + listen;
-    while let Ok(Some(message)) = tokio::time::timeout_at(until, sub.next()).await {
-        if let Ok(hb) = decode::<Heartbeat>(&message.payload) {
-            view.observe(hb, Instant::now());
-        }
+    while let Ok(Some(hb)) = tokio::time::timeout_at(until, heartbeats.next()).await {
+        view.observe(hb, Instant::now());
     }
     transport.close().await;
     Ok(view.nodes(Instant::now()))
@@ -85,6 +83,7 @@ pub fn render(nodes: &[NodeStatus]) -> String {
 mod tests {
     use super::*;
     use keelson_protocol::ProtocolVersion;
+    use keelson_protocol::control::Heartbeat;
     use keelson_protocol::control::Load;
 
     fn node(name: &str, window: u32, paused: bool) -> NodeStatus {

@@ -5,9 +5,9 @@ use crate::context::ContextStore;
 use crate::dispatch::Dispatcher;
 use crate::governor::{CpuSampler, Governor, GovernorConfig, Transition};
 use crate::stats::ServerStats;
-use keelson_protocol::control::{CONTROL_CHANNEL, ClusterView, Heartbeat, Load};
-use keelson_protocol::transport::Message;
-use keelson_protocol::{ProtocolVersion, Transport, decode, encode};
+use keelson_protocol::control::{ClusterView, Heartbeat, Load};
+use keelson_protocol::topic::HEARTBEATS;
+use keelson_protocol::{ProtocolVersion, Transport};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -34,22 +34,20 @@ impl Monitor {
         peers: Arc<Mutex<ClusterView>>,
         store: Arc<dyn ContextStore>,
     ) {
-        let mut sub = match transport.subscribe(CONTROL_CHANNEL).await {
+        let mut heartbeats = match HEARTBEATS.subscribe(transport.as_ref()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen to the control channel");
                 return;
             }
         };
-        while let Some(message) = sub.next().await {
-            if let Ok(hb) = decode::<Heartbeat>(&message.payload) {
-                if let Some(mark) = &hb.context {
-                    store.observe_mark(mark);
-                }
-                let mut view = peers.lock().unwrap_or_else(|p| p.into_inner());
-                view.observe(hb, Instant::now());
-                view.prune(Instant::now(), 20);
+        while let Some(hb) = heartbeats.next().await {
+            if let Some(mark) = &hb.context {
+                store.observe_mark(mark);
             }
+            let mut view = peers.lock().unwrap_or_else(|p| p.into_inner());
+            view.observe(hb, Instant::now());
+            view.prune(Instant::now(), 20);
         }
     }
 
@@ -79,14 +77,7 @@ impl Monitor {
     }
 
     pub(crate) async fn publish(&self, heartbeat: &Heartbeat) {
-        let Ok(payload) = encode(heartbeat) else {
-            return;
-        };
-        if let Err(e) = self
-            .transport
-            .broadcast(CONTROL_CHANNEL, Message::new(payload))
-            .await
-        {
+        if let Err(e) = HEARTBEATS.publish(self.transport.as_ref(), heartbeat).await {
             tracing::debug!(error = %e, "heartbeat not sent");
         }
     }

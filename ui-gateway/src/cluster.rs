@@ -15,8 +15,8 @@ use crate::routes::AppState;
 use axum::Json;
 use axum::extract::State;
 use keelson_protocol::Transport;
-use keelson_protocol::control::{CONTROL_CHANNEL, ClusterView, Heartbeat, NodeState, NodeStatus};
-use keelson_protocol::decode;
+use keelson_protocol::control::{ClusterView, NodeState, NodeStatus};
+use keelson_protocol::topic::HEARTBEATS;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -39,22 +39,17 @@ impl Cluster {
 
     /// Listen to heartbeats until the transport closes.
     pub(crate) async fn listen(self: Arc<Self>, transport: Arc<dyn Transport>) {
-        let mut sub = match transport.subscribe(CONTROL_CHANNEL).await {
+        let mut heartbeats = match HEARTBEATS.subscribe(transport.as_ref()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen to the control channel; /cluster stays empty");
                 return;
             }
         };
-        while let Some(message) = sub.next().await {
-            match decode::<Heartbeat>(&message.payload) {
-                Ok(hb) => {
-                    let mut view = self.lock();
-                    view.observe(hb, Instant::now());
-                    view.prune(Instant::now(), FORGET_AFTER_INTERVALS);
-                }
-                Err(e) => tracing::debug!(error = %e, "ignoring an undecodable control message"),
-            }
+        while let Some(hb) = heartbeats.next().await {
+            let mut view = self.lock();
+            view.observe(hb, Instant::now());
+            view.prune(Instant::now(), FORGET_AFTER_INTERVALS);
         }
     }
 

@@ -9,10 +9,11 @@ use crate::context::{ContextError, ContextStore, Effects, RecordWrite};
 use async_trait::async_trait;
 use bytes::Bytes;
 use keelson_protocol::context::{
-    CONTEXT_CHANNEL, ContextDelta, ContextMark, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE,
-    SnapshotChunk, SnapshotRequest,
+    ContextDelta, ContextMark, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE, SnapshotChunk,
+    SnapshotRequest,
 };
 use keelson_protocol::idempotency::OutcomeRecord;
+use keelson_protocol::topic::CONTEXT_DELTAS;
 use keelson_protocol::transport::{Message, RequestError, ServiceSpec};
 use keelson_protocol::{ProtocolVersion, Transport, decode, encode};
 use std::collections::HashMap;
@@ -141,15 +142,15 @@ impl ReplicatedContextStore {
             ContextError::Unavailable(e.to_string())
         };
         // Deltas first, so nothing written while the snapshot travels is missed.
-        let mut deltas = transport
-            .subscribe(CONTEXT_CHANNEL)
+        let mut deltas = CONTEXT_DELTAS
+            .subscribe(transport.as_ref())
             .await
             .map_err(unavailable)?;
         let weak = Arc::downgrade(&store);
         store.spawn(async move {
-            while let Some(message) = deltas.next().await {
+            while let Some(delta) = deltas.next().await {
                 let Some(store) = weak.upgrade() else { break };
-                store.receive(&message.payload);
+                store.receive(delta);
             }
         });
         let report = store.pull(Pull::Join).await;
@@ -255,14 +256,7 @@ impl ReplicatedContextStore {
     }
 
     /// Apply a peer's delta.
-    fn receive(&self, payload: &[u8]) {
-        let delta: ContextDelta = match decode(payload) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "ignoring an undecodable context delta");
-                return;
-            }
-        };
+    fn receive(&self, delta: ContextDelta) {
         if *delta.origin == *self.node {
             if let Some(marker) = delta.marker {
                 self.markers_back.send_if_modified(|back| {
@@ -333,14 +327,14 @@ impl ReplicatedContextStore {
             marker,
             seq,
         };
-        encode(&delta)
-            .map(Bytes::from)
+        CONTEXT_DELTAS
+            .encode(&delta)
             .map_err(|e| ContextError::Unavailable(e.to_string()))
     }
 
     async fn broadcast(&self, payload: Bytes) -> Result<(), ContextError> {
-        self.transport
-            .broadcast(CONTEXT_CHANNEL, Message::new(payload))
+        CONTEXT_DELTAS
+            .publish_encoded(self.transport.as_ref(), payload)
             .await
             .map_err(|e| ContextError::Unavailable(format!("cannot replicate the write: {e}")))
     }
@@ -361,8 +355,10 @@ impl ReplicatedContextStore {
         self.spawn(async move {
             loop {
                 tokio::time::sleep(REPUBLISH_EVERY).await;
-                let message = Message::new(payload.clone());
-                if transport.broadcast(CONTEXT_CHANNEL, message).await.is_ok() {
+                let published = CONTEXT_DELTAS
+                    .publish_encoded(transport.as_ref(), payload.clone())
+                    .await;
+                if published.is_ok() {
                     tracing::info!("a delayed context delta is replicated");
                     break;
                 }
@@ -608,8 +604,8 @@ impl ReplicatedContextStore {
         };
         let transport = self.transport.clone();
         tokio::spawn(async move {
-            let _ = transport
-                .broadcast(CONTEXT_CHANNEL, Message::new(payload))
+            let _ = CONTEXT_DELTAS
+                .publish_encoded(transport.as_ref(), payload)
                 .await;
         });
     }

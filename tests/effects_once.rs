@@ -273,8 +273,17 @@ async fn a_request_that_kills_its_server_is_dead_lettered_and_blames_nobody() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_killed_under_counter_load_apply_each_increment_once() {
     let vhost = Vhost::create("kill-counters");
-    let mut mesh = Mesh::start(amqp_transport(&[vhost.url()]), 3, 2, 16).await;
-    let spec = ServerSpec::new("logic-r").concurrency(16);
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    let spec = |node: &str| {
+        let mut spec = ServerSpec::new(node).concurrency(16);
+        spec.handlers.push("test.increment_slowly".to_owned());
+        spec
+    };
+    for i in 1..=3 {
+        mesh.add_server(spec(&format!("logic-{i}"))).await;
+    }
+    mesh.add_gateway().await;
+    mesh.add_gateway().await;
     let client = http();
     let users: Vec<(String, String)> = (0..20)
         .map(|u| {
@@ -284,7 +293,9 @@ async fn servers_killed_under_counter_load_apply_each_increment_once() {
         })
         .collect();
 
-    // About 150 increments a second for 8 s, round robin over users and gateways.
+    // About 150 increments a second for 8 s, round robin over users and gateways;
+    // each handler waits 200 ms after its write, the window in which a kill used to
+    // leave a write replicated and its request to run again.
     let mut tick = tokio::time::interval(Duration::from_micros(6_667));
     let mut sent = Vec::new();
     let started = tokio::time::Instant::now();
@@ -294,16 +305,14 @@ async fn servers_killed_under_counter_load_apply_each_increment_once() {
         if killed < 2 && started.elapsed() > Duration::from_secs(2 + 3 * killed) {
             let victim = usize::try_from(killed).unwrap();
             mesh.kill_server(victim).await;
-            mesh.add_server(spec.clone()).await;
+            mesh.add_server(spec("logic-r")).await;
             killed += 1;
         }
-        let (client, url) = (client.clone(), mesh.url(i, "counter.increment"));
+        let (client, url) = (client.clone(), mesh.url(i, "test.increment_slowly"));
         let (user, token) = users[i % users.len()].clone();
         sent.push(tokio::spawn(async move {
-            (
-                user,
-                post(&client, url, String::new(), Some(&token), None).await,
-            )
+            let body = r#"{"ms":200}"#.to_owned();
+            (user, post(&client, url, body, Some(&token), None).await)
         }));
     }
     let mut answered = std::collections::BTreeMap::<String, i64>::new();

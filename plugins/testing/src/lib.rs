@@ -6,6 +6,10 @@
 //! * `test.panic`: panics;
 //! * `test.fail`: returns an internal error;
 //! * `test.whoami`: answers `{"user": ...}` with the verified user or `null`;
+//! * `test.increment_slowly`: adds 1 to the user's `counter` (the one
+//!   `counter.get` reads), then waits `{"ms": n}` milliseconds (default 50) before
+//!   answering `{"value": n}`: a write followed by more work, the window in which a
+//!   crash must not make the write count twice;
 //! * `test.abort`: aborts the whole process (a poison message: a handler that kills
 //!   its server, as an out-of-memory kill or a crash in native code would);
 //! * `test.next` (feature `next`): exists only in the "next version" build of the
@@ -92,6 +96,23 @@ impl Handler for Fail {
     }
 }
 
+struct IncrementSlowly;
+
+#[async_trait]
+impl Handler for IncrementSlowly {
+    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
+        let ms = req
+            .json::<Option<SlowBody>>()?
+            .unwrap_or_default()
+            .ms
+            .unwrap_or(50)
+            .min(10_000);
+        let value = req.context()?.increment("counter", 1).await?;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Response::json(&json!({ "value": value }))
+    }
+}
+
 struct Abort;
 
 #[async_trait]
@@ -123,6 +144,11 @@ keelson_logic_server::register_handler!(
 keelson_logic_server::register_handler!("test.fail", "fails with an internal error", |_| Ok(Fail));
 keelson_logic_server::register_handler!("test.whoami", "answers the verified user", |_| Ok(WhoAmI));
 keelson_logic_server::register_handler!("test.abort", "aborts the process", |_| Ok(Abort));
+keelson_logic_server::register_handler!(
+    "test.increment_slowly",
+    "adds 1 to the user's counter, then waits {\"ms\": n}",
+    |_| Ok(IncrementSlowly)
+);
 
 #[cfg(feature = "next")]
 struct Next;

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod broker;
+pub mod cluster;
 pub mod mesh;
 
 #[cfg(not(feature = "test-handlers"))]

@@ -31,6 +31,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -73,12 +74,51 @@ pub(crate) fn requester_node(reply_to: &str) -> Option<String> {
     String::from_utf8(name.to_vec()).ok()
 }
 
+/// How long a reply waits, once its connection is found lost, to learn whether the
+/// broker closed it with `541` (the watcher of the connection's events says so).
+const VERDICT_WAIT: Duration = Duration::from_millis(200);
+
+/// One reply connection and what its watcher concluded when it ended: `Some(true)`
+/// when the broker closed it with `541` after a reply to a node that is not running.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+    verdict: watch::Receiver<Option<bool>>,
+}
+
+impl Link {
+    fn live(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
+    /// Whether it was lost to a `541`, waiting (bounded) for the watcher to say.
+    async fn crashed(&mut self) -> bool {
+        let verdict = tokio::time::timeout(VERDICT_WAIT, self.verdict.wait_for(Option::is_some));
+        matches!(verdict.await, Ok(Ok(v)) if *v == Some(true))
+    }
+}
+
 /// One requester node's reply connection.
 #[derive(Default)]
 struct Route {
-    link: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+    link: tokio::sync::Mutex<Option<Link>>,
     /// Replies to this node are dropped until then.
     dead_until: Mutex<Option<Instant>>,
+}
+
+impl Route {
+    fn dead(&self) -> bool {
+        lock(&self.dead_until).is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_dead(&self, node: Option<&str>) {
+        warn!(
+            node = ?node,
+            cooldown = ?DEAD_NODE_COOLDOWN,
+            "the broker closed a reply connection (541) after replies to a node that is not running; replies to it are dropped for a while"
+        );
+        *lock(&self.dead_until) = Some(Instant::now() + DEAD_NODE_COOLDOWN);
+    }
 }
 
 /// The reply connections of a transport.
@@ -110,6 +150,11 @@ impl Replies {
     /// Publish `payload` to `reply_to` (default exchange, not mandatory, no confirm:
     /// a reply is at most once). Dropped without error while the requester's node is
     /// marked unreachable.
+    ///
+    /// Replies to one node go one at a time through its route: a connection found
+    /// lost is only replaced once it is known whether a `541` closed it, so replies
+    /// queued behind the one that crashed it are dropped rather than each opening a
+    /// connection that the broker closes again.
     pub(crate) async fn publish(
         &self,
         reply_to: &ShortString,
@@ -118,21 +163,23 @@ impl Replies {
     ) -> Result<(), TransportError> {
         let node = requester_node(reply_to.as_str());
         let route = lock(&self.routes).entry(node.clone()).or_default().clone();
-        if lock(&route.dead_until).is_some_and(|until| Instant::now() < until) {
+        let mut link = route.link.lock().await;
+        if let Some(lost) = link.as_mut().filter(|l| !l.live()) {
+            if lost.crashed().await && !route.dead() {
+                route.mark_dead(node.as_deref());
+            }
+            *link = None;
+        }
+        if route.dead() {
             debug!(node = ?node, "dropping a reply to a node that is not running");
             return Ok(());
         }
-        let mut link = route.link.lock().await;
-        let live = link
-            .as_ref()
-            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected());
-        if !live {
-            *link = Some(self.open(&route, node.as_deref()).await?);
-        }
-        let Some((_, channel)) = link.as_ref() else {
-            return Err(TransportError::Disconnected("no reply connection".into()));
+        let current = match link.as_mut() {
+            Some(l) => l,
+            None => link.insert(self.open(&route, node.as_deref()).await?),
         };
-        let published = channel
+        let published = current
+            .channel
             .basic_publish(
                 "".into(),
                 reply_to.clone(),
@@ -144,17 +191,21 @@ impl Replies {
         match published {
             Ok(_) => Ok(()),
             Err(e) => {
+                let crashed = current.crashed().await;
                 *link = None;
+                if crashed {
+                    if !route.dead() {
+                        route.mark_dead(node.as_deref());
+                    }
+                    // Its requester's node is not running: nobody awaits it.
+                    return Ok(());
+                }
                 Err(topology::error("publishing a reply", &e))
             }
         }
     }
 
-    async fn open(
-        &self,
-        route: &Arc<Route>,
-        node: Option<&str>,
-    ) -> Result<(Connection, Channel), TransportError> {
+    async fn open(&self, route: &Arc<Route>, node: Option<&str>) -> Result<Link, TransportError> {
         let mut failures = Vec::new();
         for broker in &self.brokers {
             let properties =
@@ -179,12 +230,18 @@ impl Replies {
                     continue;
                 }
             };
-            tokio::spawn(watch(
+            let (tx, verdict) = watch::channel(None);
+            tokio::spawn(watch_link(
                 Arc::downgrade(route),
                 node.map(str::to_owned),
                 events,
+                tx,
             ));
-            return Ok((connection, channel));
+            return Ok(Link {
+                connection,
+                channel,
+                verdict,
+            });
         }
         Err(TransportError::Disconnected(format!(
             "no broker reachable for replies: {}",
@@ -196,38 +253,37 @@ impl Replies {
     pub(crate) async fn close(&self) {
         let routes: Vec<Arc<Route>> = lock(&self.routes).values().cloned().collect();
         for route in routes {
-            if let Some((connection, _)) = route.link.lock().await.take()
-                && connection.status().connected()
+            if let Some(link) = route.link.lock().await.take()
+                && link.connection.status().connected()
             {
-                let _ = connection.close(200, "transport closed".into()).await;
+                let _ = link.connection.close(200, "transport closed".into()).await;
             }
         }
     }
 }
 
-/// Watch a reply connection: when the broker closes it with `541`, the replies to
-/// its node crashed it; mark the node unreachable for a while.
-async fn watch(
+/// Watch a reply connection until it ends, and say why: closed by the broker with
+/// `541` (the replies to its node crashed it: that node is marked unreachable for
+/// a while) or otherwise.
+async fn watch_link(
     route: std::sync::Weak<Route>,
     node: Option<String>,
     events: impl futures_util::Stream<Item = Event>,
+    verdict: watch::Sender<Option<bool>>,
 ) {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
         let Event::Error(e) = event else { continue };
         let crashed = matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == INTERNAL_ERROR);
-        if !crashed {
-            continue;
+        if crashed && let Some(route) = route.upgrade() {
+            route.mark_dead(node.as_deref());
         }
-        let Some(route) = route.upgrade() else { return };
-        warn!(
-            node = ?node,
-            cooldown = ?DEAD_NODE_COOLDOWN,
-            "the broker closed a reply connection (541) after replies to a node that is not running; replies to it are dropped for a while"
-        );
-        *lock(&route.dead_until) = Some(Instant::now() + DEAD_NODE_COOLDOWN);
-        return;
+        verdict.send_replace(Some(crashed));
+        if crashed {
+            return;
+        }
     }
+    verdict.send_replace(Some(false));
 }
 
 #[cfg(test)]

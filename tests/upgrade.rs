@@ -1,6 +1,7 @@
 //! Rolling upgrade with zero failed requests: logic servers are replaced one at a
-//! time by a build of another version (protocol 1.1, an added optional envelope
-//! field) under steady traffic, and a draining server answers what it holds.
+//! time under steady traffic, from this build to the next version's (protocol 1.2,
+//! an added optional envelope field) and from the previous release's (protocol 1.0,
+//! without outcome records) to this one; a draining server answers what it holds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
-use support::http;
 use support::mesh::{Mesh, Outcome, ServerSpec, node_state, post};
+use support::{Bin, http};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
@@ -37,32 +38,58 @@ fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
     v[i]
 }
 
+/// Which builds a rolling upgrade goes between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    /// This build to the next version's.
+    ToNext,
+    /// The previous release's to this build; one gateway of each.
+    FromPrevious,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_upgrade_under_steady_traffic_fails_no_request_and_loses_no_write() {
+    rolling_upgrade(Upgrade::ToNext).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_upgrade_from_the_previous_release_fails_no_request_and_loses_no_write() {
+    rolling_upgrade(Upgrade::FromPrevious).await;
+}
+
+async fn rolling_upgrade(upgrade: Upgrade) {
     let vhost = Vhost::create("upgrade");
     let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
-    let old: Vec<usize> = vec![
-        mesh.add_server(ServerSpec::new("v1-a")).await,
-        mesh.add_server(ServerSpec::new("v1-b")).await,
-        mesh.add_server(ServerSpec::new("v1-c")).await,
-    ];
-    mesh.add_gateway().await;
+    let mut old = Vec::new();
+    for name in ["v1-a", "v1-b", "v1-c"] {
+        let spec = match upgrade {
+            Upgrade::ToNext => ServerSpec::new(name),
+            Upgrade::FromPrevious => ServerSpec::new(name).previous_version(),
+        };
+        old.push(mesh.add_server(spec).await);
+    }
+    match upgrade {
+        Upgrade::ToNext => mesh.add_gateway().await,
+        Upgrade::FromPrevious => mesh.add_gateway_of(Bin::PreviousGateway).await,
+    };
     mesh.add_gateway().await;
     let client = http();
     let users: Vec<String> = (0..8)
         .map(|i| mesh.token(&format!("upgrader-{i}")))
         .collect();
 
-    // A handler only the new version hosts: a clear error while none runs.
-    let out = post(
-        &client,
-        mesh.url(0, "test.next"),
-        "{}".into(),
-        None,
-        Some(2000),
-    )
-    .await;
-    assert_eq!(out.status, 404, "{out:?}");
+    if upgrade == Upgrade::ToNext {
+        // A handler only the new version hosts: a clear error while none runs.
+        let out = post(
+            &client,
+            mesh.url(0, "test.next"),
+            "{}".into(),
+            None,
+            Some(2000),
+        )
+        .await;
+        assert_eq!(out.status, 404, "{out:?}");
+    }
 
     // Steady traffic, about 200 requests/s, half of them context writes.
     let phase = Arc::new(std::sync::Mutex::new(Phase::Before));
@@ -116,7 +143,11 @@ async fn rolling_upgrade_under_steady_traffic_fails_no_request_and_loses_no_writ
         // start the new build, wait until the cluster shows it up, go on.
         mesh.stop_server(server).await;
         let node = format!("v2-{i}");
-        mesh.add_server(ServerSpec::new(&node).next_version()).await;
+        let spec = match upgrade {
+            Upgrade::ToNext => ServerSpec::new(&node).next_version(),
+            Upgrade::FromPrevious => ServerSpec::new(&node),
+        };
+        mesh.add_server(spec).await;
         mesh.wait_for_cluster(&client, &format!("{node} up"), |t| {
             node_state(t, &node).as_deref() == Some("up")
         })
@@ -166,9 +197,11 @@ async fn rolling_upgrade_under_steady_traffic_fails_no_request_and_loses_no_writ
         mesh.wait_for_counter(&client, token, expected[user]).await;
     }
 
-    // Every server now runs the new version, and the new handler is served.
-    let out = post(&client, mesh.url(1, "test.next"), "{}".into(), None, None).await;
-    assert_eq!(out.status, 200, "{out:?}");
+    if upgrade == Upgrade::ToNext {
+        // Every server now runs the new version, and the new handler is served.
+        let out = post(&client, mesh.url(1, "test.next"), "{}".into(), None, None).await;
+        assert_eq!(out.status, 200, "{out:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

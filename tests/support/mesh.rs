@@ -37,6 +37,8 @@ pub struct ServerSpec {
     pub extra: String,
     /// Run the next-version build.
     pub next: bool,
+    /// Run the previous release's build.
+    pub previous: bool,
     /// Environment variables of the process.
     pub env: Vec<(String, String)>,
 }
@@ -50,6 +52,7 @@ impl ServerSpec {
             concurrency: 16,
             extra: String::new(),
             next: false,
+            previous: false,
             env: Vec::new(),
         }
     }
@@ -58,6 +61,12 @@ impl ServerSpec {
     pub fn next_version(mut self) -> Self {
         self.next = true;
         self.handlers.push("test.next".to_owned());
+        self
+    }
+
+    /// Run the previous release (protocol 1.0, no outcome records).
+    pub fn previous_version(mut self) -> Self {
+        self.previous = true;
         self
     }
 
@@ -153,10 +162,10 @@ impl Mesh {
             .scratch
             .write(&format!("{name}.toml"), &spec.toml(&self.transport));
         let log = self.scratch.path().join(format!("{name}.log"));
-        let bin = if spec.next {
-            Bin::NextLogicServer
-        } else {
-            Bin::LogicServer
+        let bin = match (spec.next, spec.previous) {
+            (true, _) => Bin::NextLogicServer,
+            (false, true) => Bin::PreviousLogicServer,
+            (false, false) => Bin::LogicServer,
         };
         let env: Vec<(&str, &str)> = spec
             .env
@@ -170,13 +179,18 @@ impl Mesh {
 
     /// Start a gateway and wait until it listens; returns its index.
     pub async fn add_gateway(&mut self) -> usize {
+        self.add_gateway_of(Bin::Gateway).await
+    }
+
+    /// Start a gateway of the build `bin` (this one or the previous release's).
+    pub async fn add_gateway_of(&mut self, bin: Bin) -> usize {
         let i = self.gateways.len();
         let config = self
             .scratch
             .write(&format!("gateway-{i}.toml"), &gateway_toml(&self.transport));
         let log = self.scratch.path().join(format!("gateway-{i}.log"));
         self.gateways
-            .push(Process::start(Bin::Gateway, &config, &log, &[]).await);
+            .push(Process::start(bin, &config, &log, &[]).await);
         i
     }
 

@@ -80,6 +80,28 @@ pub enum Bin {
     /// The logic server of the "next version" build (feature `next-preview`),
     /// which tests/run.sh builds into `$KEELSON_NEXT_BIN_DIR`.
     NextLogicServer,
+    /// The logic server and gateway of the previous release, which tests/run.sh
+    /// builds from its commit into `$KEELSON_PREVIOUS_BIN_DIR`.
+    PreviousLogicServer,
+    PreviousGateway,
+}
+
+/// `name` in the directory named by the environment variable `var`, which
+/// tests/run.sh fills; a clear failure when it is missing.
+fn built(var: &str, name: &str) -> String {
+    let dir = std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: the rolling-upgrade tests need builds of other versions; \
+             run the suite with bash tests/run.sh"
+        )
+    });
+    let path = std::path::Path::new(&dir).join(name);
+    assert!(
+        path.exists(),
+        "{} does not exist; run bash tests/run.sh",
+        path.display()
+    );
+    path.display().to_string()
 }
 
 impl Bin {
@@ -88,21 +110,9 @@ impl Bin {
             Bin::Keelson => env!("CARGO_BIN_EXE_keelson").to_owned(),
             Bin::Gateway => env!("CARGO_BIN_EXE_ui-gateway").to_owned(),
             Bin::LogicServer => env!("CARGO_BIN_EXE_logic-server").to_owned(),
-            Bin::NextLogicServer => {
-                let dir = std::env::var("KEELSON_NEXT_BIN_DIR").unwrap_or_else(|_| {
-                    panic!(
-                        "KEELSON_NEXT_BIN_DIR is not set: the rolling-upgrade tests need the \
-                         next-version build; run the suite with bash tests/run.sh"
-                    )
-                });
-                let path = std::path::Path::new(&dir).join("logic-server");
-                assert!(
-                    path.exists(),
-                    "{} does not exist; run bash tests/run.sh",
-                    path.display()
-                );
-                path.display().to_string()
-            }
+            Bin::NextLogicServer => built("KEELSON_NEXT_BIN_DIR", "logic-server"),
+            Bin::PreviousLogicServer => built("KEELSON_PREVIOUS_BIN_DIR", "logic-server"),
+            Bin::PreviousGateway => built("KEELSON_PREVIOUS_BIN_DIR", "ui-gateway"),
         }
     }
 }

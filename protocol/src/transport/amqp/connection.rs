@@ -39,6 +39,9 @@ pub(crate) struct Link {
     pub(crate) fanouts: Mutex<HashSet<String>>,
     /// Which broker, for logs.
     pub(crate) broker: String,
+    /// The node part of this connection's own direct reply-to addresses (see
+    /// `reply.rs`): replies to requesters on this node are safe on any channel of it.
+    pub(crate) reply_node: Option<Arc<str>>,
     lost: watch::Sender<Option<String>>,
 }
 
@@ -187,16 +190,68 @@ async fn set_up(
         .await
         .map_err(|e| format!("consuming {DIRECT_REPLY_TO}: {e}"))?;
     let publisher = confirm_channel(&connection).await?;
+    let reply_node = own_reply_node(&connection, &rpc).await;
+    if reply_node.is_none() {
+        debug!(
+            "could not learn this connection's reply node; every reply takes a connection of its own"
+        );
+    }
     let link = Arc::new(Link {
         connection,
         rpc,
         publisher,
         fanouts: Mutex::new(fanouts.into_iter().collect()),
         broker: broker.redacted.clone(),
+        reply_node,
         lost: watch::Sender::new(None),
     });
     tokio::spawn(rpc::read_replies(shared.clone(), link.clone(), replies));
     Ok(link)
+}
+
+/// The node part of this connection's direct reply-to addresses: a probe published on
+/// `rpc` (which consumes direct reply-to) with `reply_to` set, to a queue of the
+/// connection's own, comes back with the address the broker made of it. The queue is
+/// declared and read on a channel of its own, so that a refusal cannot close `rpc`.
+async fn own_reply_node(connection: &Connection, rpc: &Channel) -> Option<Arc<str>> {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+    let probe = connection.create_channel().await.ok()?;
+    let node = async {
+        let queue = probe
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        rpc.basic_publish(
+            "".into(),
+            queue.name().clone(),
+            BasicPublishOptions::default(),
+            b"",
+            lapin::BasicProperties::default().with_reply_to(DIRECT_REPLY_TO.into()),
+        )
+        .await
+        .ok()?
+        .await
+        .ok()?;
+        let got = probe
+            .basic_get(queue.name().clone(), BasicGetOptions { no_ack: true })
+            .await
+            .ok()??;
+        let reply_to = got.delivery.properties.reply_to().clone()?;
+        super::reply::requester_node(reply_to.as_str()).map(Arc::from)
+    }
+    .await;
+    if probe.status().connected() {
+        let _ = probe.close(200, "OK".into()).await;
+    }
+    node
 }
 
 async fn confirm_channel(connection: &Connection) -> Result<Channel, String> {

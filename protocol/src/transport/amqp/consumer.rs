@@ -244,6 +244,7 @@ impl AmqpConsumer {
         &self,
         d: lapin::message::Delivery,
         channel: Channel,
+        local_node: Option<Arc<str>>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Delivery {
         let payload = Bytes::from(d.data);
@@ -267,6 +268,7 @@ impl AmqpConsumer {
             correlation_id: d.properties.correlation_id().clone(),
             message_id: d.properties.message_id().clone(),
             expiration: d.properties.expiration().clone(),
+            local_node,
             payload: payload.clone(),
             headers: d.properties.headers().clone(),
             queue: self.queue.clone(),
@@ -454,8 +456,10 @@ impl Consumer for AmqpConsumer {
             };
             match event {
                 Event::Delivery(d) => {
-                    let channel = self.attached.as_ref()?.channel.clone();
-                    return Some(Ok(self.delivery(*d, channel, permit)));
+                    let attached = self.attached.as_ref()?;
+                    let (channel, node) =
+                        (attached.channel.clone(), attached.link.reply_node.clone());
+                    return Some(Ok(self.delivery(*d, channel, node, permit)));
                 }
                 Event::Closed => return None,
                 Event::Detach(why) => {

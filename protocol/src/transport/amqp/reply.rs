@@ -10,8 +10,9 @@
 //! reply took the unacknowledged deliveries down with it, and they came back, were
 //! answered again, and closed the connection again, in a loop.
 //!
-//! So replies go out on connections used for nothing else, one per requester node,
-//! opened on first use. A connection closed with `541` right after replies to one
+//! So a reply to a requester on another node than the one its delivery's connection
+//! is attached to (which runs, since the delivery came through it) goes out on a
+//! connection used for nothing else, one per requester node, opened on first use. A connection closed with `541` right after replies to one
 //! node marks that node unreachable for [`DEAD_NODE_COOLDOWN`]: replies to it are
 //! dropped meanwhile (their requester lost its connection with its node), so a node
 //! that stays down costs at most one reconnection per cooldown, not one per queued
@@ -163,23 +164,27 @@ impl Replies {
     ) -> Result<(), TransportError> {
         let node = requester_node(reply_to.as_str());
         let route = lock(&self.routes).entry(node.clone()).or_default().clone();
-        let mut link = route.link.lock().await;
-        if let Some(lost) = link.as_mut().filter(|l| !l.live()) {
-            if lost.crashed().await && !route.dead() {
-                route.mark_dead(node.as_deref());
+        // The lock is held to check and replace the connection, not to publish:
+        // replies to one node go out concurrently on its channel.
+        let (channel, mut verdict) = {
+            let mut link = route.link.lock().await;
+            if let Some(lost) = link.as_mut().filter(|l| !l.live()) {
+                if lost.crashed().await && !route.dead() {
+                    route.mark_dead(node.as_deref());
+                }
+                *link = None;
             }
-            *link = None;
-        }
-        if route.dead() {
-            debug!(node = ?node, "dropping a reply to a node that is not running");
-            return Ok(());
-        }
-        let current = match link.as_mut() {
-            Some(l) => l,
-            None => link.insert(self.open(&route, node.as_deref()).await?),
+            if route.dead() {
+                debug!(node = ?node, "dropping a reply to a node that is not running");
+                return Ok(());
+            }
+            let current = match link.as_mut() {
+                Some(l) => l,
+                None => link.insert(self.open(&route, node.as_deref()).await?),
+            };
+            (current.channel.clone(), current.verdict.clone())
         };
-        let published = current
-            .channel
+        let published = channel
             .basic_publish(
                 "".into(),
                 reply_to.clone(),
@@ -188,21 +193,14 @@ impl Replies {
                 properties,
             )
             .await;
-        match published {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let crashed = current.crashed().await;
-                *link = None;
-                if crashed {
-                    if !route.dead() {
-                        route.mark_dead(node.as_deref());
-                    }
-                    // Its requester's node is not running: nobody awaits it.
-                    return Ok(());
-                }
-                Err(topology::error("publishing a reply", &e))
-            }
+        let Err(e) = published else { return Ok(()) };
+        // The connection died under this reply: if a 541 closed it, its requester's
+        // node is not running and nobody awaits the reply.
+        let crashed = tokio::time::timeout(VERDICT_WAIT, verdict.wait_for(Option::is_some));
+        if matches!(crashed.await, Ok(Ok(v)) if *v == Some(true)) {
+            return Ok(());
         }
+        Err(topology::error("publishing a reply", &e))
     }
 
     async fn open(&self, route: &Arc<Route>, node: Option<&str>) -> Result<Link, TransportError> {

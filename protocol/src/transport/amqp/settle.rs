@@ -15,7 +15,7 @@ use super::shared::Shared;
 use super::topology;
 use async_trait::async_trait;
 use bytes::Bytes;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Acker, BasicProperties, Channel};
 use std::fmt;
@@ -32,6 +32,8 @@ pub(crate) struct AmqpSettle {
     pub(crate) correlation_id: Option<ShortString>,
     pub(crate) message_id: Option<ShortString>,
     pub(crate) expiration: Option<ShortString>,
+    /// The node part of the delivery's connection's own reply addresses.
+    pub(crate) local_node: Option<Arc<str>>,
     /// Payload and headers as received, to dead-letter them unchanged.
     pub(crate) payload: Bytes,
     pub(crate) headers: Option<FieldTable>,
@@ -190,11 +192,32 @@ impl Settle for AmqpSettle {
         if let Some(id) = &self.correlation_id {
             properties = properties.with_correlation_id(id.clone());
         }
-        // Not on this delivery's connection: see `reply.rs`.
-        self.shared
-            .replies
-            .publish(reply_to, properties, &payload)
+        let local = self.local_node.as_deref().is_some_and(|own| {
+            super::reply::requester_node(reply_to.as_str()).as_deref() == Some(own)
+        });
+        if !local {
+            // Its requester's node may not be running: not on this delivery's
+            // connection (see `reply.rs`).
+            return self
+                .shared
+                .replies
+                .publish(reply_to, properties, &payload)
+                .await;
+        }
+        // The requester is on the node this connection is attached to, which runs.
+        // Not mandatory, no confirm: a reply to a requester that is gone is dropped
+        // by the broker, which is what the contract asks for.
+        self.channel
+            .basic_publish(
+                "".into(),
+                reply_to.clone(),
+                BasicPublishOptions::default(),
+                &payload,
+                properties,
+            )
             .await
+            .map(|_| ())
+            .map_err(|e| topology::error("publishing a reply", &e))
     }
 
     async fn settle(&self, outcome: Outcome) -> Result<(), TransportError> {

@@ -187,7 +187,7 @@ async fn stopping_the_gateways_broker_node_under_counter_load_applies_each_incre
     for (user, token) in &users {
         let ok = answered.get(user).copied().unwrap_or(0);
         let maybe = unknown.get(user).copied().unwrap_or(0);
-        let value = settled_counter(&mesh, &client, token, ok).await;
+        let value = mesh.settled_counter(&client, token, ok).await;
         counted += value;
         if value > ok + maybe {
             overcounted.push(format!(
@@ -273,38 +273,6 @@ async fn stopping_the_gateways_broker_node_under_counter_load_applies_each_incre
          {recovered:.2?} after it, {bad_in_last_second} bad in the last second; statuses \
          {statuses:?}"
     );
-}
-
-/// Read `counter.get` through every gateway until each reads at least `min` (writes
-/// replicate asynchronously) and all agree; then that value.
-async fn settled_counter(mesh: &Mesh, client: &reqwest::Client, token: &str, min: i64) -> i64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut values = Vec::new();
-        for g in 0..mesh.gateways.len() {
-            let out = post(
-                client,
-                mesh.url(g, "counter.get"),
-                String::new(),
-                Some(token),
-                None,
-            )
-            .await;
-            let value = serde_json::from_str::<serde_json::Value>(&out.body)
-                .ok()
-                .and_then(|v| v["value"].as_i64())
-                .unwrap_or(-1);
-            values.push(value);
-        }
-        if values.iter().all(|&v| v >= min && v == values[0]) {
-            return values[0];
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the counter never reached {min} everywhere: {values:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Copy the mesh's logs (its scratch directory goes with it) to

@@ -101,27 +101,6 @@ fn unix_ms() -> u64 {
     .unwrap()
 }
 
-/// Messages ready or unacknowledged in the vhost's service queue.
-fn queued(vhost: &Vhost) -> usize {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_queues",
-            "-p",
-            &vhost.name,
-            "name",
-            "messages",
-            "--no-table-headers",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("keelson.svc."))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_reply_address_names_a_missing_node_runs_once() {
     let vhost = Vhost::create("dead-reply");
@@ -176,7 +155,11 @@ async fn a_request_whose_reply_address_names_a_missing_node_runs_once() {
     let log = mesh.servers[0].as_ref().unwrap().log_text();
     let lost = log.matches("lost the connection to broker").count();
     assert!(lost <= 1, "{lost} reconnections for one message:\n{log}");
-    assert_eq!(queued(&vhost), 0, "the message is settled");
+    assert_eq!(
+        vhost.messages(|q| q.starts_with("keelson.svc.")),
+        0,
+        "the message is settled"
+    );
     drop(connection);
 }
 
@@ -193,27 +176,6 @@ async fn restart_exited(mesh: &mut Mesh, spec: &ServerSpec) -> usize {
         }
     }
     restarted
-}
-
-/// Messages in the vhost's dead-letter queue.
-fn dead_letters(vhost: &Vhost) -> usize {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_queues",
-            "-p",
-            &vhost.name,
-            "name",
-            "messages",
-            "--no-table-headers",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.split_whitespace().next() == Some("keelson.dead-letter"))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +229,11 @@ async fn a_request_that_kills_its_server_is_dead_lettered_and_blames_nobody() {
         assert_eq!(out.status, 200, "a bystander failed: {out:?}");
         assert_eq!(out.body, format!(r#"{{"slept_ms":{ms}}}"#));
     }
-    assert_eq!(dead_letters(&vhost), 1, "only the poison is dead-lettered");
+    assert_eq!(
+        vhost.messages(|q| q == "keelson.dead-letter"),
+        1,
+        "only the poison is dead-lettered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +298,7 @@ async fn servers_killed_under_counter_load_apply_each_increment_once() {
     for (user, token) in &users {
         let ok = answered.get(user).copied().unwrap_or(0);
         let maybe = unknown.get(user).copied().unwrap_or(0);
-        let value = wait_for_at_least(&mesh, &client, token, ok).await;
+        let value = mesh.settled_counter(&client, token, ok).await;
         assert!(
             value <= ok + maybe,
             "{user}: counter {value}, but {ok} increments answered and {maybe} unknown"
@@ -343,39 +309,6 @@ async fn servers_killed_under_counter_load_apply_each_increment_once() {
         Some(&1200),
         "every increment answered: {statuses:?}"
     );
-}
-
-/// Read `counter.get` through every gateway until each reads at least `min` (writes
-/// replicate asynchronously); then the value, once two reads through every gateway
-/// agree.
-async fn wait_for_at_least(mesh: &Mesh, client: &reqwest::Client, token: &str, min: i64) -> i64 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut values = Vec::new();
-        for g in 0..mesh.gateways.len() {
-            let out = post(
-                client,
-                mesh.url(g, "counter.get"),
-                String::new(),
-                Some(token),
-                None,
-            )
-            .await;
-            let value = serde_json::from_str::<serde_json::Value>(&out.body)
-                .ok()
-                .and_then(|v| v["value"].as_i64())
-                .unwrap_or(-1);
-            values.push(value);
-        }
-        if values.iter().all(|&v| v >= min && v == values[0]) {
-            return values[0];
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the counter never reached {min} everywhere: {values:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A POST with an `Idempotency-Key`: status, the replay header, the body bytes.

@@ -99,6 +99,27 @@ impl Vhost {
         rabbitmqctl(&["-q", "delete_queue", "-p", &self.name, name]);
     }
 
+    /// Messages (ready or unacknowledged) in the queues of this vhost whose name
+    /// `which` accepts.
+    pub fn messages(&self, which: impl Fn(&str) -> bool) -> usize {
+        rabbitmqctl(&[
+            "-q",
+            "list_queues",
+            "-p",
+            &self.name,
+            "name",
+            "messages",
+            "--no-table-headers",
+        ])
+        .lines()
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let (name, count) = (cols.next()?, cols.next()?);
+            which(name).then(|| count.parse::<usize>().ok())?
+        })
+        .sum()
+    }
+
     /// Number of client connections open to this vhost.
     pub fn connection_count(&self) -> usize {
         rabbitmqctl(&["-q", "list_connections", "vhost"])

@@ -349,3 +349,38 @@ impl Mesh {
         }
     }
 }
+
+impl Mesh {
+    /// Read `counter.get` for the user of `token` through every gateway until each
+    /// reads at least `min` (writes replicate asynchronously) and all agree; then that
+    /// value. Fails the test after 10 s.
+    pub async fn settled_counter(&self, client: &reqwest::Client, token: &str, min: i64) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut values = Vec::new();
+            for g in 0..self.gateways.len() {
+                let out = post(
+                    client,
+                    self.url(g, "counter.get"),
+                    String::new(),
+                    Some(token),
+                    None,
+                )
+                .await;
+                let value = serde_json::from_str::<serde_json::Value>(&out.body)
+                    .ok()
+                    .and_then(|v| v["value"].as_i64())
+                    .unwrap_or(-1);
+                values.push(value);
+            }
+            if values.iter().all(|&v| v >= min && v == values[0]) {
+                return values[0];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the counter never reached {min} everywhere: {values:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

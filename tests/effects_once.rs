@@ -433,7 +433,11 @@ async fn a_server_killed_after_replicating_a_write_leaves_the_redelivery_to_its_
         "dying",
         "the survivor answered with the dying server's recorded outcome"
     );
-    assert!(mesh.servers[0].as_mut().unwrap().has_exited());
+    let dying = mesh.servers[0].as_mut().unwrap();
+    assert!(
+        dying.exits_within(Duration::from_secs(5)).await,
+        "it aborted"
+    );
     // Each increment answered was applied once: the one whose server died included.
     mesh.wait_for_counter(&client, &token, answered).await;
 }

@@ -219,6 +219,13 @@ impl Process {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
+    /// Whether the process exits within `within` (reaping it).
+    pub async fn exits_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .is_ok()
+    }
+
     /// SIGKILL, and reap it.
     pub async fn kill9(mut self) {
         self.child.kill().await.expect("cannot kill the process");

@@ -218,16 +218,18 @@ async fn kill_9_leaves_survivors_intact_and_a_restarted_server_catches_up() {
     mesh.stop_server(restarted).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_missed_writes_while_disconnected_gets_them_by_resync() {
-    let vhost = Vhost::create("ctx-resync");
+/// A writer (`counter.increment`) and a reader (`counter.get`) with the given
+/// `resync_interval_s`: one increment reaches both, then the reader's connection
+/// drops and 20 more are broadcast while it is down, which never reach it through
+/// the context channel. Returns the mesh and the user's token.
+async fn writes_missed_by_a_reader(vhost: &Vhost, resync_interval_s: u64) -> (Mesh, String) {
     let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
     mesh.add_server(ServerSpec::new("writer").service("writers", &["counter.increment"]))
         .await;
     mesh.add_server(
         ServerSpec::new("reader")
             .service("readers", &["counter.get"])
-            .extra("resync_interval_s = 1\n"),
+            .extra(&format!("resync_interval_s = {resync_interval_s}\n")),
     )
     .await;
     mesh.add_gateway().await;
@@ -237,14 +239,20 @@ async fn a_server_that_missed_writes_while_disconnected_gets_them_by_resync() {
     assert_eq!(increment().await.status, 200);
     mesh.wait_for_counter(&client, &token, 1).await;
 
-    // The reader's connection drops; what is broadcast before it is back never
-    // reaches it through the context channel.
     assert!(vhost.close_connections_of("reader") > 0);
     for _ in 0..20 {
         let out = increment().await;
         assert_eq!(out.status, 200, "{out:?}");
         assert_eq!(out.served_by.as_deref(), Some("writer"));
     }
+    (mesh, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_missed_writes_while_disconnected_gets_them_by_resync() {
+    let vhost = Vhost::create("ctx-resync");
+    let (mesh, token) = writes_missed_by_a_reader(&vhost, 1).await;
+    let client = http();
     // Read through the reader at once (while the first resync is at most 1.2 s
     // away), then until the resync has brought the missed writes.
     let out = call(&mesh, &client, "counter.get", &token).await;
@@ -259,28 +267,9 @@ async fn a_server_that_missed_writes_while_disconnected_gets_them_by_resync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_missed_writes_repairs_the_gap_within_two_heartbeats() {
     let vhost = Vhost::create("ctx-gap");
-    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
-    mesh.add_server(ServerSpec::new("writer").service("writers", &["counter.increment"]))
-        .await;
     // No periodic resync: only the gap detection can bring the missed writes.
-    mesh.add_server(
-        ServerSpec::new("reader")
-            .service("readers", &["counter.get"])
-            .extra("resync_interval_s = 0\n"),
-    )
-    .await;
-    mesh.add_gateway().await;
-    let token = mesh.token("alice");
+    let (mesh, token) = writes_missed_by_a_reader(&vhost, 0).await;
     let client = http();
-    let increment = || call(&mesh, &client, "counter.increment", &token);
-    assert_eq!(increment().await.status, 200);
-    mesh.wait_for_counter(&client, &token, 1).await;
-
-    assert!(vhost.close_connections_of("reader") > 0);
-    for _ in 0..20 {
-        let out = increment().await;
-        assert_eq!(out.status, 200, "{out:?}");
-    }
     let written = std::time::Instant::now();
     // The writer's next heartbeats (one a second) announce deltas the reader never
     // got; it pulls its peers' state at once.

@@ -323,30 +323,11 @@ fn node_row<'a>(table: &'a serde_json::Value, node: &str) -> Option<&'a serde_js
 }
 
 impl Mesh {
-    /// Poll `counter.get` for the user of `token` through the first gateway until it
-    /// reads `expected` (replication is asynchronous); fails the test after 5 s.
+    /// Wait until `counter.get` for the user of `token` reads `expected` through every
+    /// gateway (replication is asynchronous); a value past it fails the test at once.
     pub async fn wait_for_counter(&self, client: &reqwest::Client, token: &str, expected: i64) {
-        let started = Instant::now();
-        loop {
-            let out = post(
-                client,
-                self.url(0, "counter.get"),
-                String::new(),
-                Some(token),
-                None,
-            )
-            .await;
-            let value = serde_json::from_str::<serde_json::Value>(&out.body)
-                .ok()
-                .and_then(|v| v["value"].as_i64());
-            if out.status == 200 && value == Some(expected) {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the counter never read {expected}: {out:?}"
-            );
-        }
+        let value = self.settled_counter(client, token, expected).await;
+        assert_eq!(value, expected, "the counter went past {expected}");
     }
 }
 

@@ -122,15 +122,19 @@ impl Dispatcher {
             client: request.idempotency_key.is_some(),
         };
         let deliveries = delivery.deliveries();
-        if deliveries > 1 && self.store.record(&keyed.scope, &keyed.key).is_none() {
+        let mut record = self.store.record(&keyed.scope, &keyed.key);
+        if deliveries > 1 && record.is_none() {
             // The server that held it before may have replicated its effects and
             // outcome just before it died: let them arrive before deciding to run.
             let within = Duration::from_millis(self.limits.idempotency.redelivery_barrier_ms);
             if !self.store.barrier(within).await {
                 tracing::debug!(id = %request.id, "redelivery barrier timed out");
             }
+            record = self.store.record(&keyed.scope, &keyed.key);
         }
-        if let Some(reply) = self.answer_from_record(&request, &keyed, now_ms) {
+        if let Some(reply) =
+            record.and_then(|r| self.answer_from_record(&request, &keyed, r, now_ms))
+        {
             let status = reply.status;
             send(&delivery, &reply).await;
             settle_ack(delivery).await;
@@ -310,10 +314,15 @@ impl Dispatcher {
         Handled::Refused(reply.status)
     }
 
-    /// The answer owed to a request whose key has a record: the recorded reply, a
+    /// The answer owed to a request whose key has `record`: the recorded reply, a
     /// refusal of a reused or busy key; `None` when the handler should run.
-    fn answer_from_record(&self, request: &Request, keyed: &Keyed, now_ms: u64) -> Option<Reply> {
-        let record = self.store.record(&keyed.scope, &keyed.key)?;
+    fn answer_from_record(
+        &self,
+        request: &Request,
+        keyed: &Keyed,
+        record: OutcomeRecord,
+        now_ms: u64,
+    ) -> Option<Reply> {
         if keyed.client && record.fingerprint != request.idempotency_fingerprint {
             return Some(self.error(
                 request.id.clone(),

@@ -56,7 +56,6 @@ pub struct ReplicatedContextStore {
     gaps: Mutex<Gaps>,
     /// A repair (a pull of the peers' state) is under way.
     repairing: AtomicBool,
-    repairs: AtomicU64,
 }
 
 struct Inner {
@@ -78,6 +77,27 @@ fn to_hlc(s: &Stamp) -> Hlc {
         wall_ms: s.wall_ms,
         logical: s.logical,
         node: s.node.to_string(),
+    }
+}
+
+/// Broadcast a delta on the context channel, trying again every [`REPUBLISH_EVERY`]
+/// until it goes out or `until` passes (never, for `None`).
+async fn broadcast_until(
+    transport: &Arc<dyn Transport>,
+    payload: Bytes,
+    until: Option<Instant>,
+) -> Result<(), keelson_protocol::transport::TransportError> {
+    loop {
+        match CONTEXT_DELTAS
+            .publish_encoded(transport.as_ref(), payload.clone())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if until.is_some_and(|u| Instant::now() + REPUBLISH_EVERY >= u) => {
+                return Err(e);
+            }
+            Err(_) => tokio::time::sleep(REPUBLISH_EVERY).await,
+        }
     }
 }
 
@@ -136,7 +156,6 @@ impl ReplicatedContextStore {
             published: AtomicU64::new(0),
             gaps: Mutex::new(Gaps::default()),
             repairing: AtomicBool::new(false),
-            repairs: AtomicU64::new(0),
         });
         let unavailable = |e: keelson_protocol::transport::TransportError| {
             ContextError::Unavailable(e.to_string())
@@ -304,14 +323,8 @@ impl ReplicatedContextStore {
             if report.chunks > 0 || report.alone {
                 store.lock_gaps().repaired(&missing, Instant::now());
             }
-            store.repairs.fetch_add(1, Ordering::Relaxed);
             store.repairing.store(false, Ordering::Release);
         });
-    }
-
-    /// How many gap repairs this store ran.
-    pub fn repairs(&self) -> u64 {
-        self.repairs.load(Ordering::Relaxed)
     }
 
     /// Encode a delta of `ops` (numbered), or a barrier `marker` (not numbered: only
@@ -343,28 +356,20 @@ impl ReplicatedContextStore {
     /// background (the writes stand here and must reach the peers) and report the
     /// error.
     async fn publish(&self, payload: Bytes, deadline: Instant) -> Result<(), ContextError> {
-        let error = loop {
-            match self.broadcast(payload.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() + REPUBLISH_EVERY >= deadline => break e,
-                Err(_) => tokio::time::sleep(REPUBLISH_EVERY).await,
-            }
+        let Err(error) = broadcast_until(&self.transport, payload.clone(), Some(deadline)).await
+        else {
+            return Ok(());
         };
         tracing::warn!(error = %error, "a context delta is not replicated yet; trying again in the background");
         let transport = self.transport.clone();
         self.spawn(async move {
-            loop {
-                tokio::time::sleep(REPUBLISH_EVERY).await;
-                let published = CONTEXT_DELTAS
-                    .publish_encoded(transport.as_ref(), payload.clone())
-                    .await;
-                if published.is_ok() {
-                    tracing::info!("a delayed context delta is replicated");
-                    break;
-                }
+            if broadcast_until(&transport, payload, None).await.is_ok() {
+                tracing::info!("a delayed context delta is replicated");
             }
         });
-        Err(error)
+        Err(ContextError::Unavailable(format!(
+            "cannot replicate the write: {error}"
+        )))
     }
 
     /// The write turn of `user`, unless `effects` holds it already.

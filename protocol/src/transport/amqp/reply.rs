@@ -148,7 +148,8 @@ impl Replies {
         }
     }
 
-    /// Publish `payload` to `reply_to` (default exchange, not mandatory, no confirm:
+    /// Publish `payload` to `reply_to`, whose requester is on `node` (its
+    /// [`requester_node`]), (default exchange, not mandatory, no confirm:
     /// a reply is at most once). Dropped without error while the requester's node is
     /// marked unreachable.
     ///
@@ -158,11 +159,11 @@ impl Replies {
     /// connection that the broker closes again.
     pub(crate) async fn publish(
         &self,
+        node: Option<String>,
         reply_to: &ShortString,
         properties: BasicProperties,
         payload: &[u8],
     ) -> Result<(), TransportError> {
-        let node = requester_node(reply_to.as_str());
         let route = lock(&self.routes).entry(node.clone()).or_default().clone();
         // The lock is held to check and replace the connection, not to publish:
         // replies to one node go out concurrently on its channel.

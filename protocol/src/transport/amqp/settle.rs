@@ -192,16 +192,14 @@ impl Settle for AmqpSettle {
         if let Some(id) = &self.correlation_id {
             properties = properties.with_correlation_id(id.clone());
         }
-        let local = self.local_node.as_deref().is_some_and(|own| {
-            super::reply::requester_node(reply_to.as_str()).as_deref() == Some(own)
-        });
-        if !local {
+        let node = super::reply::requester_node(reply_to.as_str());
+        if node.is_none() || node.as_deref() != self.local_node.as_deref() {
             // Its requester's node may not be running: not on this delivery's
             // connection (see `reply.rs`).
             return self
                 .shared
                 .replies
-                .publish(reply_to, properties, &payload)
+                .publish(node, reply_to, properties, &payload)
                 .await;
         }
         // The requester is on the node this connection is attached to, which runs.

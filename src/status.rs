@@ -108,6 +108,7 @@ mod tests {
                 ready: true,
                 contexts: 7,
                 context: None,
+                digest: None,
                 interval_ms: 1000,
                 leaving: false,
             },

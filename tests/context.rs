@@ -287,4 +287,16 @@ async fn a_server_that_missed_writes_repairs_the_gap_within_two_heartbeats() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("gap repaired {:?} after the writes", written.elapsed());
+    // Settled again, the two carry equal digests of their state in their heartbeats.
+    mesh.wait_for_cluster(&client, "equal context digests", |table| {
+        let digest = |node: &str| {
+            table["nodes"]
+                .as_array()
+                .and_then(|nodes| nodes.iter().find(|n| n["node"] == node))
+                .map(|n| n["digest"]["hash"].clone())
+                .filter(|h| h.is_u64())
+        };
+        digest("writer").is_some() && digest("writer") == digest("reader")
+    })
+    .await;
 }

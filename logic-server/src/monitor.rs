@@ -45,6 +45,9 @@ impl Monitor {
             if let Some(mark) = &hb.context {
                 store.observe_mark(mark);
             }
+            if let (Some(mark), Some(digest)) = (&hb.context, &hb.digest) {
+                store.clone().observe_digest(&mark.origin, digest);
+            }
             let mut view = peers.lock().unwrap_or_else(|p| p.into_inner());
             view.observe(hb, Instant::now());
             view.prune(Instant::now(), 20);
@@ -73,6 +76,7 @@ impl Monitor {
             interval_ms: u64::try_from(self.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
             leaving,
             context: self.dispatcher.store.mark(),
+            digest: self.dispatcher.store.digest(),
         }
     }
 

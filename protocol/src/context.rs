@@ -109,6 +109,25 @@ pub struct ContextMark {
     pub seq: u64,
 }
 
+/// A digest of a server's settled context state, carried in its heartbeats so that two
+/// servers that applied the same deltas can tell whether they hold the same state.
+///
+/// `hash` is the XOR of one xxh3-64 hash per live entry (a value, a counter share,
+/// an outcome record; the exact bytes hashed are in TOPOLOGY.md). A server sends it
+/// only when settled: no write of its own applied but not yet published, no delta
+/// applied out of order. Two digests are comparable when their `swept_ms` are equal
+/// and every origin listed in both has the same `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextDigest {
+    /// XOR of the entries' hashes.
+    pub hash: u64,
+    /// The wall-clock boundary (Unix ms) of the last expiry sweep: every server sweeps
+    /// at the same multiples of its sweep period, so equal sweeps expired the same.
+    pub swept_ms: u64,
+    /// Up to which `seq` each origin's deltas are applied (its own: published).
+    pub applied: Vec<ContextMark>,
+}
+
 impl Envelope for ContextDelta {
     const KIND: &'static str = "context delta";
     fn version(&self) -> ProtocolVersion {

@@ -65,6 +65,9 @@ pub struct Heartbeat {
     /// How far its context deltas have gone. Since protocol 1.1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<crate::context::ContextMark>,
+    /// A digest of its context state, when settled. Since protocol 1.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<crate::context::ContextDigest>,
 }
 
 impl Envelope for Heartbeat {

@@ -34,7 +34,7 @@ pub use replicated::ReplicatedContextStore;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use keelson_protocol::context::ContextMark;
+use keelson_protocol::context::{ContextDigest, ContextMark};
 use keelson_protocol::idempotency::OutcomeRecord;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -169,6 +169,22 @@ pub trait ContextStore: Send + Sync + fmt::Debug + 'static {
     /// A peer's heartbeat said how far its writes have got: a store that applied less
     /// repairs.
     fn observe_mark(&self, _mark: &ContextMark) {}
+
+    /// A digest of this store's settled state, for the server's heartbeats; `None`
+    /// while unsettled or for a store that does not replicate.
+    fn digest(&self) -> Option<ContextDigest> {
+        None
+    }
+
+    /// The heartbeat of the store whose deltas have origin `peer` carried its digest:
+    /// a store that persistently differs from it at the same applied deltas logs it,
+    /// counts it and repairs.
+    fn observe_digest(self: Arc<Self>, _peer: &str, _digest: &ContextDigest) {}
+
+    /// Divergences from peers found since start (see [`ContextStore::observe_digest`]).
+    fn divergences(&self) -> u64 {
+        0
+    }
 
     /// [`ContextStore::set_in`], committed at once.
     async fn set(&self, user: &str, key: &str, value: Bytes) -> Result<(), ContextError> {

@@ -52,6 +52,7 @@ impl Window {
 
     /// Wait until no delivery is out (every place in the window is free); `None` if
     /// the semaphore was closed. Cancel-safe.
+    #[cfg_attr(not(feature = "amqp"), allow(dead_code))]
     pub(crate) async fn idle(&mut self) -> Option<()> {
         while self.debt > 0 {
             self.permits.clone().acquire_owned().await.ok()?.forget();

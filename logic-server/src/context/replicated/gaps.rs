@@ -11,6 +11,7 @@
 //! An origin first heard of mid-stream is taken as known up to there: what it
 //! published before is in the snapshot this server joined with.
 
+use keelson_protocol::context::ContextMark;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -139,6 +140,21 @@ impl Gaps {
         }
         self.last_repair = Some(now);
         Some(Missing(missing))
+    }
+
+    /// Up to which number each origin's deltas are applied without a hole; `None`
+    /// while any delta is applied beyond a missing one (the state is then not what
+    /// any list of numbers describes).
+    pub(crate) fn applied_marks(&self) -> Option<Vec<ContextMark>> {
+        self.origins
+            .iter()
+            .map(|(name, o)| {
+                o.ahead.is_empty().then(|| ContextMark {
+                    origin: name.clone(),
+                    seq: o.contiguous,
+                })
+            })
+            .collect()
     }
 
     /// A repair pulled the peers' state: what it covers counts as applied.

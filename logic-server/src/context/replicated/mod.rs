@@ -10,10 +10,9 @@
 //! * Counter increments never conflict: each server keeps its own running sum, the
 //!   value is the sum over servers, so concurrent increments through different
 //!   servers all count.
-//! * `set` and `delete` are broadcast before they are applied locally: when they
-//!   return an error, no server has the write. An `increment` is applied first and
-//!   its running sum broadcast; if that broadcast fails the increment still counts
-//!   here and reaches the peers with this server's next increment of that counter.
+//! * A request's writes are applied here at once and broadcast together, with its
+//!   outcome record, in one delta when it ends (see `Effects`), so every replica
+//!   has all of them and the outcome or none.
 //!
 //! # Joining
 //!
@@ -22,8 +21,15 @@
 //! so chunks from different peers fit together), merges them with the deltas that
 //! arrive meanwhile, and only then serves. No answer within `join_timeout_ms` (or no
 //! peer at all) means it is alone: it says so and starts empty.
+//!
+//! # Staying equal
+//!
+//! Deltas are numbered per origin; a hole repairs at once (`gaps`). Heartbeats carry
+//! a digest of the settled state, and a server whose state differs from a peer's
+//! at the same applied deltas, persistently, says so and pulls (`divergence`).
 
 mod clock;
+mod divergence;
 mod gaps;
 mod state;
 mod store;

@@ -11,6 +11,11 @@
 //!
 //! Every merge is commutative, associative and idempotent, so replicas that saw the
 //! same operations in any order, any number of times, hold equal states.
+//!
+//! The state keeps a digest of itself up to date as it changes: the XOR of one hash
+//! per live entry (a value, a counter share, an outcome record; see [`entry_hash`]).
+//! Replicas holding equal states have equal digests, whatever order they saw the
+//! operations in, so heartbeats can carry it to detect replicas that drifted apart.
 
 use keelson_protocol::context::{ContextOp, CounterEntry, Hlc, UserSnapshot, ValueEntry};
 use keelson_protocol::idempotency::{RECORD_KEY_PREFIX, is_client_key};
@@ -19,6 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
+use xxhash_rust::xxh3::Xxh3Default;
 
 /// A node id, interned: every stamp and share of one node shares one allocation, and
 /// holds it through a thin pointer (8 bytes in each stamp and share, not 16).
@@ -84,6 +90,61 @@ fn push_boxed<T>(b: &mut Box<[T]>, item: T) {
 
 /// Bookkeeping charged per entry against the per-user size limit.
 const ENTRY_OVERHEAD: usize = 16;
+
+/// The kinds of entry a digest covers (the first byte hashed).
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Value = 1,
+    Share = 2,
+    Record = 3,
+}
+
+/// The hash of one live entry: xxh3-64 of its kind byte followed by its fields, each
+/// string or byte field as a little-endian `u32` length and its bytes, each number
+/// little-endian. A value or record hashes `user, key, wall_ms (u64), logical (u32),
+/// writer node, bytes`; a counter share `user, key, node, seq (u64), sum (i64)`.
+/// A tombstone is no live entry (hash 0): replicas that collect it at different
+/// times still agree.
+fn entry_hash(kind: Entry, user: &str, key: &str, fields: impl FnOnce(&mut Xxh3Default)) -> u64 {
+    let mut h = Xxh3Default::new();
+    h.update(&[kind as u8]);
+    hash_bytes(&mut h, user.as_bytes());
+    hash_bytes(&mut h, key.as_bytes());
+    fields(&mut h);
+    h.digest()
+}
+
+fn hash_bytes(h: &mut Xxh3Default, bytes: &[u8]) {
+    h.update(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
+    h.update(bytes);
+}
+
+fn hash_stamped(h: &mut Xxh3Default, ts: &Stamp, bytes: &[u8]) {
+    h.update(&ts.wall_ms.to_le_bytes());
+    h.update(&ts.logical.to_le_bytes());
+    hash_bytes(h, ts.node.as_bytes());
+    hash_bytes(h, bytes);
+}
+
+fn value_hash(user: &str, key: &str, r: &Register) -> u64 {
+    r.value.as_ref().map_or(0, |v| {
+        entry_hash(Entry::Value, user, key, |h| hash_stamped(h, &r.ts, v))
+    })
+}
+
+fn share_hash(user: &str, key: &str, s: &Share) -> u64 {
+    entry_hash(Entry::Share, user, key, |h| {
+        hash_bytes(h, s.node.as_bytes());
+        h.update(&s.seq.to_le_bytes());
+        h.update(&s.sum.to_le_bytes());
+    })
+}
+
+fn record_hash(user: &str, key: &str, r: &Record) -> u64 {
+    entry_hash(Entry::Record, user, key, |h| {
+        hash_stamped(h, &r.ts, &r.value)
+    })
+}
 
 /// A hybrid-logical-clock time and its writer.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -167,34 +228,47 @@ impl UserState {
         self.records.iter().flat_map(|r| r.iter())
     }
 
-    fn merge_record(&mut self, key: &str, ts: Stamp, value: Option<&[u8]>) {
+    /// Merge a record; returns the change to the digest.
+    fn merge_record(&mut self, user: &str, key: &str, ts: Stamp, value: Option<&[u8]>) -> u64 {
         // A record is never deleted, only replaced or expired.
-        let Some(value) = value else { return };
+        let Some(value) = value else { return 0 };
         let Some(expires_ms) = keelson_protocol::idempotency::expiry_of(value) else {
             tracing::debug!("ignoring an undecodable outcome record");
-            return;
+            return 0;
         };
         let records = self.records.get_or_insert_with(Box::default);
+        let new = Record {
+            ts,
+            value: value.into(),
+            expires_ms,
+        };
         match records.get_mut(key) {
-            Some(r) if ts <= r.ts => {}
+            Some(r) if new.ts <= r.ts => 0,
             Some(r) => {
-                *r = Record {
-                    ts,
-                    value: value.into(),
-                    expires_ms,
-                }
+                let change = record_hash(user, key, r) ^ record_hash(user, key, &new);
+                *r = new;
+                change
             }
             None => {
-                records.insert(
-                    key.into(),
-                    Record {
-                        ts,
-                        value: value.into(),
-                        expires_ms,
-                    },
-                );
+                let change = record_hash(user, key, &new);
+                records.insert(key.into(), new);
+                change
             }
         }
+    }
+
+    /// The XOR of the hashes of every live entry of this user.
+    fn digest(&self, user: &str) -> u64 {
+        let values = self.values.iter().map(|(k, r)| value_hash(user, k, r));
+        let shares = self
+            .counter_entries()
+            .iter()
+            .flat_map(|(k, shares)| shares.iter().map(move |s| share_hash(user, k, s)));
+        let records = self.record_entries().map(|(k, r)| record_hash(user, k, r));
+        values
+            .chain(shares)
+            .chain(records)
+            .fold(0, |acc, h| acc ^ h)
     }
 
     fn counter_entries(&self) -> &[Counter] {
@@ -237,18 +311,26 @@ impl UserState {
         self.size() - old + key.len() + len + ENTRY_OVERHEAD
     }
 
-    fn merge_value(&mut self, key: &Key, ts: Stamp, value: Option<Box<[u8]>>) {
+    /// Merge a value or tombstone; returns the change to the digest.
+    fn merge_value(&mut self, user: &str, key: &Key, ts: Stamp, value: Option<Box<[u8]>>) -> u64 {
+        let new = Register { ts, value };
         match self.values.iter_mut().find(|(k, _)| k == key) {
-            Some((_, r)) => {
-                if ts > r.ts {
-                    *r = Register { ts, value };
-                }
+            Some((_, r)) if new.ts > r.ts => {
+                let change = value_hash(user, key, r) ^ value_hash(user, key, &new);
+                *r = new;
+                change
             }
-            None => push_boxed(&mut self.values, (key.clone(), Register { ts, value })),
+            Some(_) => 0,
+            None => {
+                let change = value_hash(user, key, &new);
+                push_boxed(&mut self.values, (key.clone(), new));
+                change
+            }
         }
     }
 
-    fn merge_share(&mut self, key: &Key, node: Node, seq: u64, sum: i64) {
+    /// Merge a counter share; returns the change to the digest.
+    fn merge_share(&mut self, user: &str, key: &Key, node: Node, seq: u64, sum: i64) -> u64 {
         let counters = self.counters.get_or_insert_with(Box::default);
         let shares = match counters.iter_mut().position(|(k, _)| k == key) {
             Some(i) => &mut counters[i].1,
@@ -258,14 +340,19 @@ impl UserState {
                 &mut counters[last].1
             }
         };
-        match shares.iter_mut().find(|s| s.node == node) {
-            Some(s) => {
-                if seq > s.seq {
-                    s.seq = seq;
-                    s.sum = sum;
-                }
+        let new = Share { node, seq, sum };
+        match shares.iter_mut().find(|s| s.node == new.node) {
+            Some(s) if new.seq > s.seq => {
+                let change = share_hash(user, key, s) ^ share_hash(user, key, &new);
+                *s = new;
+                change
             }
-            None => push_exact(shares, Share { node, seq, sum }),
+            Some(_) => 0,
+            None => {
+                let change = share_hash(user, key, &new);
+                push_exact(shares, new);
+                change
+            }
         }
     }
 
@@ -280,6 +367,8 @@ pub(crate) struct State {
     users: BTreeMap<Box<str>, UserState>,
     nodes: HashSet<Node>,
     keys: HashSet<Key>,
+    /// The XOR of every user's digest, kept up to date by every change.
+    digest: u64,
 }
 
 impl State {
@@ -340,14 +429,15 @@ impl State {
                 let ts = self.stamp(ts);
                 if key.starts_with(RECORD_KEY_PREFIX) {
                     // Not interned: record keys are unique.
-                    self.user_mut(user, &ts)
-                        .merge_record(key, ts, value.as_deref());
+                    self.digest ^=
+                        self.user_mut(user, &ts)
+                            .merge_record(user, key, ts, value.as_deref());
                     return;
                 }
                 let key = self.key(key);
                 let u = self.user_mut(user, &ts);
                 u.touch(&ts);
-                u.merge_value(&key, ts, value.as_deref().map(Box::from));
+                self.digest ^= u.merge_value(user, &key, ts, value.as_deref().map(Box::from));
             }
             ContextOp::Count {
                 user,
@@ -367,7 +457,7 @@ impl State {
                 };
                 let u = self.user_mut(user, &never);
                 u.touch(&never);
-                u.merge_share(&key, node, *seq, *sum);
+                self.digest ^= u.merge_share(user, &key, node, *seq, *sum);
             }
             ContextOp::Touch { user, ts } => {
                 let ts = self.stamp(ts);
@@ -423,16 +513,30 @@ impl State {
         tombstones_before_ms: u64,
     ) -> usize {
         let before = self.users.len();
-        for u in self.users.values_mut() {
+        let mut change = 0;
+        for (name, u) in &mut self.users {
             if let Some(records) = u.records.as_mut() {
-                records.retain(|_, r| r.expires_ms > now_ms);
+                records.retain(|k, r| {
+                    let keep = r.expires_ms > now_ms;
+                    if !keep {
+                        change ^= record_hash(name, k, r);
+                    }
+                    keep
+                });
                 if records.is_empty() {
                     u.records = None;
                 }
             }
         }
-        self.users
-            .retain(|_, u| u.last_active.wall_ms >= idle_before_ms || u.records.is_some());
+        self.users.retain(|name, u| {
+            let keep = u.last_active.wall_ms >= idle_before_ms || u.records.is_some();
+            if !keep {
+                change ^= u.digest(name);
+            }
+            keep
+        });
+        // Tombstones are no live entries: collecting them leaves the digest as it is.
+        self.digest ^= change;
         let expired = |r: &Register| r.value.is_none() && r.ts.wall_ms < tombstones_before_ms;
         for u in self.users.values_mut() {
             if u.values.iter().any(|(_, r)| expired(r)) {
@@ -487,16 +591,17 @@ impl State {
             for v in &snap.values {
                 let ts = self.stamp(&v.ts);
                 if v.key.starts_with(RECORD_KEY_PREFIX) {
-                    state.merge_record(&v.key, ts, v.value.as_deref());
+                    self.digest ^= state.merge_record(&snap.user, &v.key, ts, v.value.as_deref());
                     continue;
                 }
                 let key = self.key(&v.key);
-                state.merge_value(&key, ts, v.value.as_deref().map(Box::from));
+                self.digest ^=
+                    state.merge_value(&snap.user, &key, ts, v.value.as_deref().map(Box::from));
             }
             for c in &snap.counters {
                 let node = self.intern(&c.node);
                 let key = self.key(&c.key);
-                state.merge_share(&key, node, c.seq, c.sum);
+                self.digest ^= state.merge_share(&snap.user, &key, node, c.seq, c.sum);
             }
             match self.users.get_mut(snap.user.as_str()) {
                 Some(slot) => *slot = state,
@@ -507,6 +612,19 @@ impl State {
             let mut fresh: BTreeMap<Box<str>, UserState> = fresh.into_iter().collect();
             self.users.append(&mut fresh);
         }
+    }
+
+    /// The digest of the whole state: equal on replicas holding equal states.
+    pub(crate) fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// The digest computed from scratch (what [`State::digest`] keeps up to date).
+    #[cfg(test)]
+    pub(crate) fn recomputed_digest(&self) -> u64 {
+        self.users
+            .iter()
+            .fold(0, |acc, (name, u)| acc ^ u.digest(name))
     }
 
     /// A canonical form of the whole state, equal on replicas that converged.

@@ -2,6 +2,7 @@
 //! peers through the transport.
 
 use super::clock::Clock;
+use super::divergence::{Divergence, PERSISTENT_AFTER, Verdict};
 use super::gaps::Gaps;
 use super::state::{Node, Stamp, State};
 use crate::config::ContextConfig;
@@ -9,8 +10,8 @@ use crate::context::{ContextError, ContextStore, Effects, RecordWrite};
 use async_trait::async_trait;
 use bytes::Bytes;
 use keelson_protocol::context::{
-    ContextDelta, ContextMark, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE, SnapshotChunk,
-    SnapshotRequest,
+    ContextDelta, ContextDigest, ContextMark, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE,
+    SnapshotChunk, SnapshotRequest,
 };
 use keelson_protocol::idempotency::OutcomeRecord;
 use keelson_protocol::topic::CONTEXT_DELTAS;
@@ -38,6 +39,13 @@ type Turns = HashMap<Box<str>, Weak<tokio::sync::Mutex<()>>>;
 /// serves with what it has.
 const CHUNK_ATTEMPTS: u32 = 4;
 
+/// How often a pull may get this server's own (empty, immediate) answer before it
+/// concludes no peer serves snapshots. Consumers compete for the request, and the
+/// one that just answered is often the first to ask for the next: each own answer
+/// is followed by a growing pause (2 ms, 4 ms, ...; 272 ms in all), so a peer's
+/// consumer gets the next request.
+const OWN_ANSWERS_BEFORE_ALONE: u32 = 16;
+
 /// Per-user contexts replicated between all logic servers of a mesh.
 pub struct ReplicatedContextStore {
     node: Node,
@@ -56,11 +64,15 @@ pub struct ReplicatedContextStore {
     gaps: Mutex<Gaps>,
     /// A repair (a pull of the peers' state) is under way.
     repairing: AtomicBool,
+    /// How this store's digest compared with its peers'.
+    divergence: Mutex<Divergence>,
 }
 
 struct Inner {
     state: State,
     clock: Clock,
+    /// The wall-clock boundary of the last expiry sweep (see [`ContextDigest`]).
+    swept_ms: u64,
 }
 
 impl fmt::Debug for ReplicatedContextStore {
@@ -147,6 +159,7 @@ impl ReplicatedContextStore {
             inner: Mutex::new(Inner {
                 state: State::default(),
                 clock: Clock::new(node),
+                swept_ms: 0,
             }),
             ready: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -156,6 +169,7 @@ impl ReplicatedContextStore {
             published: AtomicU64::new(0),
             gaps: Mutex::new(Gaps::default()),
             repairing: AtomicBool::new(false),
+            divergence: Mutex::new(Divergence::default()),
         });
         let unavailable = |e: keelson_protocol::transport::TransportError| {
             ContextError::Unavailable(e.to_string())
@@ -208,13 +222,17 @@ impl ReplicatedContextStore {
             }
         });
         let weak = Arc::downgrade(&store);
-        let every = Duration::from_secs((store.config.idle_ttl_s / 10).clamp(1, 60));
+        // Every server sweeps at the same wall-clock multiples of the period, as of
+        // that multiple, so servers that swept the same one expired the same.
+        let every_ms = (store.config.idle_ttl_s / 10).clamp(1, 60) * 1000;
+        store.expire((now_ms() / every_ms) * every_ms);
         store.spawn(async move {
-            let mut tick = tokio::time::interval(every);
             loop {
-                tick.tick().await;
+                let now = now_ms();
+                let next = (now / every_ms + 1) * every_ms;
+                tokio::time::sleep(Duration::from_millis(next - now)).await;
                 let Some(store) = weak.upgrade() else { break };
-                store.expire();
+                store.expire(next);
             }
         });
         let weak = Arc::downgrade(&store);
@@ -286,23 +304,33 @@ impl ReplicatedContextStore {
             }
             return;
         }
-        {
-            let mut inner = self.lock();
-            for op in &delta.ops {
-                if let ContextOp::Set { ts, .. } | ContextOp::Touch { ts, .. } = op {
-                    inner.clock.observe(ts.wall_ms, ts.logical);
-                }
-                inner.state.apply(op);
+        let mut inner = self.lock();
+        for op in &delta.ops {
+            if let ContextOp::Set { ts, .. } | ContextOp::Touch { ts, .. } = op {
+                inner.clock.observe(ts.wall_ms, ts.logical);
             }
+            inner.state.apply(op);
         }
+        // Under the state's lock, so a digest never sees the ops without their number.
         if let Some(seq) = delta.seq {
             self.lock_gaps().applied(&delta.origin, seq, Instant::now());
         }
     }
 
+    /// Lock order: the state ([`Self::lock`]) before the gaps, never the other way.
     fn lock_gaps(&self) -> MutexGuard<'_, Gaps> {
         // Plain bookkeeping; a poisoned lock still holds valid counters.
         self.gaps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a request's writes are applied here but not yet broadcast (its user's
+    /// write turn is held from its first write until its delta is out).
+    fn writing(&self) -> bool {
+        self.turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|t| t.strong_count() > 0)
     }
 
     /// If a peer's delta has been missing for a while (lost while this server's
@@ -315,14 +343,24 @@ impl ReplicatedContextStore {
         let Some(missing) = self.lock_gaps().due(Instant::now()) else {
             return;
         };
-        self.repairing.store(true, Ordering::Release);
         tracing::info!(origins = ?missing.origins(), "context deltas were missed; pulling the peers' state now");
-        let store = self.clone();
-        tokio::spawn(async move {
-            let report = store.pull(Pull::Resync).await;
+        self.pull_in_background(move |store, report| {
             if report.chunks > 0 || report.alone {
                 store.lock_gaps().repaired(&missing, Instant::now());
             }
+        });
+    }
+
+    /// Pull the peers' state now, unless a pull for a repair is under way; `then`
+    /// sees the result.
+    fn pull_in_background(self: &Arc<Self>, then: impl FnOnce(&Self, JoinReport) + Send + 'static) {
+        if self.repairing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let report = store.pull(Pull::Resync).await;
+            then(&store, report);
             store.repairing.store(false, Ordering::Release);
         });
     }
@@ -411,6 +449,7 @@ impl ReplicatedContextStore {
         };
         let mut after: Option<String> = None;
         let mut failures = 0;
+        let mut own_answers = 0;
         loop {
             let request = SnapshotRequest {
                 v: ProtocolVersion::CURRENT,
@@ -457,12 +496,14 @@ impl ReplicatedContextStore {
                 // This server answered its own request (it consumes snapshot
                 // requests too): ask again, a peer takes the next one.
                 Ok(chunk) if chunk.responder == *self.node => {
-                    failures += 1;
-                    if failures >= CHUNK_ATTEMPTS {
+                    own_answers += 1;
+                    if own_answers >= OWN_ANSWERS_BEFORE_ALONE {
                         tracing::debug!("only this server answered the context resync");
                         report.alone = report.chunks == 0;
                         break;
                     }
+                    // Leave this server's consumer busy a moment less than a peer's.
+                    tokio::time::sleep(Duration::from_millis(u64::from(own_answers) * 2)).await;
                 }
                 Ok(chunk) => {
                     failures = 0;
@@ -547,11 +588,15 @@ impl ReplicatedContextStore {
         encode(&chunk).map_err(|e| e.to_string())
     }
 
-    fn expire(&self) {
-        let now = now_ms();
-        let idle = now.saturating_sub(self.config.idle_ttl_s.saturating_mul(1000));
-        let tombstones = now.saturating_sub(self.config.tombstone_ttl_s.saturating_mul(1000));
-        let dropped = self.lock().state.expire(now, idle, tombstones);
+    /// Expire what is stale as of `at` (Unix ms).
+    fn expire(&self, at: u64) {
+        let idle = at.saturating_sub(self.config.idle_ttl_s.saturating_mul(1000));
+        let tombstones = at.saturating_sub(self.config.tombstone_ttl_s.saturating_mul(1000));
+        let dropped = {
+            let mut inner = self.lock();
+            inner.swept_ms = at;
+            inner.state.expire(at, idle, tombstones)
+        };
         if dropped > 0 {
             tracing::debug!(dropped, "expired idle user contexts");
         }
@@ -781,6 +826,51 @@ impl ContextStore for ReplicatedContextStore {
             self.lock_gaps()
                 .announced(&mark.origin, mark.seq, Instant::now());
         }
+    }
+
+    fn digest(&self) -> Option<ContextDigest> {
+        if self.writing() {
+            return None;
+        }
+        let inner = self.lock();
+        let mut applied = self.lock_gaps().applied_marks()?;
+        applied.push(ContextMark {
+            origin: self.node.to_string(),
+            seq: self.published.load(Ordering::Acquire),
+        });
+        Some(ContextDigest {
+            hash: inner.state.digest(),
+            swept_ms: inner.swept_ms,
+            applied,
+        })
+    }
+
+    fn observe_digest(self: Arc<Self>, peer: &str, theirs: &ContextDigest) {
+        if *peer == *self.node {
+            return;
+        }
+        let Some(mine) = self.digest() else { return };
+        let verdict = self
+            .divergence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(peer, &mine, theirs);
+        if verdict == Verdict::Diverged {
+            tracing::warn!(
+                peer,
+                mine = format_args!("{:016x}", mine.hash),
+                theirs = format_args!("{:016x}", theirs.hash),
+                "context state differs from a peer's that applied the same deltas ({PERSISTENT_AFTER} heartbeats in a row); pulling the peers' state"
+            );
+            self.pull_in_background(|_, _| {});
+        }
+    }
+
+    fn divergences(&self) -> u64 {
+        self.divergence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
     }
 }
 

@@ -112,6 +112,8 @@ proptest! {
                 replica.apply(op);
             }
             prop_assert_eq!(replica.canonical(), reference.canonical());
+            prop_assert_eq!(replica.digest(), reference.digest());
+            prop_assert_eq!(replica.digest(), replica.recomputed_digest());
         }
     }
 
@@ -152,6 +154,12 @@ proptest! {
             peer.apply(op);
         }
         prop_assert_eq!(joiner.canonical(), peer.canonical());
+        prop_assert_eq!(joiner.digest(), peer.digest());
+        prop_assert_eq!(joiner.digest(), joiner.recomputed_digest());
+        // Expiry keeps the digest what a fresh computation gives.
+        let now = all.len() as u64 * 5;
+        joiner.expire(now, now / 2, now / 2);
+        prop_assert_eq!(joiner.digest(), joiner.recomputed_digest());
     }
 }
 
@@ -241,4 +249,58 @@ fn tombstones_hide_values_and_are_collected_after_the_bound() {
     // Idle users are dropped.
     assert_eq!(s.expire(0, 21, 0), 1);
     assert_eq!(s.user_count(), 0);
+}
+
+#[test]
+fn the_digest_tells_a_replica_that_missed_a_write() {
+    let write = |value: &[u8], wall| ContextOp::Set {
+        user: "u".into(),
+        key: "k".into(),
+        value: Some(value.to_vec()),
+        ts: Hlc {
+            wall_ms: wall,
+            logical: 0,
+            node: "a".into(),
+        },
+    };
+    let count = |seq, sum| ContextOp::Count {
+        user: "u".into(),
+        key: "c".into(),
+        node: "a".into(),
+        seq,
+        sum,
+    };
+    let (mut a, mut b) = (State::default(), State::default());
+    assert_eq!(a.digest(), 0, "an empty state");
+    for op in [write(b"1", 10), count(1, 1), write(b"2", 20)] {
+        a.apply(&op);
+        b.apply(&op);
+    }
+    assert_eq!(a.digest(), b.digest());
+    assert_ne!(a.digest(), 0);
+    a.apply(&count(2, 5));
+    assert_ne!(a.digest(), b.digest(), "a missed increment");
+    b.apply(&count(2, 5));
+    assert_eq!(a.digest(), b.digest());
+    // A deletion and its tombstone's collection: equal before and after.
+    let delete = ContextOp::Set {
+        user: "u".into(),
+        key: "k".into(),
+        value: None,
+        ts: Hlc {
+            wall_ms: 30,
+            logical: 0,
+            node: "b".into(),
+        },
+    };
+    a.apply(&delete);
+    assert_ne!(a.digest(), b.digest(), "a missed deletion");
+    b.apply(&delete);
+    a.expire(0, 0, 31);
+    assert_eq!(
+        a.digest(),
+        b.digest(),
+        "collecting a tombstone changes nothing"
+    );
+    assert_eq!(a.digest(), a.recomputed_digest());
 }

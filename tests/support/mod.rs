@@ -133,8 +133,33 @@ impl Process {
     /// Start `bin --config config` (plus `args`), and wait until it says on standard
     /// output that it listens (gateway, embedded) or is ready (logic server).
     pub async fn start(bin: Bin, config: &Path, log: &Path, envs: &[(&str, &str)]) -> Self {
+        Self::start_command(bin, Command::new(bin.path()), config, log, envs).await
+    }
+
+    /// [`Process::start`] with the open-file limit (soft and hard) set to `nofile`,
+    /// through prlimit(1), as systemd's default `LimitNOFILE` would.
+    pub async fn start_with_fd_limit(
+        bin: Bin,
+        config: &Path,
+        log: &Path,
+        envs: &[(&str, &str)],
+        nofile: u64,
+    ) -> Self {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(bin.path());
+        Self::start_command(bin, cmd, config, log, envs).await
+    }
+
+    async fn start_command(
+        bin: Bin,
+        mut cmd: Command,
+        config: &Path,
+        log: &Path,
+        envs: &[(&str, &str)],
+    ) -> Self {
         let log_file = std::fs::File::create(log).expect("cannot create the log file");
-        let mut cmd = Command::new(bin.path());
         cmd.arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")

@@ -1,8 +1,10 @@
 //! `POST /api/{handler}`: one HTTP call becomes one request envelope and back.
 //!
 //! The checks run cheapest first, so a request that will be refused costs little: the
-//! in-flight limit, the handler name, the token, the timeout header, and only then the
-//! body is read (bounded by `max_body_bytes`) and checked to be JSON. The reply body
+//! handler name, the token, the headers, and only then the body is read (bounded by
+//! `max_body_bytes` and `body_read_timeout_ms`) and checked to be JSON. The in-flight
+//! slot (`max_in_flight`) is taken once the body is complete: a client that sends its
+//! body slowly holds a connection, never a slot. The reply body
 //! of a successful call is returned byte for byte; the gateway never re-serializes a
 //! handler's JSON.
 
@@ -140,12 +142,6 @@ pub(crate) async fn call(
     path: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    // Held until the response is produced; refused at once rather than queued.
-    let _permit = state
-        .in_flight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded)?;
     let handler = match path {
         Ok(Path(name)) if valid_handler_name(&name) => name,
         _ => return Err(ApiError::InvalidHandlerName),
@@ -163,7 +159,21 @@ pub(crate) async fn call(
         .cloned()
         .unwrap_or_else(RequestId::generate);
 
-    let body = read_body(request.into_body(), state.config.max_body_bytes).await?;
+    let body_timeout = state.config.body_read_timeout();
+    let body = tokio::time::timeout(
+        body_timeout,
+        read_body(request.into_body(), state.config.max_body_bytes),
+    )
+    .await
+    .map_err(|_| ApiError::BodyTimeout {
+        after_ms: u64::try_from(body_timeout.as_millis()).unwrap_or(u64::MAX),
+    })??;
+    // Held until the response is produced; refused at once rather than queued.
+    let _permit = state
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded)?;
     let body = json_body(body)?;
 
     let deadline = Instant::now() + timeout;

@@ -39,6 +39,20 @@ pub struct GatewayConfig {
     /// On shutdown, how long open connections may take to finish, in milliseconds;
     /// after it the gateway stops waiting for them.
     pub shutdown_timeout_ms: u64,
+    /// A connection must send a complete request head (request line and headers)
+    /// within this many milliseconds of being accepted or of its previous response,
+    /// else it is closed: this closes slow-header and idle keep-alive connections.
+    pub header_read_timeout_ms: u64,
+    /// A request's body must arrive whole within this many milliseconds of its head,
+    /// else the client gets 408 `body_timeout` and the connection is closed.
+    pub body_read_timeout_ms: u64,
+    /// Most connections open at once; one past it is closed as soon as it is
+    /// accepted. Lowered at start to fit the open-file limit (keeping 64 descriptors
+    /// for the rest), which the shipped systemd unit sets with `LimitNOFILE`.
+    pub max_connections: usize,
+    /// Most connections open at once from one client IP address; 0 for no bound. Set
+    /// 0 (or the proxy's share) when every client comes through one reverse proxy.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for GatewayConfig {
@@ -49,6 +63,10 @@ impl Default for GatewayConfig {
             max_body_bytes: 1_048_576,
             max_in_flight: 1024,
             shutdown_timeout_ms: 5_000,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            max_connections: 10_000,
+            max_connections_per_client: 256,
         }
     }
 }
@@ -62,6 +80,16 @@ impl GatewayConfig {
     /// How long graceful shutdown waits for open connections.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// How long a connection may take to send a request head (at least 1 ms).
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms.max(1)).min(MAX_REQUEST_TIMEOUT)
+    }
+
+    /// How long a request's body may take to arrive (at least 1 ms).
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms.max(1)).min(MAX_REQUEST_TIMEOUT)
     }
 }
 

@@ -53,6 +53,12 @@ pub enum ApiError {
         /// The configured limit.
         limit: usize,
     },
+    /// 408 `body_timeout`: the body did not arrive whole within `body_read_timeout_ms`.
+    #[error("the request body did not arrive within {after_ms} ms")]
+    BodyTimeout {
+        /// The configured bound.
+        after_ms: u64,
+    },
     /// 503 `overloaded`: this gateway already serves `max_in_flight` requests.
     #[error("the gateway is overloaded; retry later")]
     Overloaded,
@@ -113,6 +119,7 @@ impl ApiError {
             E::NotFound => own(StatusCode::NOT_FOUND, "not_found"),
             E::MethodNotAllowed => own(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             E::PayloadTooLarge { .. } => own(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            E::BodyTimeout { .. } => own(StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             E::Overloaded => own(StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             E::Unavailable(_) => generic(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -254,7 +261,15 @@ impl IntoResponse for ApiError {
                 message: &message,
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if matches!(self, ApiError::BodyTimeout { .. }) {
+            // The rest of the body may still come: the connection cannot be reused.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 

@@ -40,6 +40,8 @@ pub(crate) struct AppState {
     pub(crate) in_flight: Arc<Semaphore>,
     /// Logic servers heard on the control channel.
     pub(crate) cluster: Arc<crate::cluster::Cluster>,
+    /// Figures of the open connections.
+    pub(crate) connections: Arc<crate::connections::ConnectionStats>,
 }
 
 impl AppState {
@@ -63,6 +65,7 @@ impl AppState {
             transport,
             in_flight: Arc::new(Semaphore::new(permits)),
             cluster,
+            connections: Arc::default(),
         }
     }
 }

@@ -2,14 +2,14 @@
 
 use crate::auth::Secret;
 use crate::config::GatewayConfig;
+use crate::connections::ConnectionStats;
 use crate::routes::{self, AppState};
 use axum::Router;
 use keelson_protocol::Transport;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 /// A UI gateway: HTTP on one side, a [`Transport`] on the other.
 ///
@@ -62,10 +62,10 @@ impl Gateway {
     /// Serve HTTP on `listener` until `shutdown` completes, then shut down gracefully:
     /// stop accepting, let open connections finish, and return.
     ///
-    /// The wait for open connections is bounded by
+    /// Connections are served within the limits of [`GatewayConfig`] (see
+    /// `connections.rs`). The wait for open connections is bounded by
     /// [`GatewayConfig::shutdown_timeout_ms`]; after it this returns `Ok(())` and the
-    /// connections still open end when the tokio runtime shuts down. (axum's own
-    /// graceful shutdown would wait for them forever.)
+    /// connections still open end when the tokio runtime shuts down.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -75,31 +75,19 @@ impl Gateway {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "gateway listening");
         }
-        let (signalled_tx, signalled_rx) = oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("gateway shutting down");
-            let _ = signalled_tx.send(());
-        };
-        let server = axum::serve(listener, self.router())
-            .with_graceful_shutdown(signal)
-            .into_future();
-        let grace_expired = async move {
-            match signalled_rx.await {
-                Ok(()) => tokio::time::sleep(grace).await,
-                // The server ended on its own; the other branch has already won.
-                Err(_) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            result = server => result,
-            () = grace_expired => {
-                tracing::warn!(
-                    grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
-                    "connections still open after the shutdown timeout; no longer waiting for them"
-                );
-                Ok(())
-            }
-        }
+        crate::connections::serve(
+            listener,
+            self.router(),
+            &self.state.config,
+            self.state.connections.clone(),
+            shutdown,
+            grace,
+        )
+        .await
+    }
+
+    /// Figures of the connections this gateway serves.
+    pub fn connections(&self) -> &ConnectionStats {
+        &self.state.connections
     }
 }

@@ -1,0 +1,340 @@
+//! Accepting and serving HTTP connections within limits, so that clients that are slow
+//! or many on purpose cost a socket and a little memory each, never the service.
+//!
+//! * **Open connections** are bounded by `max_connections`, and by the process's
+//!   file-descriptor limit (its soft limit is raised to the hard one at start; the
+//!   bound is lowered to fit, keeping [`FD_RESERVE`] descriptors for everything
+//!   else). A connection past the bound is accepted and closed at once, so its
+//!   socket does not wait in the kernel's backlog.
+//! * **Per client address**, at most `max_connections_per_client` (0: no bound): one
+//!   address that opens thousands of connections is refused the excess, the others
+//!   are not affected.
+//! * **Slow or idle clients**: a connection must deliver a complete request head
+//!   within `header_read_timeout_ms` of being accepted or of its previous response
+//!   (hyper's header-read timer, which also bounds an idle keep-alive connection);
+//!   the body's bound is in [`crate::api`] (`body_read_timeout_ms`). A request takes
+//!   an in-flight slot only once its body is complete.
+//!
+//! Refusals are logged at most once per [`LOG_EVERY`], with how many there were.
+
+use crate::config::GatewayConfig;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// File descriptors kept for what is not a client connection (broker connections,
+/// log files, the listener itself, DNS lookups).
+pub(crate) const FD_RESERVE: u64 = 64;
+
+/// Least time between two log lines about refused connections.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long the accept loop pauses after an accept error (out of descriptors, out of
+/// memory), so it does not spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Figures of the connections a gateway serves.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    open: AtomicUsize,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted and served since start.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused since start (over a bound, or an accept error).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// The bound on open connections that fits the file-descriptor limit: raises the
+/// soft limit to the hard one, and lowers `configured` if it still does not fit.
+pub(crate) fn fit_to_fd_limit(configured: usize) -> usize {
+    let soft = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            return configured;
+        }
+    };
+    let fits = usize::try_from(soft.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    if configured > fits {
+        tracing::warn!(
+            max_connections = configured,
+            open_file_limit = soft,
+            effective = fits,
+            "gateway.max_connections does not fit the open-file limit; serving at most {fits} connections (raise LimitNOFILE)"
+        );
+        fits
+    } else {
+        configured
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Full,
+    PerClient,
+    AcceptError,
+}
+
+/// Rate-limited logging of refusals.
+#[derive(Debug)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since_last: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, why: Refusal, open: usize, peer: Option<IpAddr>) {
+        self.since_last += 1;
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < LOG_EVERY)
+        {
+            return;
+        }
+        let refused = std::mem::take(&mut self.since_last);
+        self.last = Some(now);
+        match why {
+            Refusal::Full => tracing::warn!(
+                open,
+                refused,
+                "refusing connections: gateway.max_connections reached"
+            ),
+            Refusal::PerClient => tracing::warn!(
+                open,
+                refused,
+                client = ?peer,
+                "refusing connections: a client address is at gateway.max_connections_per_client"
+            ),
+            Refusal::AcceptError => tracing::warn!(
+                open,
+                refused,
+                "accepting connections fails (out of file descriptors?)"
+            ),
+        }
+    }
+}
+
+/// One open connection's place, given back when it closes.
+struct Slot {
+    stats: Arc<ConnectionStats>,
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_client.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_client.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The accept loop's bounds and bookkeeping.
+struct Acceptor {
+    max_connections: usize,
+    max_per_client: usize,
+    stats: Arc<ConnectionStats>,
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    log: RefusalLog,
+}
+
+impl Acceptor {
+    /// A slot for a connection from `peer`, or why not.
+    fn admit(&mut self, peer: SocketAddr) -> Result<Slot, Refusal> {
+        let open = self.stats.open.load(Ordering::Relaxed);
+        if open >= self.max_connections {
+            return Err(Refusal::Full);
+        }
+        let ip = peer.ip();
+        {
+            let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            let n = per_client.entry(ip).or_default();
+            if self.max_per_client > 0 && *n >= self.max_per_client {
+                return Err(Refusal::PerClient);
+            }
+            *n += 1;
+        }
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            stats: self.stats.clone(),
+            per_client: self.per_client.clone(),
+            ip,
+        })
+    }
+
+    fn refuse(&mut self, why: Refusal, peer: Option<IpAddr>) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let open = self.stats.open.load(Ordering::Relaxed);
+        self.log.refused(why, open, peer);
+    }
+}
+
+/// Serve `router` on `listener` within `config`'s limits until `shutdown` completes;
+/// then stop accepting and give open connections up to `grace` to finish.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: &GatewayConfig,
+    stats: Arc<ConnectionStats>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> io::Result<()> {
+    let mut acceptor = Acceptor {
+        max_connections: fit_to_fd_limit(config.max_connections),
+        max_per_client: config.max_connections_per_client,
+        stats,
+        per_client: Arc::default(),
+        log: RefusalLog {
+            last: None,
+            since_last: 0,
+        },
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout())
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    let service = TowerToHyperService::new(router);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted: io::Result<(TcpStream, SocketAddr)> = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) if is_per_connection_error(&e) => continue,
+            Err(_) => {
+                acceptor.refuse(Refusal::AcceptError, None);
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let slot = match acceptor.admit(peer) {
+            Ok(slot) => slot,
+            Err(why) => {
+                // Closed at once: a refused client costs no descriptor past this.
+                drop(stream);
+                acceptor.refuse(why, Some(peer.ip()));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(TokioIo::new(stream), service.clone());
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away mid-request or breaks the protocol ends its
+            // own connection; nothing to report above debug.
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        open = graceful.count(),
+        "gateway shutting down: no longer accepting"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            "connections still open after the shutdown timeout; no longer waiting for them"
+        );
+    }
+    Ok(())
+}
+
+/// Accept errors that concern one connection only (it was reset before it was
+/// accepted): the next accept goes on at once.
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn acceptor(max: usize, per_client: usize) -> Acceptor {
+        Acceptor {
+            max_connections: max,
+            max_per_client: per_client,
+            stats: Arc::default(),
+            per_client: Arc::default(),
+            log: RefusalLog {
+                last: None,
+                since_last: 0,
+            },
+        }
+    }
+
+    fn addr(ip: [u8; 4]) -> SocketAddr {
+        SocketAddr::from((ip, 40000))
+    }
+
+    #[test]
+    fn one_address_is_bounded_and_the_others_are_not() {
+        let mut a = acceptor(10, 2);
+        let s1 = a.admit(addr([127, 0, 0, 2])).unwrap();
+        let _s2 = a.admit(addr([127, 0, 0, 2])).unwrap();
+        assert_eq!(
+            a.admit(addr([127, 0, 0, 2])).err(),
+            Some(Refusal::PerClient)
+        );
+        let _other = a.admit(addr([127, 0, 0, 1])).unwrap();
+        drop(s1);
+        let _s3 = a
+            .admit(addr([127, 0, 0, 2]))
+            .expect("a closed one frees its place");
+        assert_eq!(a.stats.open(), 3);
+    }
+
+    #[test]
+    fn the_total_is_bounded() {
+        let mut a = acceptor(2, 0);
+        let _s1 = a.admit(addr([10, 0, 0, 1])).unwrap();
+        let _s2 = a.admit(addr([10, 0, 0, 2])).unwrap();
+        assert_eq!(a.admit(addr([10, 0, 0, 3])).err(), Some(Refusal::Full));
+    }
+}

@@ -13,7 +13,7 @@
 //! `X-Request-Id` and a span.
 
 use crate::api;
-use crate::auth::Secret;
+use crate::auth::TokenVerifier;
 use crate::config::GatewayConfig;
 use crate::error::ApiError;
 use crate::request_id;
@@ -33,7 +33,7 @@ pub(crate) struct AppState {
     /// The gateway's configuration.
     pub(crate) config: Arc<GatewayConfig>,
     /// Verifies bearer tokens.
-    pub(crate) secret: Secret,
+    pub(crate) verifier: TokenVerifier,
     /// Carries requests to the logic servers.
     pub(crate) transport: Arc<dyn Transport>,
     /// One permit per `/api` request being served (`max_in_flight`).
@@ -45,7 +45,7 @@ pub(crate) struct AppState {
 impl AppState {
     pub(crate) fn new(
         config: GatewayConfig,
-        secret: Secret,
+        verifier: TokenVerifier,
         transport: Arc<dyn Transport>,
     ) -> Self {
         // The semaphore's own ceiling is far above any sane setting; clamp rather
@@ -59,7 +59,7 @@ impl AppState {
         }
         Self {
             config: Arc::new(config),
-            secret,
+            verifier,
             transport,
             in_flight: Arc::new(Semaphore::new(permits)),
             cluster,

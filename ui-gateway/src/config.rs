@@ -4,6 +4,7 @@
 //! key a TOML file leaves out from it. Unknown keys are refused so that a typo is an
 //! error instead of a silently ignored setting.
 
+use crate::cors::CorsConfig;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ pub struct GatewayConfig {
     /// On shutdown, how long open connections may take to finish, in milliseconds;
     /// after it the gateway stops waiting for them.
     pub shutdown_timeout_ms: u64,
+    /// CORS for browser apps on other origins (`[gateway.cors]`); off by default.
+    pub cors: CorsConfig,
 }
 
 impl Default for GatewayConfig {
@@ -49,6 +52,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 1_048_576,
             max_in_flight: 1024,
             shutdown_timeout_ms: 5_000,
+            cors: CorsConfig::default(),
         }
     }
 }

@@ -36,6 +36,7 @@ mod api;
 mod auth;
 mod cluster;
 mod config;
+mod cors;
 mod error;
 mod request_id;
 mod routes;
@@ -48,6 +49,7 @@ pub use auth::{
     TokenAlgorithm, TokenRejection, TokenVerifier, issue_token, issue_token_for, verify_token,
 };
 pub use config::GatewayConfig;
+pub use cors::{CorsConfig, CorsConfigError};
 pub use error::ApiError;
 pub use request_id::{REQUEST_ID_HEADER, RequestId};
 pub use server::Gateway;

@@ -93,7 +93,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token { user, ttl_s } => {
             let secret = config.auth.load_secret()?;
             let ttl = Duration::from_secs(ttl_s.unwrap_or(config.auth.token_ttl_s));
-            println!("{}", keelson_ui_gateway::issue_token(&secret, &user, ttl)?);
+            let token = keelson_ui_gateway::issue_token_for(&config.auth, &secret, &user, ttl)?;
+            println!("{token}");
         }
         Command::Status {
             listen_ms,

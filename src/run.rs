@@ -4,7 +4,7 @@ use crate::settings::KeelsonConfig;
 use anyhow::Context as _;
 use keelson_logic_server::{LogicServer, Registry, ReplicatedContextStore, RunningServer};
 use keelson_protocol::Transport;
-use keelson_ui_gateway::Gateway;
+use keelson_ui_gateway::{Gateway, TokenVerifier};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -86,11 +86,10 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let gateway_task = match role {
         Role::Embedded | Role::Gateway => {
-            let secret = config
-                .auth
-                .load_secret()
-                .context("cannot load the token secret")?;
-            let gateway = Gateway::new(config.gateway.clone(), secret, transport.clone());
+            let verifier = TokenVerifier::from_config(&config.auth)
+                .context("cannot set up token verification")?;
+            let gateway =
+                Gateway::with_verifier(config.gateway.clone(), verifier, transport.clone());
             let listener = gateway
                 .bind()
                 .await

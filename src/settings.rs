@@ -172,6 +172,9 @@ pub fn load_with_env(
         .list_separator(",")
         .with_list_parse_key("transport.urls")
         .with_list_parse_key("logic_server.handlers")
+        .with_list_parse_key("auth.algorithms")
+        .with_list_parse_key("gateway.cors.allowed_origins")
+        .with_list_parse_key("gateway.cors.allowed_headers")
         .source(env);
     let overridden = environment_keys(&environment);
     let built = config::Config::builder()
@@ -187,7 +190,7 @@ pub fn load_with_env(
             overridden.join(", ")
         )
     };
-    serde_path_to_error::deserialize::<_, KeelsonConfig>(built).map_err(|e| {
+    let config = serde_path_to_error::deserialize::<_, KeelsonConfig>(built).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path.is_empty() || path == "." || inner.contains(&format!("`{path}`")) {
@@ -195,7 +198,18 @@ pub fn load_with_env(
         } else {
             ConfigError::new(&origin, format!("at key `{path}`: {inner}"))
         }
-    })
+    })?;
+    // Settings that parse but contradict each other; the messages name the keys.
+    config
+        .auth
+        .validate()
+        .map_err(|e| ConfigError::new(&origin, e.to_string()))?;
+    config
+        .gateway
+        .cors
+        .validate()
+        .map_err(|e| ConfigError::new(&origin, e.to_string()))?;
+    Ok(config)
 }
 
 fn environment_keys(env: &config::Environment) -> Vec<String> {

@@ -136,3 +136,44 @@ fn distributed_configs_differ_from_the_embedded_one_only_in_the_transport() {
         }
     }
 }
+
+#[test]
+fn contradicting_auth_and_cors_settings_are_refused_naming_the_keys() {
+    let scratch = tempfile::tempdir().unwrap();
+    for (text, expected) in [
+        (
+            "[auth]\ntoken_ttl_s = 7200\nmax_token_lifetime_s = 3600\n",
+            "auth.token_ttl_s (7200) exceeds auth.max_token_lifetime_s (3600)",
+        ),
+        ("[auth]\nleeway_s = 86400\n", "auth.leeway_s"),
+        ("[auth]\nalgorithms = [\"none\"]\n", "auth.algorithms"),
+        (
+            "[gateway.cors]\nallowed_origins = [\"https://app.example.com/\"]\n",
+            "gateway.cors.allowed_origins",
+        ),
+    ] {
+        let path = scratch.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let err = load(path).unwrap_err();
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+}
+
+#[test]
+fn token_settings_can_be_overridden_from_the_environment() {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/keelson.toml");
+    let env = HashMap::from([
+        (
+            "KEELSON__AUTH__ALGORITHMS".to_owned(),
+            "RS256,ES256".to_owned(),
+        ),
+        (
+            "KEELSON__GATEWAY__CORS__ALLOWED_ORIGINS".to_owned(),
+            "https://a.example,https://b.example".to_owned(),
+        ),
+    ]);
+    let config = load_with_env(&Source::File(file), Some(env)).unwrap();
+    assert_eq!(config.auth.algorithms.len(), 2);
+    assert_eq!(config.gateway.cors.allowed_origins.len(), 2);
+}

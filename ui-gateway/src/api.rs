@@ -149,7 +149,7 @@ pub(crate) async fn call(
     trace::record_handler(&handler);
 
     let headers = request.headers();
-    let user = auth::user_from_headers(&state.secret, headers)?;
+    let user = auth::user_from_headers(&state.verifier, headers)?;
     let timeout = timeout(headers, state.config.request_timeout())?;
     let trace_headers = propagated(headers);
     let key = idempotency_key(headers)?;

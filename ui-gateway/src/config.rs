@@ -4,6 +4,7 @@
 //! key a TOML file leaves out from it. Unknown keys are refused so that a typo is an
 //! error instead of a silently ignored setting.
 
+use crate::cors::CorsConfig;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -53,6 +54,8 @@ pub struct GatewayConfig {
     /// Most connections open at once from one client IP address; 0 for no bound. Set
     /// 0 (or the proxy's share) when every client comes through one reverse proxy.
     pub max_connections_per_client: usize,
+    /// CORS for browser apps on other origins (`[gateway.cors]`); off by default.
+    pub cors: CorsConfig,
 }
 
 impl Default for GatewayConfig {
@@ -67,6 +70,7 @@ impl Default for GatewayConfig {
             body_read_timeout_ms: 30_000,
             max_connections: 10_000,
             max_connections_per_client: 256,
+            cors: CorsConfig::default(),
         }
     }
 }

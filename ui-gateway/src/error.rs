@@ -30,8 +30,9 @@ pub enum ApiError {
     /// 400 `bad_timeout`: the `x-keelson-timeout-ms` header is not a positive integer.
     #[error("x-keelson-timeout-ms must be a positive integer of milliseconds")]
     BadTimeout,
-    /// 401 `invalid_token`: the `Authorization` header or its token is not acceptable.
-    #[error("missing, malformed, expired or wrongly signed bearer token")]
+    /// 401 `invalid_token`: the `Authorization` header or its token is not acceptable;
+    /// the message names the rule it broke (e.g. "token expired", "wrong audience").
+    #[error("invalid bearer token: {0}")]
     InvalidToken(#[source] AuthError),
     /// 404 `unknown_handler`: the name is invalid or no logic server serves it.
     #[error("no handler is named `{0}`")]

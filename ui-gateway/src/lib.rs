@@ -21,12 +21,13 @@
 //! * every error has the body `{"error":{"code":"...","message":"..."}}`, one status per
 //!   kind of failure (see [`ApiError`]);
 //! * the user of a request comes only from a verified `Authorization: Bearer` token
-//!   (HS256, see [`verify_token`]); no header, query or body field can set it;
+//!   (HS256 with the mesh's secret, or RS256/ES256 with keys from a JWKS file; see
+//!   [`TokenVerifier`]); no header, query or body field can set it;
 //! * a request never waits past its deadline, and above
 //!   [`GatewayConfig::max_in_flight`] requests are refused at once rather than queued.
 //!
-//! The root binary builds a [`Gateway`] from [`GatewayConfig`], a [`Secret`] loaded
-//! through [`AuthConfig::load_secret`] and a transport, then calls [`Gateway::bind`] and
+//! The root binary builds a [`Gateway`] from [`GatewayConfig`], a [`TokenVerifier`]
+//! built by [`TokenVerifier::from_config`] from [`AuthConfig`], and a transport, then calls [`Gateway::bind`] and
 //! [`Gateway::serve`].
 
 #![warn(missing_docs)]
@@ -36,6 +37,7 @@ mod auth;
 mod cluster;
 mod config;
 mod connections;
+mod cors;
 mod error;
 mod request_id;
 mod routes;
@@ -43,9 +45,13 @@ mod server;
 mod trace;
 
 pub use api::SERVED_BY_HEADER;
-pub use auth::{AuthConfig, AuthError, Secret, issue_token, verify_token};
+pub use auth::{
+    AuthConfig, AuthError, MAX_SUBJECT_BYTES, MAX_TOKEN_BYTES, MISS_RELOAD_INTERVAL, Secret,
+    TokenAlgorithm, TokenRejection, TokenVerifier, issue_token, issue_token_for, verify_token,
+};
 pub use config::GatewayConfig;
 pub use connections::ConnectionStats;
+pub use cors::{CorsConfig, CorsConfigError};
 pub use error::ApiError;
 pub use request_id::{REQUEST_ID_HEADER, RequestId};
 pub use server::Gateway;

@@ -8,13 +8,15 @@
 //! | `GET /cluster` | the logic servers heard on the control channel (see [`crate::cluster`]) |
 //! | anything else | 404 `not_found`, or 405 `method_not_allowed` on a known path |
 //!
-//! Layers, outermost first: request id, trace span, body limit. All routes sit inside
+//! Layers, outermost first: request id, CORS (when `gateway.cors` is on, see
+//! [`crate::cors`]), trace span, body limit. All routes sit inside
 //! all of them, so every response (probes and unknown routes too) has an
 //! `X-Request-Id` and a span.
 
 use crate::api;
-use crate::auth::Secret;
+use crate::auth::TokenVerifier;
 use crate::config::GatewayConfig;
+use crate::cors::{self, Cors};
 use crate::error::ApiError;
 use crate::request_id;
 use crate::trace;
@@ -33,7 +35,7 @@ pub(crate) struct AppState {
     /// The gateway's configuration.
     pub(crate) config: Arc<GatewayConfig>,
     /// Verifies bearer tokens.
-    pub(crate) secret: Secret,
+    pub(crate) verifier: TokenVerifier,
     /// Carries requests to the logic servers.
     pub(crate) transport: Arc<dyn Transport>,
     /// One permit per `/api` request being served (`max_in_flight`).
@@ -47,7 +49,7 @@ pub(crate) struct AppState {
 impl AppState {
     pub(crate) fn new(
         config: GatewayConfig,
-        secret: Secret,
+        verifier: TokenVerifier,
         transport: Arc<dyn Transport>,
     ) -> Self {
         // The semaphore's own ceiling is far above any sane setting; clamp rather
@@ -61,7 +63,7 @@ impl AppState {
         }
         Self {
             config: Arc::new(config),
-            secret,
+            verifier,
             transport,
             in_flight: Arc::new(Semaphore::new(permits)),
             cluster,
@@ -72,7 +74,8 @@ impl AppState {
 
 /// The complete router: routes, fallbacks and layers, with `state` applied.
 pub(crate) fn router(state: AppState) -> Router {
-    let body_limit = DefaultBodyLimit::max(state.config.max_body_bytes);
+    let config = state.config.clone();
+    let body_limit = DefaultBodyLimit::max(config.max_body_bytes);
     let routes = Router::new()
         .route("/api/{handler}", post(api::call))
         .route("/healthz", get(healthz))
@@ -82,7 +85,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(body_limit)
         .with_state(state);
-    trace::instrument(routes).layer(middleware::from_fn(request_id::middleware))
+    let app = trace::instrument(routes);
+    // Inside the request id, so that preflight answers carry one too.
+    let app = match Cors::new(&config.cors) {
+        Some(cors) => app.layer(middleware::from_fn_with_state(cors, cors::middleware)),
+        None => app,
+    };
+    app.layer(middleware::from_fn(request_id::middleware))
 }
 
 /// Liveness: the process is serving HTTP.

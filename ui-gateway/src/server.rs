@@ -1,6 +1,6 @@
 //! The gateway as a running server: build it, bind it, serve until told to stop.
 
-use crate::auth::Secret;
+use crate::auth::{AuthConfig, Secret, TokenVerifier};
 use crate::config::GatewayConfig;
 use crate::connections::ConnectionStats;
 use crate::routes::{self, AppState};
@@ -35,11 +35,22 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway with `config`, verifying tokens with `secret`, sending requests over
-    /// `transport`.
+    /// A gateway with `config`, verifying HS256 tokens signed with `secret` under the
+    /// default claim rules of [`AuthConfig`], sending requests over `transport`.
     pub fn new(config: GatewayConfig, secret: Secret, transport: Arc<dyn Transport>) -> Self {
+        let verifier = TokenVerifier::hs256(secret, &AuthConfig::default());
+        Self::with_verifier(config, verifier, transport)
+    }
+
+    /// A gateway with `config`, verifying tokens with `verifier` (usually
+    /// [`TokenVerifier::from_config`]), sending requests over `transport`.
+    pub fn with_verifier(
+        config: GatewayConfig,
+        verifier: TokenVerifier,
+        transport: Arc<dyn Transport>,
+    ) -> Self {
         Self {
-            state: AppState::new(config, secret, transport),
+            state: AppState::new(config, verifier, transport),
         }
     }
 

@@ -1,21 +1,31 @@
 //! Who the caller is.
 //!
 //! Identity is a bearer token: `Authorization: Bearer <jwt>`, HS256-signed with the
-//! mesh's secret, whose `sub` claim is the user id. The gateway is the only component
+//! mesh's secret or RS256/ES256-signed by an identity provider whose public keys are
+//! in a JWKS file, whose `sub` claim is the user id. The gateway is the only component
 //! that looks at tokens; what it verified travels on as
 //! [`Request::user`](keelson_protocol::Request::user). No header, query parameter or
 //! body field can set the user: a request without a token is anonymous, a request with
 //! a bad one is refused.
 //!
-//! * [`secret`]: the configuration of the signing secret and how it is loaded;
-//! * [`token`]: issuing and verifying tokens, and reading the `Authorization` header.
+//! * [`secret`]: the `[auth]` configuration and how the signing secret is loaded;
+//! * [`verifier`]: checking a token's header, key and signature;
+//! * [`claims`]: the rules its claims must meet, one [`TokenRejection`] each;
+//! * [`jwks`]: public keys from a JWKS file, reloaded when it changes;
+//! * [`token`]: issuing tokens, and reading the `Authorization` header.
 
+mod claims;
+mod jwks;
 mod secret;
 mod token;
+mod verifier;
 
-pub use secret::{AuthConfig, Secret};
+pub use claims::{MAX_SUBJECT_BYTES, TokenRejection};
+pub use jwks::MISS_RELOAD_INTERVAL;
+pub use secret::{AuthConfig, Secret, TokenAlgorithm};
 pub(crate) use token::user_from_headers;
-pub use token::{issue_token, verify_token};
+pub use token::{issue_token, issue_token_for, verify_token};
+pub use verifier::{MAX_TOKEN_BYTES, TokenVerifier};
 
 use std::io;
 use std::path::PathBuf;
@@ -56,15 +66,23 @@ pub enum AuthError {
         #[source]
         source: io::Error,
     },
+    /// The JWKS file could not be read, or holds no usable key.
+    #[error("cannot load the JWKS file {}: {message}", path.display())]
+    Jwks {
+        /// The configured `auth.jwks_file`.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The `[auth]` settings contradict each other or are out of range.
+    #[error("{0}")]
+    Config(String),
     /// A token could not be signed.
     #[error("cannot sign a token: {0}")]
     Sign(#[source] jsonwebtoken::errors::Error),
-    /// The token is malformed, expired, not HS256, or signed with another secret.
-    #[error("invalid token: {0}")]
-    InvalidToken(#[source] jsonwebtoken::errors::Error),
-    /// The token (or the user asked for) has an empty subject.
-    #[error("the token's subject (user id) is empty")]
-    EmptySubject,
+    /// The token (or the subject asked for) breaks a rule; the message names it.
+    #[error("{0}")]
+    Rejected(TokenRejection),
     /// The `Authorization` header is present but is not one `Bearer <token>`.
     #[error("malformed Authorization header: {0}")]
     MalformedHeader(&'static str),

@@ -14,7 +14,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Where the token signing secret comes from, and the lifetime of issued tokens.
+/// How bearer tokens are verified (keys, algorithms, claim rules), where the HS256
+/// signing secret comes from, and the lifetime of issued tokens.
 ///
 /// Its `Debug` output shows whether an inline secret is set, never the secret.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -28,9 +29,51 @@ pub struct AuthConfig {
     /// When `secret_file` does not exist, create it (and its parent directories, mode
     /// 0600 on unix) holding 32 random bytes, hex-encoded. For development setups.
     pub generate_if_missing: bool,
-    /// Lifetime of the tokens that `issue_token` callers create, in seconds.
+    /// Lifetime of the tokens that `issue_token` callers create, in seconds. At most
+    /// `max_token_lifetime_s`.
     pub token_ttl_s: u64,
+    /// Longest a token may still be valid when the gateway sees it, in seconds: a
+    /// token whose `exp` lies further ahead (plus `leeway_s`) is refused, so a leaked
+    /// token cannot be one that never expires. Between 1 and 31 536 000 (a year).
+    pub max_token_lifetime_s: u64,
+    /// Clock skew tolerated between token issuers and this gateway when checking
+    /// `exp`, `nbf` and `iat`, in seconds. At most 300.
+    pub leeway_s: u64,
+    /// When set, a token's `iss` claim must be exactly this.
+    pub issuer: Option<String>,
+    /// When set, a token's `aud` claim (a string, or an array of strings) must
+    /// contain this.
+    pub audience: Option<String>,
+    /// Signature algorithms accepted, among `HS256` (with the shared secret),
+    /// `RS256` and `ES256` (with keys from `jwks_file`). An algorithm is only usable
+    /// with its key configured; leave `HS256` out to accept only the identity
+    /// provider's tokens (no secret is loaded then).
+    pub algorithms: Vec<TokenAlgorithm>,
+    /// Path of a JWKS file (RFC 7517) with the public keys of RS256/ES256 tokens.
+    /// Tokens must name their key with `kid`. The file is re-read when it changes:
+    /// looked at every `jwks_refresh_s`, and when a token names an unknown `kid`
+    /// (at most every two seconds).
+    pub jwks_file: Option<PathBuf>,
+    /// How often the JWKS file is checked for changes, in seconds.
+    pub jwks_refresh_s: u64,
 }
+
+/// A signature algorithm the gateway can accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum TokenAlgorithm {
+    /// HMAC-SHA256 with the shared secret (`secret` / `secret_file`).
+    HS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256, with an RSA key from `jwks_file`.
+    RS256,
+    /// ECDSA P-256 with SHA-256, with an EC key from `jwks_file`.
+    ES256,
+}
+
+/// Upper bound of `max_token_lifetime_s`: a year.
+const MAX_LIFETIME_CEILING_S: u64 = 365 * 86_400;
+/// Upper bound of `leeway_s`.
+const MAX_LEEWAY_S: u64 = 300;
 
 impl Default for AuthConfig {
     fn default() -> Self {
@@ -39,6 +82,17 @@ impl Default for AuthConfig {
             secret_file: None,
             generate_if_missing: false,
             token_ttl_s: 86_400,
+            max_token_lifetime_s: 86_400,
+            leeway_s: 30,
+            issuer: None,
+            audience: None,
+            algorithms: vec![
+                TokenAlgorithm::HS256,
+                TokenAlgorithm::RS256,
+                TokenAlgorithm::ES256,
+            ],
+            jwks_file: None,
+            jwks_refresh_s: 300,
         }
     }
 }
@@ -50,11 +104,62 @@ impl fmt::Debug for AuthConfig {
             .field("secret_file", &self.secret_file)
             .field("generate_if_missing", &self.generate_if_missing)
             .field("token_ttl_s", &self.token_ttl_s)
+            .field("max_token_lifetime_s", &self.max_token_lifetime_s)
+            .field("leeway_s", &self.leeway_s)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("algorithms", &self.algorithms)
+            .field("jwks_file", &self.jwks_file)
+            .field("jwks_refresh_s", &self.jwks_refresh_s)
             .finish()
     }
 }
 
 impl AuthConfig {
+    /// Whether the settings fit together: `token_ttl_s` within `max_token_lifetime_s`,
+    /// bounds on the lifetime and the leeway, at least one algorithm, and a JWKS file
+    /// only with RS256 or ES256 allowed. The message names the keys.
+    pub fn validate(&self) -> Result<(), AuthError> {
+        let fail = |m: String| Err(AuthError::Config(m));
+        if self.max_token_lifetime_s == 0 || self.max_token_lifetime_s > MAX_LIFETIME_CEILING_S {
+            return fail(format!(
+                "auth.max_token_lifetime_s must be between 1 and {MAX_LIFETIME_CEILING_S} \
+                 (a year), not {}",
+                self.max_token_lifetime_s
+            ));
+        }
+        if self.token_ttl_s > self.max_token_lifetime_s {
+            return fail(format!(
+                "auth.token_ttl_s ({}) exceeds auth.max_token_lifetime_s ({}): the gateway \
+                 would refuse the tokens `keelson token` issues",
+                self.token_ttl_s, self.max_token_lifetime_s
+            ));
+        }
+        if self.leeway_s > MAX_LEEWAY_S {
+            return fail(format!(
+                "auth.leeway_s must be at most {MAX_LEEWAY_S}, not {}",
+                self.leeway_s
+            ));
+        }
+        if self.algorithms.is_empty() {
+            return fail("auth.algorithms is empty: no token could be accepted".to_owned());
+        }
+        let asymmetric = self
+            .algorithms
+            .iter()
+            .any(|a| matches!(a, TokenAlgorithm::RS256 | TokenAlgorithm::ES256));
+        if self.jwks_file.is_some() && !asymmetric {
+            return fail(
+                "auth.jwks_file is set but auth.algorithms allows neither RS256 nor ES256"
+                    .to_owned(),
+            );
+        }
+        if self.jwks_refresh_s == 0 {
+            return fail("auth.jwks_refresh_s must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
     /// The secret: `secret` if set, else the trimmed contents of `secret_file`
     /// (created first when missing and `generate_if_missing` is on).
     ///
@@ -250,6 +355,59 @@ mod tests {
         };
         assert!(!format!("{config:?}").contains("hunter2"));
         assert!(format!("{config:?}").contains("<redacted>"));
+    }
+
+    #[test]
+    fn validation_names_the_offending_keys() {
+        assert!(AuthConfig::default().validate().is_ok());
+        let check = |config: AuthConfig, key: &str| {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        };
+        check(
+            AuthConfig {
+                token_ttl_s: 90_000,
+                ..AuthConfig::default()
+            },
+            "auth.token_ttl_s (90000) exceeds auth.max_token_lifetime_s (86400)",
+        );
+        check(
+            AuthConfig {
+                max_token_lifetime_s: 0,
+                ..AuthConfig::default()
+            },
+            "auth.max_token_lifetime_s",
+        );
+        check(
+            AuthConfig {
+                leeway_s: 3600,
+                ..AuthConfig::default()
+            },
+            "auth.leeway_s",
+        );
+        check(
+            AuthConfig {
+                algorithms: vec![],
+                ..AuthConfig::default()
+            },
+            "auth.algorithms",
+        );
+        check(
+            AuthConfig {
+                algorithms: vec![TokenAlgorithm::HS256],
+                jwks_file: Some("/keys.json".into()),
+                ..AuthConfig::default()
+            },
+            "auth.jwks_file",
+        );
+    }
+
+    #[test]
+    fn algorithms_are_named_as_in_jose() {
+        let config: AuthConfig = serde_json::from_str(r#"{"algorithms":["RS256"]}"#).unwrap();
+        assert_eq!(config.algorithms, vec![TokenAlgorithm::RS256]);
+        let err = serde_json::from_str::<AuthConfig>(r#"{"algorithms":["none"]}"#).unwrap_err();
+        assert!(err.to_string().contains("HS256"), "{err}");
     }
 
     #[test]

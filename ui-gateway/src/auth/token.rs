@@ -1,35 +1,32 @@
-//! Issuing and verifying bearer tokens (HS256 JWTs), and reading them from requests.
+//! Issuing HS256 tokens, and reading bearer tokens from requests.
 //!
-//! A token carries exactly three claims: `sub` (the user id), `iat` and `exp` (seconds
-//! since the Unix epoch). Verification accepts only HS256, requires `exp` and `sub`,
-//! and allows [`LEEWAY_S`] seconds of clock skew between the issuer and this gateway.
+//! A token this module issues carries `sub` (the user id), `iat` and `exp` (seconds
+//! since the Unix epoch), and `iss`/`aud` when `auth.issuer`/`auth.audience` are set,
+//! so that the gateway configured the same way accepts it. Verification is
+//! [`TokenVerifier`]'s.
 
-use super::{AuthError, Secret};
+use super::claims::check_subject;
+use super::verifier::now_s;
+use super::{AuthConfig, AuthError, Secret, TokenVerifier};
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Serialize;
+use std::time::Duration;
 
-/// Clock skew tolerated when checking `exp`, in seconds.
-pub const LEEWAY_S: u64 = 5;
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Claims {
-    sub: String,
+#[derive(Debug, Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
     iat: u64,
     exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
 }
 
-fn now_s() -> u64 {
-    // A clock before 1970 is a broken host; 0 then makes every token look expired
-    // rather than panicking.
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// A token for `user`, valid for `ttl` from now, signed HS256 with `secret`.
+/// A token for `user`, valid for `ttl` from now, signed HS256 with `secret`, without
+/// issuer or audience (see [`issue_token_for`]).
 ///
 /// ```
 /// use keelson_ui_gateway::{Secret, issue_token, verify_token};
@@ -40,14 +37,52 @@ fn now_s() -> u64 {
 /// assert_eq!(verify_token(&secret, &token).unwrap(), "alice");
 /// ```
 pub fn issue_token(secret: &Secret, user: &str, ttl: Duration) -> Result<String, AuthError> {
-    if user.is_empty() {
-        return Err(AuthError::EmptySubject);
+    issue(secret, user, ttl, None, None)
+}
+
+/// A token for `user` that a gateway with `config` accepts: valid for `ttl`, signed
+/// HS256 with `secret`, with `iss` and `aud` from `auth.issuer` and `auth.audience`.
+///
+/// Errors when `ttl` exceeds `auth.max_token_lifetime_s`, or `user` is not an
+/// acceptable subject (empty, too long, control characters).
+pub fn issue_token_for(
+    config: &AuthConfig,
+    secret: &Secret,
+    user: &str,
+    ttl: Duration,
+) -> Result<String, AuthError> {
+    if ttl.as_secs() > config.max_token_lifetime_s {
+        return Err(AuthError::Config(format!(
+            "a token lifetime of {} s exceeds auth.max_token_lifetime_s ({} s); the gateway \
+             would refuse the token",
+            ttl.as_secs(),
+            config.max_token_lifetime_s
+        )));
     }
+    issue(
+        secret,
+        user,
+        ttl,
+        config.issuer.as_deref(),
+        config.audience.as_deref(),
+    )
+}
+
+fn issue(
+    secret: &Secret,
+    user: &str,
+    ttl: Duration,
+    iss: Option<&str>,
+    aud: Option<&str>,
+) -> Result<String, AuthError> {
+    check_subject(user).map_err(AuthError::Rejected)?;
     let iat = now_s();
     let claims = Claims {
-        sub: user.to_owned(),
+        sub: user,
         iat,
         exp: iat.saturating_add(ttl.as_secs()),
+        iss,
+        aud,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -57,29 +92,16 @@ pub fn issue_token(secret: &Secret, user: &str, ttl: Duration) -> Result<String,
     .map_err(AuthError::Sign)
 }
 
-/// The user id (`sub`) of `token`, if it is an HS256 token signed with `secret`, not
-/// expired, and has a non-empty subject.
+/// The user id (`sub`) of `token` if it is an HS256 token signed with `secret` that
+/// meets the default claim rules of [`AuthConfig::default`].
 pub fn verify_token(secret: &Secret, token: &str) -> Result<String, AuthError> {
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.leeway = LEEWAY_S;
-    validation.validate_exp = true;
-    validation.set_required_spec_claims(&["exp", "sub"]);
-    let data = jsonwebtoken::decode::<Claims>(
-        token,
-        &DecodingKey::from_secret(secret.as_bytes()),
-        &validation,
-    )
-    .map_err(AuthError::InvalidToken)?;
-    if data.claims.sub.is_empty() {
-        return Err(AuthError::EmptySubject);
-    }
-    Ok(data.claims.sub)
+    TokenVerifier::hs256(secret.clone(), &AuthConfig::default()).verify(token)
 }
 
 /// The verified user of a request: `None` without an `Authorization` header, the
 /// token's subject with a valid `Bearer` token, an error for anything else.
 pub(crate) fn user_from_headers(
-    secret: &Secret,
+    verifier: &TokenVerifier,
     headers: &HeaderMap,
 ) -> Result<Option<String>, AuthError> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
@@ -105,13 +127,14 @@ pub(crate) fn user_from_headers(
     if token.is_empty() {
         return Err(AuthError::MalformedHeader("empty bearer token"));
     }
-    verify_token(secret, token).map(Some)
+    verifier.verify(token).map(Some)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::auth::TokenRejection;
     use axum::http::HeaderValue;
 
     fn secret(s: &str) -> Secret {
@@ -139,7 +162,7 @@ mod tests {
         let token = issue_token(&secret("a"), "alice", Duration::from_secs(60)).unwrap();
         assert!(matches!(
             verify_token(&secret("b"), &token),
-            Err(AuthError::InvalidToken(_))
+            Err(AuthError::Rejected(TokenRejection::BadSignature))
         ));
     }
 
@@ -177,23 +200,50 @@ mod tests {
     }
 
     #[test]
+    fn issued_for_a_config_carries_its_issuer_and_audience_and_respects_its_bounds() {
+        let config = AuthConfig {
+            issuer: Some("keelson".into()),
+            audience: Some("ui".into()),
+            max_token_lifetime_s: 600,
+            ..AuthConfig::default()
+        };
+        let s = secret("k");
+        let token = issue_token_for(&config, &s, "alice", Duration::from_secs(600)).unwrap();
+        let verifier = TokenVerifier::hs256(s.clone(), &config);
+        assert_eq!(verifier.verify(&token).unwrap(), "alice");
+        // A plain token lacks them, and the configured gateway says so.
+        let plain = issue_token(&s, "alice", Duration::from_secs(60)).unwrap();
+        assert!(matches!(
+            verifier.verify(&plain),
+            Err(AuthError::Rejected(TokenRejection::WrongIssuer))
+        ));
+        let err = issue_token_for(&config, &s, "alice", Duration::from_secs(601)).unwrap_err();
+        assert!(
+            err.to_string().contains("auth.max_token_lifetime_s"),
+            "{err}"
+        );
+        assert!(issue_token(&s, "a\u{202E}b", Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
     fn headers() {
         let s = secret("k");
+        let v = TokenVerifier::hs256(s.clone(), &AuthConfig::default());
         let token = issue_token(&s, "bob", Duration::from_secs(60)).unwrap();
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(AUTHORIZATION, HeaderValue::from_str(v).unwrap());
             h
         };
-        assert_eq!(user_from_headers(&s, &HeaderMap::new()).unwrap(), None);
+        assert_eq!(user_from_headers(&v, &HeaderMap::new()).unwrap(), None);
         let bearer = with(&format!("Bearer {token}"));
         assert_eq!(
-            user_from_headers(&s, &bearer).unwrap().as_deref(),
+            user_from_headers(&v, &bearer).unwrap().as_deref(),
             Some("bob")
         );
         let lower = with(&format!("bearer {token}"));
         assert_eq!(
-            user_from_headers(&s, &lower).unwrap().as_deref(),
+            user_from_headers(&v, &lower).unwrap().as_deref(),
             Some("bob")
         );
         for bad in [
@@ -203,10 +253,10 @@ mod tests {
             &token,
             "Bearer garbage",
         ] {
-            assert!(user_from_headers(&s, &with(bad)).is_err(), "{bad}");
+            assert!(user_from_headers(&v, &with(bad)).is_err(), "{bad}");
         }
         let mut twice = bearer.clone();
         twice.append(AUTHORIZATION, HeaderValue::from_str(&token).unwrap());
-        assert!(user_from_headers(&s, &twice).is_err());
+        assert!(user_from_headers(&v, &twice).is_err());
     }
 }

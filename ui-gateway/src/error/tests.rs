@@ -24,7 +24,7 @@ fn gateway_errors_have_distinct_statuses_and_codes() {
         (ApiError::BadBody("x".into()), 400, "bad_request"),
         (ApiError::BadTimeout, 400, "bad_timeout"),
         (
-            ApiError::InvalidToken(AuthError::EmptySubject),
+            ApiError::InvalidToken(AuthError::Rejected(crate::auth::TokenRejection::Expired)),
             401,
             "invalid_token",
         ),

@@ -8,7 +8,7 @@
 use keelson_protocol::transport::memory::MemoryTransport;
 use keelson_protocol::transport::{Delivery, ServiceSpec};
 use keelson_protocol::{Reply, ReplyStatus, Request, Transport, decode, encode};
-use keelson_ui_gateway::{Gateway, GatewayConfig, Secret};
+use keelson_ui_gateway::{AuthConfig, Gateway, GatewayConfig, Secret, TokenVerifier};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +68,12 @@ impl Mesh {
 
     /// A mesh whose gateway uses `config` (its `listen` is replaced by 127.0.0.1:0).
     pub async fn with_config(config: GatewayConfig) -> Self {
+        let secret = Secret::new(SECRET).unwrap();
+        Self::with_verifier(config, TokenVerifier::hs256(secret, &AuthConfig::default())).await
+    }
+
+    /// A mesh whose gateway uses `config` and verifies tokens with `verifier`.
+    pub async fn with_verifier(config: GatewayConfig, verifier: TokenVerifier) -> Self {
         let transport = MemoryTransport::new();
         let (started_tx, started) = mpsc::unbounded_channel();
         let release = Arc::new(Semaphore::new(0));
@@ -78,7 +84,7 @@ impl Mesh {
             listen: "127.0.0.1:0".into(),
             ..config
         };
-        let gateway = Gateway::new(config, secret.clone(), Arc::new(transport.clone()));
+        let gateway = Gateway::with_verifier(config, verifier, Arc::new(transport.clone()));
         let listener = gateway.bind().await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

@@ -40,10 +40,13 @@ pub struct GatewayConfig {
     /// On shutdown, how long open connections may take to finish, in milliseconds;
     /// after it the gateway stops waiting for them.
     pub shutdown_timeout_ms: u64,
-    /// A connection must send a complete request head (request line and headers)
-    /// within this many milliseconds of being accepted or of its previous response,
-    /// else it is closed: this closes slow-header and idle keep-alive connections.
+    /// A request head (request line and headers), once started, must be complete
+    /// within this many milliseconds, else the connection is closed.
     pub header_read_timeout_ms: u64,
+    /// A connection with no request in progress and no byte sent or received for
+    /// this many milliseconds is closed: one that connects and sends nothing, or a
+    /// keep-alive connection left idle.
+    pub idle_timeout_ms: u64,
     /// A request's body must arrive whole within this many milliseconds of its head,
     /// else the client gets 408 `body_timeout` and the connection is closed.
     pub body_read_timeout_ms: u64,
@@ -67,6 +70,7 @@ impl Default for GatewayConfig {
             max_in_flight: 1024,
             shutdown_timeout_ms: 5_000,
             header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
             body_read_timeout_ms: 30_000,
             max_connections: 10_000,
             max_connections_per_client: 256,
@@ -89,6 +93,11 @@ impl GatewayConfig {
     /// How long a connection may take to send a request head (at least 1 ms).
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.header_read_timeout_ms.max(1)).min(MAX_REQUEST_TIMEOUT)
+    }
+
+    /// How long a connection may stay idle (at least 1 ms).
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.max(1)).min(MAX_REQUEST_TIMEOUT)
     }
 
     /// How long a request's body may take to arrive (at least 1 ms).

@@ -9,11 +9,12 @@
 //! * **Per client address**, at most `max_connections_per_client` (0: no bound): one
 //!   address that opens thousands of connections is refused the excess, the others
 //!   are not affected.
-//! * **Slow or idle clients**: a connection must deliver a complete request head
-//!   within `header_read_timeout_ms` of being accepted or of its previous response
-//!   (hyper's header-read timer, which also bounds an idle keep-alive connection);
-//!   the body's bound is in [`crate::api`] (`body_read_timeout_ms`). A request takes
-//!   an in-flight slot only once its body is complete.
+//! * **Slow or idle clients**: a request head, once started, must be complete within
+//!   `header_read_timeout_ms` (hyper's header-read timer); a connection with no
+//!   request in progress and no byte moving for `idle_timeout_ms` is closed (one
+//!   that connects and sends nothing, a keep-alive connection left idle); the
+//!   body's bound is in [`crate::api`] (`body_read_timeout_ms`). A request takes an
+//!   in-flight slot only once its body is complete.
 //!
 //! Refusals are logged at most once per [`LOG_EVERY`], with how many there were.
 
@@ -26,9 +27,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -160,6 +164,129 @@ impl Drop for Slot {
     }
 }
 
+/// When a connection last moved a byte, and whether a request is in progress on it.
+#[derive(Debug)]
+struct Activity {
+    started: Instant,
+    /// Milliseconds after `started` of the last byte read or written.
+    last_ms: AtomicU64,
+    /// Requests being handled (a slow handler moves no byte, and is not idleness).
+    busy: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long it has been idle now: zero while a request is in progress.
+    fn idle(&self) -> Duration {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// Counts a request in progress until dropped (the response produced or abandoned).
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.busy.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A socket that notes in [`Activity`] every byte it moves.
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write(cx, data);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Resolves once `activity` has been idle for `limit` (checked a few times per
+/// `limit`, so a connection is closed at most a quarter of it late).
+async fn idle_for(activity: &Activity, limit: Duration) {
+    let check = (limit / 4).max(Duration::from_millis(10));
+    loop {
+        let idle = activity.idle();
+        if idle >= limit {
+            return;
+        }
+        tokio::time::sleep((limit - idle).min(check)).await;
+    }
+}
+
 /// The accept loop's bounds and bookkeeping.
 struct Acceptor {
     max_connections: usize,
@@ -225,6 +352,7 @@ pub(crate) async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout())
         .keep_alive(true);
+    let idle_timeout = config.idle_timeout();
     let graceful = GracefulShutdown::new();
     let service = TowerToHyperService::new(router);
     tokio::pin!(shutdown);
@@ -252,13 +380,35 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let connection = http.serve_connection(TokioIo::new(stream), service.clone());
-        let connection = graceful.watch(connection);
+        let activity = Arc::new(Activity::new());
+        let io = Watched {
+            stream,
+            activity: activity.clone(),
+        };
+        let per_request = {
+            let (service, activity) = (service.clone(), activity.clone());
+            hyper::service::service_fn(move |request| {
+                let busy = Busy::new(&activity);
+                let response = hyper::service::Service::call(&service, request);
+                async move {
+                    let response = response.await;
+                    drop(busy);
+                    response
+                }
+            })
+        };
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(io), per_request));
         tokio::spawn(async move {
-            // A client that goes away mid-request or breaks the protocol ends its
-            // own connection; nothing to report above debug.
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            tokio::select! {
+                ended = connection => {
+                    // A client that goes away mid-request or breaks the protocol ends
+                    // its own connection; nothing to report above debug.
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                // Dropping the connection closes its socket.
+                () = idle_for(&activity, idle_timeout) => {}
             }
             drop(slot);
         });

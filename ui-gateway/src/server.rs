@@ -11,6 +11,9 @@ use std::io;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// Listen backlog of the gateway's socket.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 /// A UI gateway: HTTP on one side, a [`Transport`] on the other.
 ///
 /// ```no_run
@@ -65,9 +68,32 @@ impl Gateway {
         routes::router(self.state.clone())
     }
 
-    /// Bind a TCP listener on [`GatewayConfig::listen`].
+    /// Bind a TCP listener on [`GatewayConfig::listen`], with a listen backlog of
+    /// [`LISTEN_BACKLOG`] (the kernel caps it at `net.core.somaxconn`): a burst of
+    /// connections waits there to be accepted, instead of half-completing handshakes
+    /// the gateway never sees.
     pub async fn bind(&self) -> io::Result<TcpListener> {
-        TcpListener::bind(&self.state.config.listen).await
+        let mut last_error = None;
+        for addr in tokio::net::lookup_host(&self.state.config.listen).await? {
+            let socket = match addr {
+                std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            match socket
+                .bind(addr)
+                .and_then(|()| socket.listen(LISTEN_BACKLOG))
+            {
+                Ok(listener) => return Ok(listener),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("`{}` names no address", self.state.config.listen),
+            )
+        }))
     }
 
     /// Serve HTTP on `listener` until `shutdown` completes, then shut down gracefully:

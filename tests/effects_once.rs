@@ -129,9 +129,12 @@ async fn a_request_whose_reply_address_names_a_missing_node_runs_once() {
             "counter.increment".into(),
             BasicPublishOptions::default(),
             &encode(&request).unwrap(),
+            // As a gateway publishes it: stamped with its (validated) broker user,
+            // which the server trusts (everyone is `guest` here).
             BasicProperties::default()
                 .with_reply_to(reply_to.as_str().into())
-                .with_correlation_id("1".into()),
+                .with_correlation_id("1".into())
+                .with_user_id("guest".into()),
         )
         .await
         .unwrap()

@@ -35,6 +35,14 @@ pub struct LogicServerConfig {
     pub context: ContextConfig,
     /// The load governor (self-throttling).
     pub governor: GovernorConfig,
+    /// Broker users whose requests may carry a `user` (the gateways, and the
+    /// operator's `keelson dlq replay`): a request naming a user from any other
+    /// publisher is dead-lettered and refused (403). The broker validates a
+    /// request's publisher (AMQP `user_id`). Unset: this server's own broker user
+    /// only, which is right when every process shares one broker user (the default
+    /// guest set-up). Anonymous requests are taken from any publisher. The memory
+    /// transport runs in one process and is always trusted.
+    pub trusted_publishers: Option<Vec<String>>,
     /// Per-handler settings, keyed by handler name; each plugin documents its own.
     pub handler_settings: BTreeMap<String, serde_json::Value>,
 }
@@ -52,6 +60,7 @@ impl Default for LogicServerConfig {
             idempotency: IdempotencyConfig::default(),
             context: ContextConfig::default(),
             governor: GovernorConfig::default(),
+            trusted_publishers: None,
             handler_settings: BTreeMap::new(),
         }
     }

@@ -7,11 +7,13 @@ use crate::config::IdempotencyConfig;
 use crate::context::{ContextStore, Effects, RecordWrite, UserContext};
 use crate::handler::{Handler, HandlerError, RequestCtx};
 use crate::plugin::Registry;
+use crate::stats::ServerStats;
 use futures_util::FutureExt;
 use keelson_protocol::control::{ClusterView, NodeState};
 use keelson_protocol::idempotency::{ANONYMOUS_SCOPE, OutcomeRecord, RecordPhase, record_key};
-use keelson_protocol::transport::Delivery;
+use keelson_protocol::transport::{Delivery, Publisher};
 use keelson_protocol::{ProtocolVersion, Reply, ReplyStatus, Request, decode, encode, peek_id};
+use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,6 +28,10 @@ pub(crate) struct Dispatcher {
     /// The peers heard on the control channel: who hosts which handlers.
     pub(crate) peers: Arc<Mutex<ClusterView>>,
     pub(crate) limits: Limits,
+    /// Broker users whose requests may name a user (`trusted_publishers`).
+    pub(crate) trusted_publishers: BTreeSet<String>,
+    /// The server's live figures (refusals are counted here).
+    pub(crate) stats: Arc<ServerStats>,
 }
 
 /// The bounds a server puts on the requests it takes.
@@ -67,6 +73,14 @@ pub(crate) fn unix_ms_now() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Why a request may not run as it says (see [`Dispatcher::check_origin`]).
+struct Refusal {
+    status: ReplyStatus,
+    code: &'static str,
+    /// The dead-letter reason, for the operator.
+    reason: String,
+}
+
 /// Where a request's outcome is recorded.
 struct Keyed {
     scope: String,
@@ -98,6 +112,9 @@ impl Dispatcher {
             Ok(r) => r,
             Err(e) => return self.undecodable(delivery, e).await,
         };
+        if let Err(refusal) = self.check_origin(&delivery, &request) {
+            return self.refuse_origin(delivery, &request.id, refusal).await;
+        }
         let now_ms = unix_ms_now();
         let deadline = match self.time_left(&request, now_ms) {
             Ok(left) => Instant::now() + left,
@@ -208,6 +225,60 @@ impl Dispatcher {
         }
         tracing::warn!(%reason, "dead-lettering a message");
         if let Err(e) = delivery.reject(reason).await {
+            tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
+        }
+        Handled::DeadLettered
+    }
+
+    /// Whether the request may run as it says: published on the route of the handler
+    /// it names, and, when it names a user, by a trusted publisher (a gateway).
+    fn check_origin(&self, delivery: &Delivery, request: &Request) -> Result<(), Refusal> {
+        if let Some(route) = delivery.route()
+            && route != request.handler
+        {
+            self.stats.count_route_mismatch();
+            return Err(Refusal {
+                status: ReplyStatus::BadRequest,
+                code: "route_mismatch",
+                reason: format!(
+                    "route mismatch: published on route `{route}` but the envelope names handler `{}`",
+                    request.handler
+                ),
+            });
+        }
+        if request.user.is_some() && !self.trusts(delivery.publisher()) {
+            self.stats.count_untrusted_publisher();
+            return Err(Refusal {
+                status: ReplyStatus::Forbidden,
+                code: "untrusted_publisher",
+                reason: format!(
+                    "untrusted publisher: a request naming a user from {}, which is not in trusted_publishers",
+                    delivery.publisher()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn trusts(&self, publisher: &Publisher) -> bool {
+        match publisher {
+            Publisher::Local => true,
+            Publisher::User(user) => self.trusted_publishers.contains(user),
+            _ => false,
+        }
+    }
+
+    /// A request that failed [`Dispatcher::check_origin`]: dead-lettered with the
+    /// reason, never run nor retried; its requester is told why.
+    async fn refuse_origin(&self, delivery: Delivery, id: &str, refusal: Refusal) -> Handled {
+        tracing::warn!(%id, reason = %refusal.reason, "dead-lettering a refused request");
+        let message = match refusal.status {
+            ReplyStatus::Forbidden => "this publisher may not send requests on behalf of a user",
+            _ => "the request's route and handler disagree",
+        };
+        let reply = self.error(id, refusal.status, refusal.code, message);
+        send(&delivery, &reply).await;
+        if let Err(e) = delivery.reject(refusal.reason).await {
             tracing::warn!(error = %e, "could not dead-letter; it will be redelivered");
         }
         Handled::DeadLettered

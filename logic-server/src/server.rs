@@ -10,7 +10,7 @@ use crate::plugin::Registry;
 pub use crate::stats::ServerStats;
 use keelson_protocol::Transport;
 use keelson_protocol::control::ClusterView;
-use keelson_protocol::transport::{ServiceSpec, TransportError};
+use keelson_protocol::transport::{Publisher, ServiceSpec, TransportError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -76,6 +76,14 @@ impl LogicServer {
         registry: Registry,
         store: Arc<dyn ContextStore>,
     ) -> Self {
+        let trusted = config.trusted_publishers.clone().unwrap_or_else(|| {
+            // One principal for every process: trust ourselves.
+            match transport.publisher() {
+                Publisher::User(user) => vec![user],
+                _ => Vec::new(),
+            }
+        });
+        let concurrency = config.concurrency.max(1);
         let limits = Limits {
             max_deadline_ms: config.max_deadline_ms,
             max_deliveries: config.max_deliveries.max(1),
@@ -90,6 +98,8 @@ impl LogicServer {
                 store,
                 peers: Arc::new(Mutex::new(ClusterView::default())),
                 limits,
+                trusted_publishers: trusted.into_iter().collect(),
+                stats: Arc::new(ServerStats::new(concurrency)),
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
@@ -129,7 +139,7 @@ impl LogicServer {
             .consume(&service, concurrency)
             .await
             .map_err(err)?;
-        let stats = Arc::new(ServerStats::new(concurrency));
+        let stats = self.dispatcher.stats.clone();
         stats.set_ready(true);
         tracing::info!(
             node = %self.dispatcher.node_id,

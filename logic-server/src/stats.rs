@@ -24,6 +24,8 @@ pub struct ServerStats {
     pub(crate) overloaded_alone: AtomicBool,
     /// Set once the server started shutting down.
     pub(crate) leaving: AtomicBool,
+    untrusted_publishers: AtomicU64,
+    route_mismatches: AtomicU64,
 }
 
 impl ServerStats {
@@ -41,6 +43,8 @@ impl ServerStats {
             meter: BusyMeter::new(concurrency),
             overloaded_alone: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
+            untrusted_publishers: AtomicU64::new(0),
+            route_mismatches: AtomicU64::new(0),
         }
     }
 
@@ -72,6 +76,16 @@ impl ServerStats {
     pub fn window(&self) -> u16 {
         self.window.load(Ordering::Relaxed)
     }
+    /// Requests dead-lettered since start because they named a user but came from
+    /// a publisher not in `trusted_publishers`.
+    pub fn untrusted_publishers(&self) -> u64 {
+        self.untrusted_publishers.load(Ordering::Relaxed)
+    }
+    /// Requests dead-lettered since start because their route (routing key) and
+    /// the handler their envelope names disagree.
+    pub fn route_mismatches(&self) -> u64 {
+        self.route_mismatches.load(Ordering::Relaxed)
+    }
     /// The latest load sample.
     pub fn load(&self) -> Load {
         *self.load.lock().unwrap_or_else(|p| p.into_inner())
@@ -96,6 +110,12 @@ impl ServerStats {
     }
     pub(crate) fn set_load(&self, load: Load) {
         *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;
+    }
+    pub(crate) fn count_untrusted_publisher(&self) {
+        self.untrusted_publishers.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_route_mismatch(&self) {
+        self.route_mismatches.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn count_handled(&self) {
         self.handled.fetch_add(1, Ordering::Relaxed);

@@ -137,6 +137,55 @@ impl Drop for Vhost {
     }
 }
 
+/// A broker user of a test's own with full rights on one vhost, deleted on drop.
+pub struct BrokerUser {
+    pub name: String,
+    password: String,
+    vhost: String,
+}
+
+impl BrokerUser {
+    pub fn create(vhost: &Vhost, role: &str) -> Self {
+        let name = format!("keelson-test-{role}-{}", uuid::Uuid::new_v4().simple());
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        rabbitmqctl(&["-q", "add_user", &name, &password]);
+        rabbitmqctl(&[
+            "-q",
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            &name,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        Self {
+            name,
+            password,
+            vhost: vhost.name.clone(),
+        }
+    }
+
+    /// The AMQP URL of the vhost, as this user.
+    pub fn url(&self) -> String {
+        let base = broker_base();
+        let (scheme, rest) = base.split_once("://").unwrap_or(("amqp", &base));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!(
+            "{scheme}://{}:{}@{host}/{}",
+            self.name, self.password, self.vhost
+        )
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_user", &self.name])
+            .output();
+    }
+}
+
 /// `[transport]` for the AMQP transport on `urls`.
 pub fn amqp_transport(urls: &[String]) -> String {
     let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();

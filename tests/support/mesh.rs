@@ -35,6 +35,8 @@ pub struct ServerSpec {
     pub concurrency: u16,
     /// TOML appended to the server's configuration.
     pub extra: String,
+    /// TOML keys of the `[logic_server]` section itself.
+    pub logic: String,
     /// Run the next-version build.
     pub next: bool,
     /// Run the previous release's build.
@@ -51,6 +53,7 @@ impl ServerSpec {
             handlers: ALL_HANDLERS.iter().map(|h| (*h).to_owned()).collect(),
             concurrency: 16,
             extra: String::new(),
+            logic: String::new(),
             next: false,
             previous: false,
             env: Vec::new(),
@@ -80,6 +83,12 @@ impl ServerSpec {
         self
     }
 
+    /// Keys of the `[logic_server]` section (`extra` comes after its subsections).
+    pub fn logic(mut self, toml: &str) -> Self {
+        self.logic.push_str(toml);
+        self
+    }
+
     pub fn service(mut self, service: &str, handlers: &[&str]) -> Self {
         self.service = service.to_owned();
         self.handlers = handlers.iter().map(|h| (*h).to_owned()).collect();
@@ -103,12 +112,14 @@ service = "{service}"
 handlers = [{handlers}]
 concurrency = {concurrency}
 drain_timeout_ms = 5000
+{logic}
 
 [logic_server.context]
 join_timeout_ms = 1000
 {extra}
 "#,
             extra = self.extra,
+            logic = self.logic,
             node = self.node,
             service = self.service,
             handlers = handlers.join(", "),

@@ -5,6 +5,33 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
 
+/// Who published a message, as far as the transport can vouch for it.
+///
+/// A logic server accepts a request's `user` only from a publisher it trusts (a
+/// gateway): see `ARCHITECTURE.md`, "Only gateways assert identity".
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Publisher {
+    /// A component of this very process (the memory transport): trusted by
+    /// construction, since nothing outside the process can publish on it.
+    Local,
+    /// A broker user, validated by the broker (RabbitMQ refuses a publish whose
+    /// `user_id` property differs from the connection's user).
+    User(String),
+    /// Nothing vouches for the publisher (e.g. an AMQP message without `user_id`).
+    Unknown,
+}
+
+impl fmt::Display for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local => f.write_str("this process"),
+            Self::User(user) => write!(f, "broker user `{user}`"),
+            Self::Unknown => f.write_str("an unvalidated publisher"),
+        }
+    }
+}
+
 /// How a delivery ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -58,6 +85,8 @@ pub struct Delivery {
     pub redelivered: bool,
     /// Whether the sender awaits a reply.
     pub expects_reply: bool,
+    publisher: Publisher,
+    route: Option<String>,
     settle: Option<Box<dyn Settle>>,
 }
 
@@ -75,8 +104,33 @@ impl Delivery {
             headers,
             redelivered,
             expects_reply,
+            publisher: Publisher::Unknown,
+            route: None,
             settle: Some(settle),
         }
+    }
+
+    /// Set who published the message and the route it was published on; used by
+    /// transport implementations (without it: [`Publisher::Unknown`], no route).
+    #[must_use]
+    pub fn with_origin(mut self, publisher: Publisher, route: Option<String>) -> Self {
+        self.publisher = publisher;
+        self.route = route;
+        self
+    }
+
+    /// Who published the message. Copies a consumer places back on its queue
+    /// ([`Delivery::hand_back`], [`Delivery::count_redelivery`]) keep the original's.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// The route (handler name) the message was published on, when the transport
+    /// knows it: a request's envelope must name the same handler. `None` for a
+    /// message placed on the queue by another way (e.g. straight into an AMQP queue
+    /// through the default exchange), which has no route to compare.
+    pub fn route(&self) -> Option<&str> {
+        self.route.as_deref()
     }
 
     /// Send `payload` to whoever awaits the reply. Does not settle the delivery: the

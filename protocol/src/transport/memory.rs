@@ -7,8 +7,8 @@
 
 use super::window::Window;
 use super::{
-    Consumer, DEAD_LETTER_REASON_HEADER, Delivery, Headers, Message, Outcome, RequestError,
-    ServiceSpec, Settle, Subscription, Transport, TransportError,
+    Consumer, DEAD_LETTER_REASON_HEADER, Delivery, Headers, Message, Outcome, Publisher,
+    RequestError, ServiceSpec, Settle, Subscription, Transport, TransportError,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -51,6 +51,8 @@ struct Queue {
 #[derive(Debug)]
 struct Queued {
     message: Message,
+    /// The route it was published on (`None` for a dead letter).
+    route: Option<String>,
     expires_at: Option<Instant>,
     reply_to: Option<u64>,
     redelivered: bool,
@@ -176,6 +178,7 @@ impl Transport for MemoryTransport {
         for queue in &queues {
             queue.push_back(Queued {
                 message: message.clone(),
+                route: Some(route.to_owned()),
                 expires_at: Some(deadline),
                 reply_to: Some(id),
                 redelivered: false,
@@ -231,6 +234,10 @@ impl Transport for MemoryTransport {
     ) -> Result<Box<dyn Consumer>, TransportError> {
         self.check_open()?;
         Ok(self.consumer_for(self.dead_letter_queue(), prefetch))
+    }
+
+    fn publisher(&self) -> Publisher {
+        Publisher::Local
     }
 
     fn is_ready(&self) -> bool {
@@ -331,6 +338,7 @@ impl MemoryConsumer {
         let payload = q.message.payload.clone();
         let headers = q.message.headers.clone();
         let redelivered = q.redelivered;
+        let route = q.route.clone();
         Delivery::new(
             payload,
             headers,
@@ -343,6 +351,8 @@ impl MemoryConsumer {
                 _permit: permit,
             }),
         )
+        // One process: whoever published it is this process, trusted by construction.
+        .with_origin(Publisher::Local, route)
     }
 }
 
@@ -399,6 +409,7 @@ impl Settle for MemorySettle {
                             payload: q.message.payload,
                             headers,
                         },
+                        route: None,
                         expires_at: None,
                         reply_to: None,
                         redelivered: false,

@@ -33,7 +33,7 @@ pub mod amqp;
 pub mod conformance;
 
 pub use config::{MemoryConfig, TransportConfig};
-pub use delivery::{Delivery, Outcome, Settle};
+pub use delivery::{Delivery, Outcome, Publisher, Settle};
 pub use error::{RequestError, TransportError};
 
 #[cfg(feature = "amqp")]
@@ -137,6 +137,11 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         &self,
         prefetch: u16,
     ) -> Result<Box<dyn Consumer>, TransportError>;
+
+    /// Who this transport's own publications come from, as its consumers see it
+    /// ([`Delivery::publisher`]): [`Publisher::Local`] for an in-process transport,
+    /// the broker user for AMQP. Every request it publishes carries this identity.
+    fn publisher(&self) -> Publisher;
 
     /// Whether the transport can carry traffic now (used by readiness probes).
     fn is_ready(&self) -> bool;

@@ -33,6 +33,7 @@ use super::super::window::Window;
 use super::super::{Consumer, DEAD_LETTER_REASON_HEADER, Delivery, TransportError};
 use super::connection::Link;
 use super::headers;
+use super::origin::Origin;
 use super::settle::{AmqpSettle, copy_properties, republish_then_ack};
 use super::shared::Shared;
 use super::topology;
@@ -260,6 +261,12 @@ impl AmqpConsumer {
         }
         let reply_to = d.properties.reply_to().clone();
         let expects_reply = reply_to.is_some();
+        let origin = Origin::of(
+            &self.shared,
+            d.exchange.as_str(),
+            d.routing_key.as_str(),
+            &d.properties,
+        );
         let settle = AmqpSettle {
             shared: self.shared.clone(),
             channel,
@@ -268,6 +275,7 @@ impl AmqpConsumer {
             correlation_id: d.properties.correlation_id().clone(),
             message_id: d.properties.message_id().clone(),
             expiration: d.properties.expiration().clone(),
+            origin: origin.clone(),
             local_node,
             payload: payload.clone(),
             headers: d.properties.headers().clone(),
@@ -281,6 +289,7 @@ impl AmqpConsumer {
             expects_reply,
             Box::new(settle),
         )
+        .with_origin(origin.publisher, origin.route)
     }
 }
 
@@ -334,7 +343,16 @@ async fn cancel_and_requeue(
                 d.properties.expiration().as_ref(),
             );
             let headers = d.properties.headers().clone().unwrap_or_default();
-            republish_then_ack(shared, queue, &d.acker, &d.data, properties, headers).await;
+            let origin = Origin::of(
+                shared,
+                d.exchange.as_str(),
+                d.routing_key.as_str(),
+                &d.properties,
+            );
+            republish_then_ack(
+                shared, queue, &d.acker, &d.data, properties, headers, &origin,
+            )
+            .await;
         }
     }
 }

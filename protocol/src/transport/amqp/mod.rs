@@ -24,6 +24,7 @@ mod connection;
 mod consumer;
 mod fanout;
 mod headers;
+mod origin;
 mod reply;
 mod rpc;
 mod settle;
@@ -33,7 +34,8 @@ mod topology;
 pub use config::{AmqpConfig, QueueType, redact};
 
 use super::{
-    Consumer, Message, RequestError, ServiceSpec, Subscription, Transport, TransportError,
+    Consumer, Message, Publisher, RequestError, ServiceSpec, Subscription, Transport,
+    TransportError,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -111,6 +113,7 @@ impl AmqpTransport {
         node_id: &str,
     ) -> Result<(Self, oneshot::Receiver<Result<(), String>>), TransportError> {
         let brokers = config.brokers()?;
+        check_one_user(&brokers)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             TransportError::Disconnected("the AMQP transport needs a tokio runtime".into())
         })?;
@@ -164,6 +167,28 @@ impl AmqpTransport {
         let _ = connection.close(200, "OK".into()).await;
         result
     }
+}
+
+/// Every URL must name the same broker user: it is the `user_id` the requests carry,
+/// which the broker checks against the connection's user.
+fn check_one_user(brokers: &[config::BrokerUrl]) -> Result<(), TransportError> {
+    let mut users = brokers.iter().map(|b| &b.uri.authority.userinfo.username);
+    let first = users.next();
+    if let Some(first) = first {
+        if first.is_empty() || first.len() > 255 {
+            return Err(TransportError::Refused(format!(
+                "invalid [transport] settings for amqp: the broker user in `urls` must be 1 to 255 bytes long, got {} bytes",
+                first.len()
+            )));
+        }
+        if users.any(|u| u != first) {
+            return Err(TransportError::Refused(
+                "invalid [transport] settings for amqp: every URL in `urls` must name the same broker user (requests carry it as their validated `user_id`)"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -256,6 +281,10 @@ impl Transport for AmqpTransport {
         Ok(Box::new(
             consumer::AmqpConsumer::open(shared.clone(), None, prefetch).await?,
         ))
+    }
+
+    fn publisher(&self) -> Publisher {
+        Publisher::User(self.shared().broker_user.clone())
     }
 
     fn is_ready(&self) -> bool {

@@ -100,6 +100,9 @@ pub(crate) async fn request(
         .with_correlation_id(correlation_id.into())
         .with_reply_to(DIRECT_REPLY_TO.into())
         .with_expiration(expiration.into())
+        // The broker refuses the publish unless this is our connection's user, so the
+        // server can trust it (see `origin.rs`); checked at start: 1 to 255 bytes.
+        .with_user_id(shared.broker_user.as_str().into())
         .with_headers(headers::to_table(&message.headers));
     let exchange: ShortString = shared.names.requests_exchange().into();
     let publish = publish_confirmed(&link, exchange, routing_key, &message.payload, properties);

@@ -11,6 +11,7 @@
 //! an error for the caller: the message comes again, to this or another consumer.
 
 use super::super::{DEAD_LETTER_REASON_HEADER, Outcome, Settle, TransportError};
+use super::origin::Origin;
 use super::shared::Shared;
 use super::topology;
 use async_trait::async_trait;
@@ -32,6 +33,8 @@ pub(crate) struct AmqpSettle {
     pub(crate) correlation_id: Option<ShortString>,
     pub(crate) message_id: Option<ShortString>,
     pub(crate) expiration: Option<ShortString>,
+    /// Who published it and on which route; a copy keeps them.
+    pub(crate) origin: Origin,
     /// The node part of the delivery's connection's own reply addresses.
     pub(crate) local_node: Option<Arc<str>>,
     /// Payload and headers as received, to dead-letter them unchanged.
@@ -106,13 +109,15 @@ impl AmqpSettle {
 /// Place a copy of a message (`payload`, `properties` with `headers`) at the back of
 /// `queue` through the default exchange and wait for the broker to take it. The
 /// caller then acks the original: the message goes back to the queue without the
-/// broker counting a delivery or marking it redelivered.
+/// broker counting a delivery or marking it redelivered. The copy keeps the
+/// original's `origin` (see `origin.rs`).
 pub(crate) async fn republish(
     shared: &Shared,
     queue: &str,
     payload: &[u8],
     properties: BasicProperties,
     headers: FieldTable,
+    origin: &Origin,
 ) -> Result<(), TransportError> {
     let link = shared.live_link().ok_or_else(|| {
         TransportError::Disconnected("cannot republish while disconnected".into())
@@ -122,7 +127,7 @@ pub(crate) async fn republish(
         "".into(),
         queue,
         payload,
-        properties.with_headers(headers),
+        origin.stamp(shared, properties, headers),
         "republished message",
     )
     .await
@@ -137,8 +142,9 @@ pub(crate) async fn republish_then_ack(
     payload: &[u8],
     properties: BasicProperties,
     headers: FieldTable,
+    origin: &Origin,
 ) {
-    match republish(shared, queue, payload, properties, headers).await {
+    match republish(shared, queue, payload, properties, headers, origin).await {
         Ok(()) => {
             let result = acker.ack(BasicAckOptions::default()).await;
             redelivery_coming(queue, "ack of a republished message", &result);
@@ -236,6 +242,7 @@ impl Settle for AmqpSettle {
                     &self.payload,
                     properties,
                     super::headers::to_table(&headers),
+                    &self.origin,
                 )
                 .await;
             }

@@ -34,6 +34,9 @@ pub(crate) struct Shared {
     pub(crate) names: Names,
     pub(crate) node_id: String,
     pub(crate) brokers: Vec<BrokerUrl>,
+    /// The broker user every URL connects as: the `user_id` of what this transport
+    /// publishes (see `origin.rs`).
+    pub(crate) broker_user: String,
     /// The current connection, `None` while disconnected. Only the supervisor writes it.
     link: watch::Sender<Option<Arc<Link>>>,
     closed: watch::Sender<bool>,
@@ -52,7 +55,12 @@ impl Shared {
             format!("keelson {node_id} replies ({})", config.namespace),
             config.connect_timeout(),
         );
+        let broker_user = brokers
+            .first()
+            .map(|b| b.uri.authority.userinfo.username.clone())
+            .unwrap_or_default();
         Self {
+            broker_user,
             replies,
             names: Names::new(&config.namespace),
             config,

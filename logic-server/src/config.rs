@@ -43,6 +43,12 @@ pub struct LogicServerConfig {
     /// guest set-up). Anonymous requests are taken from any publisher. The memory
     /// transport runs in one process and is always trusted.
     pub trusted_publishers: Option<Vec<String>>,
+    /// Also take requests naming a user that carry no publisher the broker vouches
+    /// for (no AMQP `user_id`). Only while upgrading from a release whose gateways
+    /// and servers did not stamp requests: turn it on for the new servers until the
+    /// last old process is gone, then off (anyone who can publish a request could
+    /// then act as any user).
+    pub trust_unstamped_requests: bool,
     /// Per-handler settings, keyed by handler name; each plugin documents its own.
     pub handler_settings: BTreeMap<String, serde_json::Value>,
 }
@@ -61,6 +67,7 @@ impl Default for LogicServerConfig {
             context: ContextConfig::default(),
             governor: GovernorConfig::default(),
             trusted_publishers: None,
+            trust_unstamped_requests: false,
             handler_settings: BTreeMap::new(),
         }
     }

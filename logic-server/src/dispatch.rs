@@ -30,6 +30,8 @@ pub(crate) struct Dispatcher {
     pub(crate) limits: Limits,
     /// Broker users whose requests may name a user (`trusted_publishers`).
     pub(crate) trusted_publishers: BTreeSet<String>,
+    /// `trust_unstamped_requests`: an unknown publisher is trusted (upgrades only).
+    pub(crate) trust_unstamped: bool,
     /// The server's live figures (refusals are counted here).
     pub(crate) stats: Arc<ServerStats>,
 }
@@ -264,6 +266,7 @@ impl Dispatcher {
         match publisher {
             Publisher::Local => true,
             Publisher::User(user) => self.trusted_publishers.contains(user),
+            Publisher::Unknown => self.trust_unstamped,
             _ => false,
         }
     }

@@ -83,6 +83,7 @@ impl LogicServer {
                 _ => Vec::new(),
             }
         });
+        let trust_unstamped = config.trust_unstamped_requests;
         let concurrency = config.concurrency.max(1);
         let limits = Limits {
             max_deadline_ms: config.max_deadline_ms,
@@ -99,6 +100,7 @@ impl LogicServer {
                 peers: Arc::new(Mutex::new(ClusterView::default())),
                 limits,
                 trusted_publishers: trusted.into_iter().collect(),
+                trust_unstamped,
                 stats: Arc::new(ServerStats::new(concurrency)),
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),

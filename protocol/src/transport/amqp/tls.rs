@@ -210,7 +210,11 @@ pub(crate) fn explain(error: &lapin::Error, host: &str, roots: &str) -> Option<S
                 if presented.is_empty() {
                     "no name at all".to_owned()
                 } else {
-                    presented.join(", ")
+                    presented
+                        .iter()
+                        .map(|name| plain_name(name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             ),
             CertificateError::Expired
@@ -238,4 +242,27 @@ pub(crate) fn explain(error: &lapin::Error, host: &str, roots: &str) -> Option<S
         ),
         _ => format!("TLS with the broker at {host} failed: {tls}"),
     })
+}
+
+/// `DnsName("localhost")` or `IpAddress(127.0.0.1)`, as rustls words a certificate's
+/// names, as `localhost` and `127.0.0.1`.
+fn plain_name(name: &str) -> &str {
+    ["DnsName(\"", "IpAddress("]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .map_or(name, |rest| {
+            rest.trim_end_matches(')').trim_end_matches('"')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_name;
+
+    #[test]
+    fn certificate_names_are_shown_plainly() {
+        assert_eq!(plain_name("DnsName(\"localhost\")"), "localhost");
+        assert_eq!(plain_name("IpAddress(127.0.0.1)"), "127.0.0.1");
+        assert_eq!(plain_name("*.example"), "*.example");
+    }
 }

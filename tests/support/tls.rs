@@ -85,10 +85,19 @@ impl Certs {
     }
 }
 
-fn script(args: &[&str]) -> String {
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("cannot find a free loopback port")
+        .port()
+}
+
+fn script_with(args: &[&str], env: &[(&str, String)]) -> String {
     let out = Command::new("bash")
         .arg(SCRIPT)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap_or_else(|e| panic!("cannot run bash {SCRIPT}: {e}"));
     let text = format!(
@@ -104,8 +113,12 @@ fn script(args: &[&str]) -> String {
     text
 }
 
-/// The TLS node, started with `certs` (a node left by an earlier run is stopped
-/// first); stopped and deleted on drop.
+fn script(args: &[&str]) -> String {
+    script_with(args, &[])
+}
+
+/// The TLS node, started with `certs` on free loopback ports (a node left by an
+/// earlier run is stopped first); stopped and deleted on drop.
 pub struct TlsNode {
     pub name: String,
     pub port: u16,
@@ -115,7 +128,13 @@ impl TlsNode {
     pub fn start(certs: &Certs) -> Self {
         let started = std::time::Instant::now();
         let dir = certs.dir.display().to_string();
-        let said = script(&["start", &dir]);
+        // Free ports of this moment, rather than fixed ones another broker may hold.
+        let port = free_port();
+        let env = [
+            ("KEELSON_TLS_PORT", port.to_string()),
+            ("KEELSON_TLS_DIST_PORT", free_port().to_string()),
+        ];
+        let said = script_with(&["start", &dir], &env);
         println!(
             "TLS node ready in {:.1?}: {}",
             started.elapsed(),
@@ -123,7 +142,7 @@ impl TlsNode {
         );
         Self {
             name: script(&["node"]).trim().to_owned(),
-            port: script(&["port"]).trim().parse().expect("a port number"),
+            port,
         }
     }
 

@@ -1,12 +1,15 @@
 //! Settings of the AMQP transport: the `[transport]` section with `kind = "amqp"`.
 //!
 //! Credentials never need to be in a TOML file: `password_env` names an environment
-//! variable whose value replaces the password of every URL. Every URL that reaches a
-//! log is redacted first ([`redact`]).
+//! variable, `password_file` a file (a mounted secret), whose value replaces the
+//! password of every URL. Every URL that reaches a log is redacted first ([`redact`]).
+//! The `tls_*` settings (cargo feature `tls`) are read here too, so that a missing or
+//! bad file stops the process at start with the key and the file named.
 
 use super::super::TransportError;
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use serde::Deserialize;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Settings of the AMQP transport (RabbitMQ).
@@ -16,6 +19,8 @@ use std::time::Duration;
 /// kind = "amqp"
 /// urls = ["amqp://keelson@broker-a:5672/%2f", "amqp://keelson@broker-b:5672/%2f"]
 /// password_env = "KEELSON_BROKER_PASSWORD"
+/// # TLS (`amqps://`, cargo feature `tls`): trust only this CA for the brokers.
+/// # tls_ca_file = "/etc/keelson/broker-ca.pem"
 /// namespace = "keelson"
 /// queue_type = "quorum"
 /// delivery_limit = 5
@@ -30,6 +35,23 @@ pub struct AmqpConfig {
     /// Name of an environment variable whose value replaces the password of every URL,
     /// so that committed files hold no secret. Unset: the passwords in the URLs are used.
     pub password_env: Option<String>,
+    /// Path of a file holding the broker password (a mounted secret), which replaces
+    /// the password of every URL; one trailing newline is dropped. Not together with
+    /// `password_env`. Unset: the passwords in the URLs (or `password_env`) are used.
+    pub password_file: Option<PathBuf>,
+    /// Path of a PEM file of the CA certificate(s) that must have signed the broker's
+    /// certificate (`amqps://` URLs). It replaces the bundled webpki roots (the public
+    /// CAs), which are used when this is unset.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Path of a PEM file of the client certificate (then its chain, if any) shown to
+    /// the broker; needs `tls_key_file`. With it, connections authenticate by SASL
+    /// EXTERNAL (the broker takes the user from the certificate, and needs its
+    /// `rabbitmq_auth_mechanism_ssl` plugin) unless a URL sets `auth_mechanism`.
+    /// Unset: no client certificate, user and password from the URL.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Path of the PEM file of `tls_cert_file`'s private key (PKCS#8, PKCS#1 or SEC1,
+    /// unencrypted).
+    pub tls_key_file: Option<PathBuf>,
     /// Prefix of every exchange and queue name (`{namespace}.requests`, ...), so that
     /// separate meshes, and parallel tests, can share one broker and vhost.
     pub namespace: String,
@@ -85,6 +107,10 @@ impl Default for AmqpConfig {
         Self {
             urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()],
             password_env: None,
+            password_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             namespace: "keelson".to_owned(),
             heartbeat_s: 5,
             frame_max: 16 * 1024,
@@ -104,6 +130,26 @@ impl Default for AmqpConfig {
 pub(crate) struct BrokerUrl {
     pub(crate) uri: AMQPUri,
     pub(crate) redacted: String,
+    /// The TLS connector of an `amqps://` URL.
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<super::tls::Tls>,
+}
+
+impl BrokerUrl {
+    /// Open an AMQP connection to this broker (through TLS for `amqps://`). The error
+    /// says what to fix where it can (an untrusted broker certificate, say).
+    pub(crate) async fn connect(
+        &self,
+        properties: lapin::ConnectionProperties,
+    ) -> Result<lapin::Connection, String> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return tls.connect(self.uri.clone(), properties).await;
+        }
+        lapin::Connection::connect_uri(self.uri.clone(), properties)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl std::fmt::Debug for BrokerUrl {
@@ -151,15 +197,22 @@ impl AmqpConfig {
         if self.connect_timeout_ms == 0 {
             return Err(invalid("`connect_timeout_ms` must be at least 1".into()));
         }
-        let password = match &self.password_env {
-            None => None,
-            Some(var) => Some(std::env::var(var).map_err(|_| {
+        let password = match (&self.password_env, &self.password_file) {
+            (None, None) => None,
+            (Some(var), None) => Some(std::env::var(var).map_err(|_| {
                 invalid(format!(
                     "`password_env` names the environment variable {var}, which is not set \
                      (or not valid UTF-8)"
                 ))
             })?),
+            (None, Some(path)) => Some(read_password(path).map_err(invalid)?),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "`password_env` and `password_file` both give the password: set one".into(),
+                ));
+            }
         };
+        let tls = self.tls().map_err(invalid)?;
         self.urls
             .iter()
             .enumerate()
@@ -177,9 +230,54 @@ impl AmqpConfig {
                     uri.query.frame_max = Some(self.frame_max);
                 }
                 uri.query.connection_timeout = Some(self.connect_timeout_ms);
-                Ok(BrokerUrl { uri, redacted })
+                let tls = match uri.scheme {
+                    AMQPScheme::AMQP => None,
+                    AMQPScheme::AMQPS => Some(tls.clone().ok_or_else(|| {
+                        invalid(format!(
+                            "`urls[{i}]` ({redacted}) is amqps://, but this build has no TLS: \
+                             build with the cargo feature `tls`"
+                        ))
+                    })?),
+                };
+                // A client certificate is the credential: SASL EXTERNAL, unless the URL
+                // chose a mechanism itself.
+                if tls.as_ref().is_some_and(Tls::client_certificate) {
+                    uri.query
+                        .auth_mechanism
+                        .get_or_insert(lapin::uri::SASLMechanism::External);
+                }
+                Ok(BrokerUrl {
+                    uri,
+                    redacted,
+                    #[cfg(feature = "tls")]
+                    tls,
+                })
             })
             .collect()
+    }
+
+    /// The TLS connector for the `amqps://` URLs (`None` when there are none), with
+    /// the settings' files read; without the `tls` feature, an error when a `tls_*`
+    /// key is set.
+    fn tls(&self) -> Result<Option<Tls>, String> {
+        let any_tls_key = self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+            || self.tls_key_file.is_some();
+        let any_amqps = self
+            .urls
+            .iter()
+            .any(|u| u.trim_start().starts_with("amqps:"));
+        if any_tls_key && !any_amqps {
+            return Err(
+                "`tls_ca_file`, `tls_cert_file` and `tls_key_file` apply to amqps:// URLs, \
+                 and `urls` has none"
+                    .into(),
+            );
+        }
+        if !any_amqps {
+            return Ok(None);
+        }
+        Tls::load(self).map(Some)
     }
 
     pub(crate) fn connect_timeout(&self) -> Duration {
@@ -197,6 +295,43 @@ impl AmqpConfig {
             .build()
     }
 }
+
+/// The password in `path`, without its one trailing newline (`\n` or `\r\n`).
+fn read_password(path: &Path) -> Result<String, String> {
+    let mut password = std::fs::read_to_string(path)
+        .map_err(|e| format!("`password_file` ({}) cannot be read: {e}", path.display()))?;
+    if password.ends_with('\n') {
+        password.pop();
+        if password.ends_with('\r') {
+            password.pop();
+        }
+    }
+    Ok(password)
+}
+
+/// TLS settings without the `tls` feature: any `tls_*` key, or an `amqps://` URL,
+/// is an error (`AmqpConfig::tls`, `brokers`) rather than a plain connection.
+#[cfg(not(feature = "tls"))]
+#[derive(Debug, Clone)]
+struct Tls;
+
+#[cfg(not(feature = "tls"))]
+impl Tls {
+    fn load(_: &AmqpConfig) -> Result<Self, String> {
+        Err(
+            "amqps:// URLs and the `tls_*` settings need TLS, which this build does not have: \
+             build with the cargo feature `tls`"
+                .into(),
+        )
+    }
+
+    fn client_certificate(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(feature = "tls")]
+use super::tls::Tls;
 
 /// `url` with its password replaced by `***`, fit for a log line.
 ///
@@ -292,5 +427,97 @@ mod tests {
             },
             "KEELSON_SURELY_UNSET_VAR",
         );
+    }
+
+    #[test]
+    fn password_file_replaces_every_password_without_its_newline() {
+        let dir = std::env::temp_dir().join(format!("keelson-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        for (written, read) in [
+            ("s3cret\n", "s3cret"),
+            ("s3cret\r\n", "s3cret"),
+            ("a b\n\n", "a b\n"),
+        ] {
+            std::fs::write(&file, written).unwrap();
+            let config = AmqpConfig {
+                urls: vec!["amqp://u:old@h:1/%2f".into(), "amqp://v@g:2/x".into()],
+                password_file: Some(file.clone()),
+                ..AmqpConfig::default()
+            };
+            for b in config.brokers().unwrap() {
+                assert_eq!(b.uri.authority.userinfo.password, read);
+            }
+        }
+        let missing = dir.join("missing");
+        let err = AmqpConfig {
+            password_file: Some(missing.clone()),
+            ..AmqpConfig::default()
+        }
+        .brokers()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("password_file"), "{err}");
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+        let err = AmqpConfig {
+            password_file: Some(file),
+            password_env: Some("PATH".into()),
+            ..AmqpConfig::default()
+        }
+        .brokers()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("set one"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_settings_are_checked_at_start() {
+        let err = |config: AmqpConfig| config.brokers().unwrap_err().to_string();
+        // TLS keys with no amqps:// URL would be silently unused.
+        let e = err(AmqpConfig {
+            tls_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..AmqpConfig::default()
+        });
+        assert!(e.contains("tls_ca_file") && e.contains("amqps"), "{e}");
+        let amqps = vec!["amqps://u:p@localhost:5671/%2f".to_owned()];
+        let e = err(AmqpConfig {
+            urls: amqps.clone(),
+            tls_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..AmqpConfig::default()
+        });
+        if cfg!(feature = "tls") {
+            assert!(
+                e.contains("`tls_ca_file` (/nonexistent/ca.pem) cannot be read"),
+                "{e}"
+            );
+        } else {
+            assert!(e.contains("feature `tls`"), "{e}");
+        }
+        // Not PEM.
+        let dir = std::env::temp_dir().join(format!("keelson-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let e = err(AmqpConfig {
+            urls: amqps.clone(),
+            tls_ca_file: Some(junk.clone()),
+            ..AmqpConfig::default()
+        });
+        if cfg!(feature = "tls") {
+            assert!(
+                e.contains("tls_ca_file") && e.contains("no PEM certificate"),
+                "{e}"
+            );
+        }
+        let e = err(AmqpConfig {
+            urls: amqps,
+            tls_cert_file: Some(junk),
+            ..AmqpConfig::default()
+        });
+        if cfg!(feature = "tls") {
+            assert!(e.contains("set both or neither"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

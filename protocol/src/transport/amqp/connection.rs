@@ -138,11 +138,10 @@ async fn open(shared: &Arc<Shared>, broker: &BrokerUrl) -> Result<(Arc<Link>, Ev
         format!("keelson {} ({})", shared.node_id, shared.config.namespace).into(),
     );
     let timeout = shared.config.connect_timeout();
-    let connecting = Connection::connect_uri(broker.uri.clone(), properties);
+    let connecting = broker.connect(properties);
     let connection = tokio::time::timeout(timeout, connecting)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| format!("no answer within {timeout:?}"))??;
     // Subscribe before anything can fail, so that no error event is missed.
     let events: Events = Box::pin(connection.events_listener());
     // A broker that answered but is slow (loaded) gets more time; a dead socket
@@ -392,7 +391,7 @@ async fn close_connection(link: &Link) {
 pub(crate) async fn connect_once(shared: &Shared) -> Result<Connection, String> {
     let mut failures = Vec::new();
     for broker in &shared.brokers {
-        let attempt = Connection::connect_uri(broker.uri.clone(), ConnectionProperties::default());
+        let attempt = broker.connect(ConnectionProperties::default());
         match tokio::time::timeout(shared.config.connect_timeout(), attempt).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(e)) => failures.push(format!("{}: {e}", broker.redacted)),

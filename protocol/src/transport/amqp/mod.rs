@@ -13,7 +13,9 @@
 //! * `consumer.rs` and `settle.rs`: competing consumers, ack/requeue/reject;
 //! * `reply.rs`: replies, on connections of their own (one per requester node);
 //! * `fanout.rs`: broadcast and subscriptions;
-//! * `shared.rs`: the state they share; `headers.rs`: header conversion.
+//! * `shared.rs`: the state they share; `headers.rs`: header conversion;
+//! * `tls.rs` (feature `tls`): the rustls connector of `amqps://` URLs, and TLS
+//!   failures explained in terms of the settings.
 //!
 //! Consumers and subscriptions handed out survive reconnections: they detach from a
 //! lost connection and attach to the next one by themselves. While disconnected,
@@ -29,6 +31,8 @@ mod reply;
 mod rpc;
 mod settle;
 mod shared;
+#[cfg(feature = "tls")]
+mod tls;
 mod topology;
 
 pub use config::{AmqpConfig, QueueType, redact};

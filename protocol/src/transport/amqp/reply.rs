@@ -209,7 +209,7 @@ impl Replies {
         for broker in &self.brokers {
             let properties =
                 ConnectionProperties::default().with_connection_name(self.name.clone().into());
-            let attempt = Connection::connect_uri(broker.uri.clone(), properties);
+            let attempt = broker.connect(properties);
             let connection = match tokio::time::timeout(self.connect_timeout, attempt).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {

@@ -157,7 +157,8 @@ async fn amqps_with_a_private_ca_client_certificates_and_password_files() {
     );
     let mesh = serve(
         transport(
-            &format!("amqps://127.0.0.1:{}/%2f", node.port),
+            // The user the certificate logs in as (its CN): requests carry it.
+            &format!("amqps://keelson-tls-client@127.0.0.1:{}/%2f", node.port),
             "tls-ext",
             &client_cert,
         ),

@@ -242,9 +242,19 @@ impl AmqpConfig {
                 // A client certificate is the credential: SASL EXTERNAL, unless the URL
                 // chose a mechanism itself.
                 if tls.as_ref().is_some_and(Tls::client_certificate) {
-                    uri.query
+                    let mechanism = uri
+                        .query
                         .auth_mechanism
                         .get_or_insert(lapin::uri::SASLMechanism::External);
+                    // Requests carry the broker user as their validated `user_id`,
+                    // and with EXTERNAL the URL's user is the only place it is named
+                    // (lapin would otherwise say `guest`, and the broker would refuse
+                    // every request).
+                    if *mechanism == lapin::uri::SASLMechanism::External && !names_user(url) {
+                        return Err(invalid(format!(
+                            "`urls[{i}]` ({redacted}) logs in with the client certificate                              (SASL EXTERNAL): name the broker user it logs in as in the URL                              (amqps://USER@host/vhost), as requests carry that user"
+                        )));
+                    }
                 }
                 Ok(BrokerUrl {
                     uri,
@@ -333,6 +343,14 @@ impl Tls {
 #[cfg(feature = "tls")]
 use super::tls::Tls;
 
+/// Whether `url` has user information (`scheme://user[:password]@host...`).
+fn names_user(url: &str) -> bool {
+    url.split_once("://").is_some_and(|(_, rest)| {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        authority.contains('@')
+    })
+}
+
 /// `url` with its password replaced by `***`, fit for a log line.
 ///
 /// Everything between `://` and the last `@` before the query is user information;
@@ -358,6 +376,17 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use super::names_user;
+
+    #[test]
+    fn a_url_names_a_user_only_with_user_information() {
+        assert!(names_user("amqps://gw@broker:5671/%2f"));
+        assert!(names_user("amqps://gw:secret@broker/vhost?heartbeat=5"));
+        assert!(!names_user("amqps://broker:5671/%2f"));
+        assert!(!names_user("amqps://broker/v?x=a@b"));
+        assert!(!names_user("not a url"));
+    }
+
     use super::*;
 
     #[test]

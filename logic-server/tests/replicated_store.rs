@@ -41,10 +41,12 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reach_every_store_and_a_late_joiner_gets_them_all_in_chunks() {
+    // 29 chunks of 7.
+    const USERS: usize = 200;
     let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
     let a = start(&transport, "a").await;
     let b = start(&transport, "b").await;
-    for i in 0..50 {
+    for i in 0..USERS {
         a.set(&format!("u{i}"), "k", Bytes::from(format!("\"v{i}\"")))
             .await
             .unwrap();
@@ -52,16 +54,20 @@ async fn writes_reach_every_store_and_a_late_joiner_gets_them_all_in_chunks() {
         a.increment(&format!("u{i}"), "c", 1).await.unwrap();
     }
     eventually("b sees a's writes", || async {
-        b.get("u49", "k").await.unwrap().is_some()
+        b.get(&format!("u{}", USERS - 1), "k")
+            .await
+            .unwrap()
+            .is_some()
     })
     .await;
     eventually("a sees b's increments", || async {
-        a.counter("u49", "c").await.unwrap() == 3
+        a.counter(&format!("u{}", USERS - 1), "c").await.unwrap() == 3
     })
     .await;
-    // A store started now pulls everything, 7 users per chunk, before it returns.
+    // A store started now pulls everything, 7 users per chunk, before it returns (a
+    // or b answers each; c's own answers are empty and asked again).
     let c = start(&transport, "c").await;
-    for i in 0..50 {
+    for i in 0..USERS {
         assert_eq!(
             c.get(&format!("u{i}"), "k").await.unwrap(),
             Some(Bytes::from(format!("\"v{i}\""))),
@@ -73,7 +79,7 @@ async fn writes_reach_every_store_and_a_late_joiner_gets_them_all_in_chunks() {
             "user {i}"
         );
     }
-    assert_eq!(c.user_count(), 50);
+    assert_eq!(c.user_count(), USERS);
     // Deletes replicate too.
     assert!(c.delete("u0", "k").await.unwrap());
     eventually("the delete reaches a", || async {

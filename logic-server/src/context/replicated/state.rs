@@ -228,14 +228,25 @@ impl UserState {
         self.records.iter().flat_map(|r| r.iter())
     }
 
-    /// Merge a record; returns the change to the digest.
-    fn merge_record(&mut self, user: &str, key: &str, ts: Stamp, value: Option<&[u8]>) -> u64 {
+    /// Merge a record, unless it had expired by `swept_ms`; returns the change to the
+    /// digest.
+    fn merge_record(
+        &mut self,
+        user: &str,
+        key: &str,
+        ts: Stamp,
+        value: Option<&[u8]>,
+        swept_ms: u64,
+    ) -> u64 {
         // A record is never deleted, only replaced or expired.
         let Some(value) = value else { return 0 };
         let Some(expires_ms) = keelson_protocol::idempotency::expiry_of(value) else {
             tracing::debug!("ignoring an undecodable outcome record");
             return 0;
         };
+        if expires_ms <= swept_ms {
+            return 0;
+        }
         let records = self.records.get_or_insert_with(Box::default);
         let new = Record {
             ts,
@@ -369,6 +380,9 @@ pub(crate) struct State {
     keys: HashSet<Key>,
     /// The XOR of every user's digest, kept up to date by every change.
     digest: u64,
+    /// The instant (Unix ms) of the last expiry sweep: a record that expired by then
+    /// and arrives late is not taken, as the peers that swept it no longer hold it.
+    swept_ms: u64,
 }
 
 impl State {
@@ -429,9 +443,14 @@ impl State {
                 let ts = self.stamp(ts);
                 if key.starts_with(RECORD_KEY_PREFIX) {
                     // Not interned: record keys are unique.
-                    self.digest ^=
-                        self.user_mut(user, &ts)
-                            .merge_record(user, key, ts, value.as_deref());
+                    let swept_ms = self.swept_ms;
+                    self.digest ^= self.user_mut(user, &ts).merge_record(
+                        user,
+                        key,
+                        ts,
+                        value.as_deref(),
+                        swept_ms,
+                    );
                     return;
                 }
                 let key = self.key(key);
@@ -513,6 +532,7 @@ impl State {
         tombstones_before_ms: u64,
     ) -> usize {
         let before = self.users.len();
+        self.swept_ms = self.swept_ms.max(now_ms);
         let mut change = 0;
         for (name, u) in &mut self.users {
             if let Some(records) = u.records.as_mut() {
@@ -591,7 +611,13 @@ impl State {
             for v in &snap.values {
                 let ts = self.stamp(&v.ts);
                 if v.key.starts_with(RECORD_KEY_PREFIX) {
-                    self.digest ^= state.merge_record(&snap.user, &v.key, ts, v.value.as_deref());
+                    self.digest ^= state.merge_record(
+                        &snap.user,
+                        &v.key,
+                        ts,
+                        v.value.as_deref(),
+                        self.swept_ms,
+                    );
                     continue;
                 }
                 let key = self.key(&v.key);
@@ -612,6 +638,11 @@ impl State {
             let mut fresh: BTreeMap<Box<str>, UserState> = fresh.into_iter().collect();
             self.users.append(&mut fresh);
         }
+    }
+
+    /// The instant (Unix ms) as of which the last expiry sweep expired.
+    pub(crate) fn swept_ms(&self) -> u64 {
+        self.swept_ms
     }
 
     /// The digest of the whole state: equal on replicas holding equal states.

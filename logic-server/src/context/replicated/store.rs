@@ -42,8 +42,8 @@ const CHUNK_ATTEMPTS: u32 = 4;
 /// How often a pull may get this server's own (empty, immediate) answer before it
 /// concludes no peer serves snapshots. Consumers compete for the request, and the
 /// one that just answered is often the first to ask for the next: each own answer
-/// is followed by a growing pause (2 ms, 4 ms, ...; 272 ms in all), so a peer's
-/// consumer gets the next request.
+/// is followed by a growing pause (2 ms, 4 ms, ...; 240 ms in all), so a peer's
+/// consumer gets the next request. Counted per chunk.
 const OWN_ANSWERS_BEFORE_ALONE: u32 = 16;
 
 /// Per-user contexts replicated between all logic servers of a mesh.
@@ -71,8 +71,6 @@ pub struct ReplicatedContextStore {
 struct Inner {
     state: State,
     clock: Clock,
-    /// The wall-clock boundary of the last expiry sweep (see [`ContextDigest`]).
-    swept_ms: u64,
 }
 
 impl fmt::Debug for ReplicatedContextStore {
@@ -159,7 +157,6 @@ impl ReplicatedContextStore {
             inner: Mutex::new(Inner {
                 state: State::default(),
                 clock: Clock::new(node),
-                swept_ms: 0,
             }),
             ready: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -507,6 +504,7 @@ impl ReplicatedContextStore {
                 }
                 Ok(chunk) => {
                     failures = 0;
+                    own_answers = 0;
                     let mut inner = self.lock();
                     for user in &chunk.users {
                         inner
@@ -592,11 +590,7 @@ impl ReplicatedContextStore {
     fn expire(&self, at: u64) {
         let idle = at.saturating_sub(self.config.idle_ttl_s.saturating_mul(1000));
         let tombstones = at.saturating_sub(self.config.tombstone_ttl_s.saturating_mul(1000));
-        let dropped = {
-            let mut inner = self.lock();
-            inner.swept_ms = at;
-            inner.state.expire(at, idle, tombstones)
-        };
+        let dropped = self.lock().state.expire(at, idle, tombstones);
         if dropped > 0 {
             tracing::debug!(dropped, "expired idle user contexts");
         }
@@ -766,23 +760,27 @@ impl ContextStore for ReplicatedContextStore {
         // The user's turn is held until the delta is out: a later request's delta
         // must not overtake this one's running sums.
         let (mut ops, _turn) = effects.end();
-        if let Some(RecordWrite { scope, key, record }) = record {
-            let value = encode(&record).map_err(|e| ContextError::Unavailable(e.to_string()))?;
-            let mut inner = self.lock();
-            let ts = inner.clock.tick();
-            let op = ContextOp::Set {
-                user: scope,
-                key,
-                value: Some(value),
-                ts: to_hlc(&ts),
-            };
-            inner.state.apply(&op);
-            ops.push(op);
-        }
-        if ops.is_empty() {
-            return Ok(());
-        }
-        let payload = self.delta(ops, None)?;
+        let payload = match record {
+            Some(RecordWrite { scope, key, record }) => {
+                let value =
+                    encode(&record).map_err(|e| ContextError::Unavailable(e.to_string()))?;
+                let mut inner = self.lock();
+                let ts = inner.clock.tick();
+                let op = ContextOp::Set {
+                    user: scope,
+                    key,
+                    value: Some(value),
+                    ts: to_hlc(&ts),
+                };
+                inner.state.apply(&op);
+                ops.push(op);
+                // Numbered under the state's lock (a record may be written without a
+                // write turn): a digest never sees the record without its number.
+                self.delta(ops, None)?
+            }
+            None if ops.is_empty() => return Ok(()),
+            None => self.delta(ops, None)?,
+        };
         self.publish(payload, deadline).await
     }
 
@@ -829,10 +827,12 @@ impl ContextStore for ReplicatedContextStore {
     }
 
     fn digest(&self) -> Option<ContextDigest> {
+        // Under the state's lock: a write applies under it, so none slips in between
+        // this check and the hash.
+        let inner = self.lock();
         if self.writing() {
             return None;
         }
-        let inner = self.lock();
         let mut applied = self.lock_gaps().applied_marks()?;
         applied.push(ContextMark {
             origin: self.node.to_string(),
@@ -840,7 +840,7 @@ impl ContextStore for ReplicatedContextStore {
         });
         Some(ContextDigest {
             hash: inner.state.digest(),
-            swept_ms: inner.swept_ms,
+            swept_ms: inner.state.swept_ms(),
             applied,
         })
     }

@@ -115,7 +115,8 @@ fn assert_refused(reply: &Reply, status: ReplyStatus, code: &str) {
     assert_eq!(reply.error.as_ref().unwrap().code, code, "{reply:?}");
 }
 
-/// Every dead letter of the vhost: (request id, reason).
+/// Every dead letter of the vhost: (request id, reason). They stay in the queue
+/// (taken unacknowledged, given back when the connection closes).
 async fn dead_letters(url: &str) -> Vec<(String, String)> {
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
@@ -125,7 +126,7 @@ async fn dead_letters(url: &str) -> Vec<(String, String)> {
     while let Some(m) = channel
         .basic_get(
             "keelson.dead-letter".into(),
-            BasicGetOptions { no_ack: true },
+            BasicGetOptions { no_ack: false },
         )
         .await
         .unwrap()
@@ -239,6 +240,26 @@ async fn forged_identities_and_routes_are_dead_lettered_and_the_gateways_served(
         };
         assert!(reason.starts_with(expected), "{id}: {reason}");
     }
+    // An operator's replay would publish it under a trusted name: it is refused, and
+    // the dead letter stays.
+    let config = mesh
+        .scratch
+        .write("dlq.toml", &amqp_transport(&[vhost.url()]));
+    let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(["dlq", "replay", "logic-user", "--config"])
+        .arg(&config)
+        .env_remove("KEELSON__TRANSPORT__KIND")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert!(!replay.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("it was refused for its origin (untrusted publisher"),
+        "{stderr}"
+    );
+    assert_eq!(dead_letters(&vhost.url()).await.len(), 5);
+
     let log = mesh.servers[server].as_ref().unwrap().log_text();
     assert_eq!(
         log.matches("dead-lettering a refused request").count(),

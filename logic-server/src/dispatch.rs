@@ -19,6 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
+/// How the dead-letter reason of a request refused by [`Dispatcher::check_origin`]
+/// begins: its routing key and handler disagree.
+pub const ROUTE_MISMATCH: &str = "route mismatch";
+/// How the dead-letter reason of a request refused by [`Dispatcher::check_origin`]
+/// begins: it names a user, and its publisher is not trusted to.
+pub const UNTRUSTED_PUBLISHER: &str = "untrusted publisher";
+
 /// What a server needs to handle a delivery; shared by all its tasks.
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
@@ -243,7 +250,7 @@ impl Dispatcher {
                 status: ReplyStatus::BadRequest,
                 code: "route_mismatch",
                 reason: format!(
-                    "route mismatch: published on route `{route}` but the envelope names handler `{}`",
+                    "{ROUTE_MISMATCH}: published on route `{route}` but the envelope names handler `{}`",
                     request.handler
                 ),
             });
@@ -254,7 +261,7 @@ impl Dispatcher {
                 status: ReplyStatus::Forbidden,
                 code: "untrusted_publisher",
                 reason: format!(
-                    "untrusted publisher: a request naming a user from {}, which is not in trusted_publishers",
+                    "{UNTRUSTED_PUBLISHER}: a request naming a user from {}, which is not in trusted_publishers",
                     delivery.publisher()
                 ),
             });

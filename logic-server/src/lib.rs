@@ -49,6 +49,7 @@ pub use config::{ContextConfig, GovernorConfig, IdempotencyConfig, LogicServerCo
 pub use context::{
     ContextError, ContextStore, Effects, RecordWrite, ReplicatedContextStore, UserContext,
 };
+pub use dispatch::{ROUTE_MISMATCH, UNTRUSTED_PUBLISHER};
 pub use handler::{Handler, HandlerError, RequestCtx, Response};
 pub use plugin::{HandlerPlugin, PluginError, Registry, Settings};
 pub use server::{LogicServer, RunningServer, ServerError, ServerStats};

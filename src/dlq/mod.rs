@@ -416,6 +416,23 @@ async fn replay(
 ) -> Result<Answer, DlqError> {
     let letter = DeadLetter::read(&d.payload, &d.headers);
     let id = letter.id.clone();
+    // A request refused for where it came from (a forged user, a route that does not
+    // match its handler) must not come back under the operator's own trusted name.
+    if let Some(reason) = letter.reason.as_deref().filter(|r| {
+        [
+            keelson_logic_server::ROUTE_MISMATCH,
+            keelson_logic_server::UNTRUSTED_PUBLISHER,
+        ]
+        .iter()
+        .any(|refused| r.starts_with(refused))
+    }) {
+        return Err(DlqError::NotARequest {
+            id,
+            reason: format!(
+                "it was refused for its origin ({reason}); replaying it would vouch for it"
+            ),
+        });
+    }
     let mut request = decode::<Request>(&d.payload).map_err(|e| DlqError::NotARequest {
         id: id.clone(),
         reason: format!("undecodable request: {e}"),

@@ -22,7 +22,9 @@ use axum::response::{IntoResponse, Response};
 use keelson_protocol::transport::Message;
 use keelson_protocol::{Reply, ReplyStatus, Request as Envelope, decode, encode};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Request header with which a client asks for a shorter deadline, in milliseconds.
@@ -162,12 +164,18 @@ pub(crate) async fn call(
     let body_timeout = state.config.body_read_timeout();
     let body = tokio::time::timeout(
         body_timeout,
-        read_body(request.into_body(), state.config.max_body_bytes),
+        read_body(
+            request.into_body(),
+            state.config.max_body_bytes,
+            &state.body_budget,
+        ),
     )
     .await
     .map_err(|_| ApiError::BodyTimeout {
         after_ms: u64::try_from(body_timeout.as_millis()).unwrap_or(u64::MAX),
     })??;
+    // The body's share of `max_buffered_body_bytes`, held until the response.
+    let (body, _body_budget) = body;
     // Held until the response is produced; refused at once rather than queued.
     let _permit = state
         .in_flight
@@ -222,15 +230,36 @@ const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 /// How long draining an over-limit body may take.
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Read the body, refusing it past `limit` bytes with 413.
-async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Read the body, refusing it past `limit` bytes with 413, and with 503 when the
+/// bodies held by the gateway would pass `budget` (one permit per KiB); returns the
+/// body and its permits.
+async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ApiError> {
     use futures_util::StreamExt as _;
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
     let mut seen = 0usize;
+    let mut held: Option<OwnedSemaphorePermit> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadBody(e.to_string()))?;
         seen = seen.saturating_add(chunk.len());
+        // Permits for the KiB this chunk starts (bodies under 1 KiB take one).
+        let kib_now = seen.div_ceil(1024);
+        let kib_held = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        if kib_now > kib_held && seen <= limit {
+            let more = u32::try_from(kib_now - kib_held).unwrap_or(u32::MAX);
+            let permit = budget
+                .clone()
+                .try_acquire_many_owned(more)
+                .map_err(|_| ApiError::Overloaded)?;
+            match held.as_mut() {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
+        }
         if seen > limit {
             let _ = tokio::time::timeout(DRAIN_TIME, async {
                 while let Some(Ok(chunk)) = stream.next().await {
@@ -245,7 +274,7 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiErr
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(Bytes::from(buf))
+    Ok((Bytes::from(buf), held))
 }
 
 /// Response header naming the logic server that produced the answer, for operators

@@ -34,18 +34,23 @@ pub struct GatewayConfig {
     pub request_timeout_ms: u64,
     /// Largest request body accepted, in bytes; a larger one gets 413.
     pub max_body_bytes: usize,
+    /// Most bytes of request bodies this gateway holds at once (bodies being read
+    /// and requests in flight); a body that would pass it gets 503 `overloaded`.
+    /// Bounds the memory that many slow or large bodies can take.
+    pub max_buffered_body_bytes: usize,
     /// Most `/api` requests this gateway serves at once; above it a request gets 503
     /// `overloaded` at once instead of queueing. Health probes are not counted.
     pub max_in_flight: usize,
     /// On shutdown, how long open connections may take to finish, in milliseconds;
     /// after it the gateway stops waiting for them.
     pub shutdown_timeout_ms: u64,
-    /// A request head (request line and headers), once started, must be complete
-    /// within this many milliseconds, else the connection is closed.
+    /// A connection must send a complete request head (request line and headers)
+    /// within this many milliseconds of being accepted or of its previous response,
+    /// else it is closed: this closes slow-header, silent and idle keep-alive
+    /// connections.
     pub header_read_timeout_ms: u64,
-    /// A connection with no request in progress and no byte sent or received for
-    /// this many milliseconds is closed: one that connects and sends nothing, or a
-    /// keep-alive connection left idle.
+    /// A connection with no request being handled and no byte sent or received for
+    /// this many milliseconds is closed: a client that stops reading its response.
     pub idle_timeout_ms: u64,
     /// A request's body must arrive whole within this many milliseconds of its head,
     /// else the client gets 408 `body_timeout` and the connection is closed.
@@ -67,6 +72,7 @@ impl Default for GatewayConfig {
             listen: "127.0.0.1:8080".to_owned(),
             request_timeout_ms: 10_000,
             max_body_bytes: 1_048_576,
+            max_buffered_body_bytes: 256 * 1024 * 1024,
             max_in_flight: 1024,
             shutdown_timeout_ms: 5_000,
             header_read_timeout_ms: 10_000,

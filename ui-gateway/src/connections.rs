@@ -9,12 +9,13 @@
 //! * **Per client address**, at most `max_connections_per_client` (0: no bound): one
 //!   address that opens thousands of connections is refused the excess, the others
 //!   are not affected.
-//! * **Slow or idle clients**: a request head, once started, must be complete within
-//!   `header_read_timeout_ms` (hyper's header-read timer); a connection with no
-//!   request in progress and no byte moving for `idle_timeout_ms` is closed (one
-//!   that connects and sends nothing, a keep-alive connection left idle); the
-//!   body's bound is in [`crate::api`] (`body_read_timeout_ms`). A request takes an
-//!   in-flight slot only once its body is complete.
+//! * **Slow or idle clients**: a connection must deliver a complete request head
+//!   within `header_read_timeout_ms` of being accepted or of its previous response
+//!   (hyper's header-read timer: it closes slow-header, silent and idle keep-alive
+//!   connections alike); a connection with no request being handled and no byte
+//!   moving for `idle_timeout_ms` is closed (a client that stops reading its
+//!   response); the body's bound is in [`crate::api`] (`body_read_timeout_ms`). A
+//!   request takes an in-flight slot only once its body is complete.
 //!
 //! Refusals are logged at most once per [`LOG_EVERY`], with how many there were.
 
@@ -93,6 +94,19 @@ pub(crate) fn fit_to_fd_limit(configured: usize) -> usize {
         fits
     } else {
         configured
+    }
+}
+
+/// The address a client's connections are counted under: IPv4 addresses (also
+/// mapped into IPv6) as they are, IPv6 addresses by their /64 prefix, which one
+/// host or one subscriber usually holds whole.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
     }
 }
 
@@ -303,7 +317,7 @@ impl Acceptor {
         if open >= self.max_connections {
             return Err(Refusal::Full);
         }
-        let ip = peer.ip();
+        let ip = client_key(peer.ip());
         {
             let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
             let n = per_client.entry(ip).or_default();
@@ -478,6 +492,30 @@ mod tests {
             .admit(addr([127, 0, 0, 2]))
             .expect("a closed one frees its place");
         assert_eq!(a.stats.open(), 3);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_prefix_and_mapped_ipv4_as_ipv4() {
+        let mut a = acceptor(10, 1);
+        let v6 = |last: u16| {
+            SocketAddr::from((
+                std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, last),
+                40000,
+            ))
+        };
+        let _s1 = a.admit(v6(1)).unwrap();
+        assert_eq!(a.admit(v6(2)).err(), Some(Refusal::PerClient));
+        let _mapped = a
+            .admit(SocketAddr::from((
+                std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped(),
+                1,
+            )))
+            .unwrap();
+        assert_eq!(
+            a.admit(addr([192, 0, 2, 1])).err(),
+            Some(Refusal::PerClient),
+            "the same IPv4 client, mapped or not"
+        );
     }
 
     #[test]

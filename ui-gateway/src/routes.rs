@@ -40,6 +40,8 @@ pub(crate) struct AppState {
     pub(crate) transport: Arc<dyn Transport>,
     /// One permit per `/api` request being served (`max_in_flight`).
     pub(crate) in_flight: Arc<Semaphore>,
+    /// One permit per KiB of request bodies held (`max_buffered_body_bytes`).
+    pub(crate) body_budget: Arc<Semaphore>,
     /// Logic servers heard on the control channel.
     pub(crate) cluster: Arc<crate::cluster::Cluster>,
     /// Figures of the open connections.
@@ -54,6 +56,10 @@ impl AppState {
     ) -> Self {
         // The semaphore's own ceiling is far above any sane setting; clamp rather
         // than panic on an absurd one.
+        let body_kib = config
+            .max_buffered_body_bytes
+            .div_ceil(1024)
+            .min(Semaphore::MAX_PERMITS);
         let permits = config.max_in_flight.min(Semaphore::MAX_PERMITS);
         let cluster = Arc::new(crate::cluster::Cluster::default());
         // Listening needs a runtime; a gateway built outside one (unit tests of the
@@ -66,6 +72,7 @@ impl AppState {
             verifier,
             transport,
             in_flight: Arc::new(Semaphore::new(permits)),
+            body_budget: Arc::new(Semaphore::new(body_kib)),
             cluster,
             connections: Arc::default(),
         }

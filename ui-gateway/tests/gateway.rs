@@ -5,7 +5,7 @@
 
 mod support;
 
-use keelson_ui_gateway::{Secret, issue_token};
+use keelson_ui_gateway::{GatewayConfig, Secret, issue_token};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::{Mesh, SECRET, assert_error, json_of};
 
@@ -185,6 +185,27 @@ async fn body_over_the_limit_is_413() {
     let response = mesh.post("echo", body.clone()).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.bytes().await.unwrap(), body);
+}
+
+#[tokio::test]
+async fn bodies_past_the_gateways_buffer_budget_are_503_and_the_budget_comes_back() {
+    let mesh = Mesh::with_config(GatewayConfig {
+        max_buffered_body_bytes: 64 * 1024,
+        ..GatewayConfig::default()
+    })
+    .await;
+    let body = |len: usize| {
+        let mut body = vec![b' '; len];
+        body[0] = b'1';
+        body
+    };
+    let response = mesh.post("echo", body(100 * 1024)).send().await.unwrap();
+    assert_error(response, 503, "overloaded").await;
+    // A body within it, and then another: what the first held was given back.
+    for _ in 0..2 {
+        let response = mesh.post("echo", body(60 * 1024)).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
 }
 
 #[tokio::test]

@@ -252,8 +252,7 @@ impl AmqpConfig {
                     // every request).
                     if *mechanism == lapin::uri::SASLMechanism::External && !names_user(url) {
                         return Err(invalid(format!(
-                            "`urls[{i}]` ({redacted}) logs in with the client certificate                              (SASL EXTERNAL): name the broker user it logs in as in the URL                              (amqps://USER@host/vhost), as requests carry that user"
-                        )));
+                            "`urls[{i}]` ({redacted}) logs in with the client certificate (SASL EXTERNAL): name the broker user it logs in as in the URL (amqps://USER@host/vhost), as requests carry that user" )));
                     }
                 }
                 Ok(BrokerUrl {

@@ -1,8 +1,9 @@
 //! Public keys for RS256 and ES256 tokens, from a JWKS file (RFC 7517) that may be
 //! rewritten while the gateway runs.
 //!
-//! Key rotation without a restart: the file's modification time and length are
-//! looked at when the keys are older than `auth.jwks_refresh_s`, and when a token
+//! Key rotation without a restart: the file is read again (and its keys parsed
+//! when its contents changed) when the keys are older than `auth.jwks_refresh_s`,
+//! and when a token
 //! names a `kid` not in the set, but the latter at most once per
 //! [`MISS_RELOAD_INTERVAL`], so a stream of tokens with made-up key ids cannot make the
 //! gateway read the file per request. A file that cannot be read or parsed on a
@@ -18,7 +19,7 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Shortest time between two reloads caused by an unknown `kid`.
 pub const MISS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
@@ -54,8 +55,9 @@ pub(crate) struct JwksFile {
 #[derive(Debug)]
 struct State {
     keys: Arc<KeySet>,
-    /// Modification time and length of the file the keys came from.
-    stamp: Option<(SystemTime, u64)>,
+    /// SHA-256 of the contents the keys came from: a rewrite of the same length
+    /// within one modification-time tick is still seen.
+    stamp: Option<[u8; 32]>,
     /// When the file was last looked at (for the periodic refresh).
     checked: Instant,
     /// When a reload was last caused by an unknown `kid`.
@@ -69,8 +71,9 @@ impl JwksFile {
             path: path.to_owned(),
             message,
         };
-        let stamp = stamp(path).map_err(|e| err(e.to_string()))?;
-        let keys = read_keys(path).map_err(err)?;
+        let text = read_text(path).map_err(err)?;
+        let keys = parse_keys(&text).map_err(err)?;
+        let stamp = content_stamp(&text);
         Ok(Self {
             path: path.to_owned(),
             refresh,
@@ -111,17 +114,18 @@ impl JwksFile {
 
     fn reload_if_changed(&self, state: &mut State, now: Instant) {
         state.checked = now;
-        let current = match stamp(&self.path) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot stat the JWKS file; keeping the keys loaded before");
+        let text = match read_text(&self.path) {
+            Ok(text) => text,
+            Err(message) => {
+                tracing::warn!(path = %self.path.display(), %message, "cannot read the JWKS file; keeping the keys loaded before");
                 return;
             }
         };
+        let current = content_stamp(&text);
         if state.stamp == Some(current) {
             return;
         }
-        match read_keys(&self.path) {
+        match parse_keys(&text) {
             Ok(keys) => {
                 tracing::info!(path = %self.path.display(), keys = keys.len(), "JWKS reloaded");
                 state.keys = Arc::new(keys);
@@ -134,12 +138,15 @@ impl JwksFile {
     }
 }
 
-fn stamp(path: &Path) -> std::io::Result<(SystemTime, u64)> {
-    let meta = fs::metadata(path)?;
-    Ok((meta.modified()?, meta.len()))
+fn content_stamp(text: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes()).into()
 }
 
-fn read_keys(path: &Path) -> Result<KeySet, String> {
+/// The file's text (at most [`MAX_JWKS_BYTES`]). Read whole at each check (a key
+/// set is a few KiB; checks are at most every `jwks_refresh_s`, or every 2 s on an
+/// unknown `kid`).
+fn read_text(path: &Path) -> Result<String, String> {
     let mut text = String::new();
     fs::File::open(path)
         .and_then(|f| f.take(MAX_JWKS_BYTES + 1).read_to_string(&mut text))
@@ -147,7 +154,7 @@ fn read_keys(path: &Path) -> Result<KeySet, String> {
     if text.len() as u64 > MAX_JWKS_BYTES {
         return Err(format!("larger than {MAX_JWKS_BYTES} bytes"));
     }
-    parse_keys(&text)
+    Ok(text)
 }
 
 /// The signing keys of a JWKS document, by `kid`. Keys for encryption, without a

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Least-privilege broker users for one Keelson namespace (issue 12, "Hard edges").
 #
-#   deploy/broker-setup.sh [--vhost V] [--create-vhost] [--namespace NS] SECRETS_DIR
+#   deploy/broker-setup.sh [--vhost V] [--create-vhost] [--namespace NS] [--user-prefix P] SECRETS_DIR
 #
 # Creates (or updates) the broker users keelson-gateway, keelson-logic and
-# keelson-operator and sets their configure/write/read permissions on vhost V
-# (default "/") for the exchanges and queues of namespace NS (default "keelson"),
-# as listed in protocol/TOPOLOGY.md, "Broker users and permissions". Each password
+# keelson-operator (each name preceded by P, default none) and sets their
+# configure/write/read permissions on vhost V (default "/") for the exchanges and
+# queues of namespace NS (default "keelson"), as listed in protocol/TOPOLOGY.md,
+# "Broker users and permissions". Gateways and logic servers get no configure right
+# on the namespace's exchanges and durable queues: run them with
+# `declare_topology = false` in [transport], after the operator has declared the
+# topology once (and again for a new service):
+#   keelson topology declare --config operator.toml [--service NAME ...]
+# Each password
 # is read from SECRETS_DIR/<user>.password, or generated into that file (mode 600)
 # when it does not exist. Run it on a broker node (it calls rabbitmqctl; set
 # RABBITMQCTL to use another command). Idempotent: running it again changes nothing
@@ -22,12 +28,14 @@ vhost=/
 create_vhost=0
 ns=keelson
 ctl=${RABBITMQCTL:-rabbitmqctl}
-usage() { sed -n '4,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+prefix=
+usage() { sed -n '4,4p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --vhost) vhost=${2:?--vhost needs a value}; shift 2 ;;
     --create-vhost) create_vhost=1; shift ;;
     --namespace) ns=${2:?--namespace needs a value}; shift 2 ;;
+    --user-prefix) prefix=${2:?--user-prefix needs a value}; shift 2 ;;
     -h|--help) usage ;;
     -*) echo "unknown option $1" >&2; usage ;;
     *) break ;;
@@ -58,16 +66,20 @@ GEN='amq\.gen-.*'       # server-named queues: subscriptions and the reply-node 
 DEFAULT='amq\.default'  # the default exchange: replies, copies, the reply-node probe
 
 # role configure write read
+# Gateways and logic servers declare the namespace's exchanges and durable queues
+# passively (no right needed) and configure only their server-named queues. Binding
+# a queue needs write on the queue and read on the exchange; publishing, write on
+# the exchange; consuming, read on the queue.
 roles=(
   "keelson-gateway"
-  "^(${N}(requests|dead-letter|dead-letter\\.broker|control)|${GEN})\$"
-  "^(${N}(requests|dead-letter)|${GEN}|${DEFAULT})\$"
-  "^(${N}(control|dead-letter|dead-letter\\.broker)|${GEN})\$"
+  "^${GEN}\$"
+  "^(${N}requests|${GEN}|${DEFAULT})\$"
+  "^(${N}control|${GEN})\$"
 
   "keelson-logic"
-  "^(${N}(requests|dead-letter|dead-letter\\.broker|control|context|svc\\..*)|${GEN})\$"
-  "^(${N}(requests|dead-letter|dead-letter\\.broker|control|context|svc\\..*)|${GEN}|${DEFAULT})\$"
-  "^(${N}(requests|dead-letter|dead-letter\\.broker|control|context|svc\\..*)|${GEN})\$"
+  "^${GEN}\$"
+  "^(${N}(requests|dead-letter|control|context|svc\\..*)|${GEN}|${DEFAULT})\$"
+  "^(${N}(requests|control|context|svc\\..*)|${GEN})\$"
 
   "keelson-operator"
   "^(${N}.*|${GEN})\$"
@@ -77,7 +89,7 @@ roles=(
 
 users=$($ctl -q list_users --no-table-headers | cut -f1)
 for ((i = 0; i < ${#roles[@]}; i += 4)); do
-  user=${roles[i]}
+  user=$prefix${roles[i]}
   password=$(password_of "$user")
   if printf '%s\n' "$users" | grep -qxF -- "$user"; then
     $ctl -q change_password "$user" "$password"

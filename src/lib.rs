@@ -11,6 +11,7 @@ pub mod run;
 pub mod settings;
 pub mod status;
 pub mod telemetry;
+pub mod topology;
 
 /// The version this build reports in heartbeats and `--version`.
 pub const VERSION: &str = if cfg!(feature = "next-preview") {

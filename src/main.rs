@@ -47,6 +47,9 @@ enum Command {
     /// On `kind = "memory"` the queue is this command's own, and empty: another
     /// process's in-memory queues cannot be reached.
     Dlq(keelson::dlq::DlqArgs),
+    /// Declare the broker topology the processes use, with the operator's broker user,
+    /// so that they can run with `declare_topology = false` (least privilege).
+    Topology(keelson::topology::TopologyArgs),
     /// Print the logic servers of the cluster the configuration's transport reaches,
     /// from their heartbeats.
     Status {
@@ -124,6 +127,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
             return Ok(runtime.block_on(keelson::dlq::run(&config, args))?);
+        }
+        Command::Topology(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(keelson::topology::run(&config, args))?;
         }
         Command::Handlers => {
             for (name, plugin) in keelson_logic_server::Registry::available() {

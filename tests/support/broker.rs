@@ -194,3 +194,91 @@ pub fn amqp_transport(urls: &[String]) -> String {
         urls.join(", ")
     )
 }
+
+/// The role users of `deploy/broker-setup.sh` (gateway, logic, operator), created by
+/// the script itself with a user-name prefix of this test's own (users are
+/// broker-wide, shared by parallel tests); deleted on drop.
+pub struct RoleUsers {
+    pub prefix: String,
+    pub secrets: std::path::PathBuf,
+}
+
+impl RoleUsers {
+    /// Run the script for `vhost` and namespace `ns`, passwords into `secrets`.
+    pub fn set_up(vhost: &Vhost, ns: &str, secrets: &std::path::Path) -> Self {
+        let prefix = format!("kt{}-", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let users = Self {
+            prefix,
+            secrets: secrets.to_owned(),
+        };
+        users.add_vhost(vhost, ns);
+        users
+    }
+
+    /// Run the script again for another vhost (same users and passwords).
+    pub fn add_vhost(&self, vhost: &Vhost, ns: &str) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/broker-setup.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .args(["--vhost", &vhost.name, "--namespace", ns])
+            .args(["--user-prefix", &self.prefix])
+            .arg(&self.secrets)
+            .output()
+            .expect("cannot run deploy/broker-setup.sh");
+        assert!(
+            out.status.success(),
+            "deploy/broker-setup.sh failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The broker user of `role` (`gateway`, `logic`, `operator`).
+    pub fn name(&self, role: &str) -> String {
+        format!("{}keelson-{role}", self.prefix)
+    }
+
+    /// The password file the script wrote for `role`.
+    pub fn password_file(&self, role: &str) -> std::path::PathBuf {
+        self.secrets.join(format!("{}.password", self.name(role)))
+    }
+
+    /// The AMQP URL of `vhost` as `role`, password included.
+    pub fn url(&self, vhost: &Vhost, role: &str) -> String {
+        let password = std::fs::read_to_string(self.password_file(role))
+            .expect("the script wrote the password");
+        let base = broker_base();
+        let (scheme, rest) = base.split_once("://").unwrap_or(("amqp", &base));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!(
+            "{scheme}://{}:{}@{host}/{}",
+            self.name(role),
+            password.trim(),
+            vhost.name
+        )
+    }
+
+    /// `[transport]` on `vhost` as `role`, namespace `ns`, with the password from
+    /// the script's file, declaring passively (`declare_topology = false`).
+    pub fn passive_transport(&self, vhost: &Vhost, ns: &str, role: &str) -> String {
+        let base = broker_base();
+        let (scheme, rest) = base.split_once("://").unwrap_or(("amqp", &base));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!(
+            "[transport]\nkind = \"amqp\"\nurls = [\"{scheme}://{user}@{host}/{vhost}\"]\npassword_file = \"{file}\"\nnamespace = \"{ns}\"\ndeclare_topology = false\nheartbeat_s = 2\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n",
+            user = self.name(role),
+            vhost = vhost.name,
+            file = self.password_file(role).display(),
+        )
+    }
+}
+
+impl Drop for RoleUsers {
+    fn drop(&mut self) {
+        for role in ["gateway", "logic", "operator"] {
+            let _ = Command::new("rabbitmqctl")
+                .args(["-q", "delete_user", &self.name(role)])
+                .output();
+        }
+    }
+}

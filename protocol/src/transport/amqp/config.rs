@@ -24,6 +24,8 @@ use std::time::Duration;
 /// namespace = "keelson"
 /// queue_type = "quorum"
 /// delivery_limit = 5
+/// # Least privilege: the topology was declared by `keelson topology declare`.
+/// # declare_topology = false
 /// ```
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -79,6 +81,14 @@ pub struct AmqpConfig {
     pub reconnect_min_ms: u64,
     /// Longest delay between two rounds of connection attempts, in milliseconds.
     pub reconnect_max_ms: u64,
+    /// `true`: this process declares the exchanges and durable queues it uses (and the
+    /// dead-letter bindings), creating what is missing: the zero-setup path, which
+    /// needs configure rights on all of them. `false`: it only checks that they exist
+    /// (passive declarations, no configure right needed) and fails at start naming
+    /// what is missing; `keelson topology declare` creates them once, with the
+    /// operator's rights. Either way a logic server binds its own queue to its routes,
+    /// and subscriptions use server-named queues (`amq.gen-*`).
+    pub declare_topology: bool,
 }
 
 /// The RabbitMQ queue type of the service and dead-letter queues (`x-queue-type`).
@@ -120,6 +130,7 @@ impl Default for AmqpConfig {
             connect_timeout_ms: 5_000,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
+            declare_topology: true,
         }
     }
 }

@@ -126,6 +126,31 @@ impl Link {
     }
 }
 
+/// Why no URL of a round of connection attempts could be used.
+#[derive(Debug)]
+pub(crate) struct RoundFailure {
+    /// Every URL's failure, for the log and the error.
+    pub(crate) why: String,
+    /// A broker answered, but the topology that passive declarations check is missing
+    /// there: a setup step to run, not a broker to wait for.
+    pub(crate) missing_topology: Option<String>,
+}
+
+/// Why a connection could not be set up.
+struct SetupError {
+    why: String,
+    missing_topology: bool,
+}
+
+impl From<String> for SetupError {
+    fn from(why: String) -> Self {
+        Self {
+            why,
+            missing_topology: false,
+        }
+    }
+}
+
 /// How long declaring the topology and opening the channels may take on a connection.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -133,7 +158,7 @@ type Events = Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
 
 /// Open a connection to `broker`, give it the whole topology, and open the
 /// transport's channels.
-async fn open(shared: &Arc<Shared>, broker: &BrokerUrl) -> Result<(Arc<Link>, Events), String> {
+async fn open(shared: &Arc<Shared>, broker: &BrokerUrl) -> Result<(Arc<Link>, Events), SetupError> {
     let properties = ConnectionProperties::default().with_connection_name(
         format!("keelson {} ({})", shared.node_id, shared.config.namespace).into(),
     );
@@ -157,7 +182,7 @@ async fn set_up(
     shared: &Arc<Shared>,
     broker: &BrokerUrl,
     connection: Connection,
-) -> Result<Arc<Link>, String> {
+) -> Result<Arc<Link>, SetupError> {
     let (services, fanouts) = {
         let registry = lock(&shared.registry);
         (registry.services.clone(), registry.fanouts.clone())
@@ -169,11 +194,20 @@ async fn set_up(
                 .await?;
         }
         for exchange in &fanouts {
-            topology::declare_fanout(&connection, exchange).await?;
+            topology::declare_fanout(&connection, &shared.names, &shared.config, exchange).await?;
         }
         Ok::<_, super::super::TransportError>(())
     };
-    declared.await.map_err(|e| e.to_string())?;
+    if let Err(e) = declared.await {
+        let missing_topology = matches!(&e, super::super::TransportError::Refused(why)
+            if why.starts_with(topology::MISSING_TOPOLOGY));
+        // Not left open: the supervisor moves on to another URL or waits.
+        let _ = connection.close(200, "OK".into()).await;
+        return Err(SetupError {
+            why: e.to_string(),
+            missing_topology,
+        });
+    }
     let rpc = confirm_channel(&connection).await?;
     // Direct reply-to: consume before the first publish, on the publishing channel.
     let replies = rpc
@@ -300,7 +334,7 @@ async fn watch_link(shared: &Shared, link: &Link, mut events: Events) -> String 
 /// attempts (or why none did).
 pub(crate) async fn supervise(
     shared: Arc<Shared>,
-    first_round: oneshot::Sender<Result<(), String>>,
+    first_round: oneshot::Sender<Result<(), RoundFailure>>,
 ) {
     let mut first_round = Some(first_round);
     let count = shared.brokers.len();
@@ -308,6 +342,7 @@ pub(crate) async fn supervise(
     let mut backoff = shared.config.backoff();
     'supervise: while !shared.is_closed() {
         let mut failures = Vec::new();
+        let mut missing_topology = None;
         let mut connected = None;
         for k in 0..count {
             let index = (start + k) % count;
@@ -323,8 +358,14 @@ pub(crate) async fn supervise(
                     connected = Some((index, opened));
                     break;
                 }
-                Err(why) => {
+                Err(SetupError {
+                    why,
+                    missing_topology: missing,
+                }) => {
                     warn!("skipping broker {}: {why}", broker.redacted);
+                    if missing {
+                        missing_topology.get_or_insert_with(|| why.clone());
+                    }
                     failures.push(format!("{}: {why}", broker.redacted));
                 }
             }
@@ -335,7 +376,10 @@ pub(crate) async fn supervise(
                 .unwrap_or(Duration::from_millis(shared.config.reconnect_max_ms));
             warn!("no broker reachable; trying again in {delay:?}");
             if let Some(tx) = first_round.take() {
-                let _ = tx.send(Err(failures.join("; ")));
+                let _ = tx.send(Err(RoundFailure {
+                    why: failures.join("; "),
+                    missing_topology,
+                }));
             }
             tokio::select! {
                 () = tokio::time::sleep(delay) => continue,

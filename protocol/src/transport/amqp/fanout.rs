@@ -36,7 +36,8 @@ async fn ensure_exchange(
     let exchange = shared.names.fanout_exchange(channel)?;
     let known = lock(&link.fanouts).contains(&exchange);
     if !known {
-        topology::declare_fanout(&link.connection, &exchange).await?;
+        topology::declare_fanout(&link.connection, &shared.names, &shared.config, &exchange)
+            .await?;
         lock(&shared.registry).fanouts.insert(exchange.clone());
         lock(&link.fanouts).insert(exchange.clone());
     }

@@ -95,11 +95,21 @@ impl AmqpTransport {
         let (transport, first_round) = Self::spawn(config, node_id)?;
         match first_round.await {
             Ok(Ok(())) => Ok(transport),
-            Ok(Err(why)) => {
+            Ok(Err(failure)) => {
                 transport.close().await;
-                Err(TransportError::Disconnected(format!(
-                    "no broker reachable: {why}"
-                )))
+                Err(match failure.missing_topology {
+                    // The message says what is missing and how to declare it.
+                    Some(missing) => TransportError::Refused(
+                        missing
+                            .strip_prefix("broker refused the operation: ")
+                            .unwrap_or(&missing)
+                            .to_owned(),
+                    ),
+                    None => TransportError::Disconnected(format!(
+                        "no broker reachable: {}",
+                        failure.why
+                    )),
+                })
             }
             Err(_) => Err(TransportError::Closed),
         }
@@ -115,7 +125,13 @@ impl AmqpTransport {
     fn spawn(
         config: AmqpConfig,
         node_id: &str,
-    ) -> Result<(Self, oneshot::Receiver<Result<(), String>>), TransportError> {
+    ) -> Result<
+        (
+            Self,
+            oneshot::Receiver<Result<(), connection::RoundFailure>>,
+        ),
+        TransportError,
+    > {
         let brokers = config.brokers()?;
         check_one_user(&brokers)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
@@ -138,6 +154,50 @@ impl AmqpTransport {
     /// The namespace every exchange and queue name starts with.
     pub fn namespace(&self) -> &str {
         &self.shared().config.namespace
+    }
+
+    /// Declare the namespace's topology, creating what is missing, whatever
+    /// `declare_topology` says: the base (request and dead-letter exchanges, the
+    /// dead-letter queue and its bindings), the queues of `services` with the
+    /// arguments their logic servers use (unbound: each server binds its own routes),
+    /// and the fanout exchanges of `channels`. Idempotent. `keelson topology declare`
+    /// runs it with the operator's broker user, so that processes with
+    /// `declare_topology = false` need no configure right on any of it. Returns the
+    /// names declared.
+    pub async fn declare_topology(
+        &self,
+        services: &[String],
+        channels: &[&str],
+    ) -> Result<Vec<String>, TransportError> {
+        let shared = self.shared();
+        let link = shared
+            .wait_link_within(shared.config.connect_timeout())
+            .await
+            .ok_or_else(|| TransportError::Disconnected("not connected to a broker".into()))?;
+        let config = AmqpConfig {
+            declare_topology: true,
+            ..shared.config.clone()
+        };
+        let names = &shared.names;
+        let connection = &link.connection;
+        topology::declare_base(connection, names, &config).await?;
+        let mut declared = vec![
+            names.requests_exchange(),
+            names.dead_letter_exchange(),
+            names.broker_dead_letter_exchange(),
+            format!("{} (queue)", names.dead_letter_queue()),
+        ];
+        for service in services {
+            topology::declare_service(connection, names, &config, service, &Default::default())
+                .await?;
+            declared.push(format!("{} (queue)", names.service_queue(service)));
+        }
+        for channel in channels {
+            let exchange = names.fanout_exchange(channel)?;
+            topology::declare_fanout(connection, names, &config, &exchange).await?;
+            declared.push(exchange);
+        }
+        Ok(declared)
     }
 
     /// Close the transport, then delete every queue and exchange it declared: its

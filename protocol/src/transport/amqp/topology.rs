@@ -3,6 +3,12 @@
 //! `protocol/TOPOLOGY.md` documents the same for peers written in other languages;
 //! keep both in step.
 //!
+//! With `declare_topology = false` ([`Mode::Passive`]) the exchanges and durable
+//! queues are declared passively: nothing is created, no configure right is needed,
+//! and what does not exist is named in one [`TransportError::Refused`] that says how
+//! to declare it (`keelson topology declare`). Bindings of a service queue to its
+//! routes are still made (they need write on the queue and read on the exchange).
+//!
 //! Every declaration runs on a throwaway channel: a declaration the broker refuses
 //! (`PRECONDITION_FAILED`, e.g. a queue that exists with another `x-queue-type`)
 //! closes the channel it ran on, and must not take a channel that carries traffic
@@ -14,6 +20,7 @@ use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 use std::collections::BTreeSet;
@@ -35,6 +42,11 @@ impl Names {
         Self {
             ns: namespace.to_owned(),
         }
+    }
+
+    /// The namespace every name starts with.
+    pub(crate) fn namespace(&self) -> &str {
+        &self.ns
     }
 
     /// Direct exchange the requests are published to, routing key = route.
@@ -98,6 +110,106 @@ pub(crate) fn error(context: &str, e: &lapin::Error) -> TransportError {
     }
 }
 
+/// Whether a process creates the topology or only checks that it exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Declare everything, creating what is missing (`declare_topology = true`).
+    Declare,
+    /// Passive declarations: check that the exchanges and durable queues exist.
+    Passive,
+}
+
+impl Mode {
+    pub(crate) fn of(config: &AmqpConfig) -> Self {
+        if config.declare_topology {
+            Mode::Declare
+        } else {
+            Mode::Passive
+        }
+    }
+}
+
+/// The start of the error of a passive declaration that found something missing;
+/// the supervisor tells it from other setup failures by it.
+pub(crate) const MISSING_TOPOLOGY: &str = "the broker topology of namespace";
+
+/// An exchange or a durable queue, for passive declarations.
+enum Entity {
+    Exchange(ShortString),
+    Queue(ShortString),
+}
+
+/// Whether the broker refused with `404 NOT_FOUND` (a passive declaration of something
+/// that does not exist).
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
+        if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// Declare each of `entities` passively, each on a channel of its own (a 404 closes
+/// the channel); fails naming every one that does not exist.
+async fn check_exist(
+    connection: &Connection,
+    names: &Names,
+    entities: Vec<Entity>,
+) -> Result<(), TransportError> {
+    let mut missing = Vec::new();
+    for entity in entities {
+        let found = on_throwaway_channel(connection, |ch| async move {
+            let (what, result) = match entity {
+                Entity::Exchange(name) => {
+                    let options = ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    };
+                    let what = format!("exchange {name}");
+                    // The broker ignores the kind of a passive declaration.
+                    let result = ch
+                        .exchange_declare(
+                            name,
+                            ExchangeKind::Direct,
+                            options,
+                            FieldTable::default(),
+                        )
+                        .await;
+                    (what, result)
+                }
+                Entity::Queue(name) => {
+                    let options = QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    };
+                    let what = format!("queue {name}");
+                    let result = ch
+                        .queue_declare(name, options, FieldTable::default())
+                        .await
+                        .map(|_| ());
+                    (what, result)
+                }
+            };
+            match result {
+                Ok(()) => Ok(None),
+                Err(e) if is_not_found(&e) => Ok(Some(what)),
+                Err(e) => Err(error(&format!("checking that {what} exists"), &e)),
+            }
+        })
+        .await?;
+        missing.extend(found);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(TransportError::Refused(format!(
+        "{MISSING_TOPOLOGY} `{ns}` is not declared: missing on this broker and vhost: \
+         {list}. With `declare_topology = false` processes only check that it exists: \
+         declare it once with the operator's broker user, `keelson topology declare \
+         --config FILE` (and `--service NAME` for each service), or set \
+         `declare_topology = true`",
+        ns = names.namespace(),
+        list = missing.join(", "),
+    )))
+}
+
 fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
@@ -117,10 +229,10 @@ fn long(s: &str) -> AMQPValue {
 }
 
 /// Run `f` on a fresh channel of `connection`, closed afterwards.
-async fn on_throwaway_channel<F, Fut>(connection: &Connection, f: F) -> Result<(), TransportError>
+async fn on_throwaway_channel<T, F, Fut>(connection: &Connection, f: F) -> Result<T, TransportError>
 where
     F: FnOnce(Channel) -> Fut,
-    Fut: std::future::Future<Output = Result<(), TransportError>>,
+    Fut: std::future::Future<Output = Result<T, TransportError>>,
 {
     let channel = connection
         .create_channel()
@@ -135,12 +247,21 @@ where
 }
 
 /// Declare what every transport of the namespace shares: the request exchange and the
-/// dead-letter exchanges and queue.
+/// dead-letter exchanges and queue (in [`Mode::Passive`]: check that they exist).
 pub(crate) async fn declare_base(
     connection: &Connection,
     names: &Names,
     config: &AmqpConfig,
 ) -> Result<(), TransportError> {
+    if Mode::of(config) == Mode::Passive {
+        let entities = vec![
+            Entity::Exchange(short("namespace", names.requests_exchange())?),
+            Entity::Exchange(short("namespace", names.dead_letter_exchange())?),
+            Entity::Exchange(short("namespace", names.broker_dead_letter_exchange())?),
+            Entity::Queue(short("namespace", names.dead_letter_queue())?),
+        ];
+        return check_exist(connection, names, entities).await;
+    }
     on_throwaway_channel(connection, |ch| async move {
         let requests = short("namespace", names.requests_exchange())?;
         ch.exchange_declare(
@@ -228,7 +349,8 @@ fn service_queue_args(names: &Names, config: &AmqpConfig) -> FieldTable {
     args
 }
 
-/// Declare the queue of `service` and bind it to the request exchange by each route.
+/// Declare the queue of `service` (in [`Mode::Passive`]: check that it exists) and bind
+/// it to the request exchange by each route.
 pub(crate) async fn declare_service(
     connection: &Connection,
     names: &Names,
@@ -241,15 +363,21 @@ pub(crate) async fn declare_service(
         .iter()
         .map(|r| short("route", r.clone()))
         .collect::<Result<Vec<_>, _>>()?;
+    let mode = Mode::of(config);
+    if mode == Mode::Passive {
+        check_exist(connection, names, vec![Entity::Queue(queue.clone())]).await?;
+    }
     on_throwaway_channel(connection, |ch| async move {
-        ch.queue_declare(queue.clone(), durable(), service_queue_args(names, config))
-            .await
-            .map_err(|e| {
-                error(
-                    &format!("declaring queue {queue} (exists with other arguments?)"),
-                    &e,
-                )
-            })?;
+        if mode == Mode::Declare {
+            ch.queue_declare(queue.clone(), durable(), service_queue_args(names, config))
+                .await
+                .map_err(|e| {
+                    error(
+                        &format!("declaring queue {queue} (exists with other arguments?)"),
+                        &e,
+                    )
+                })?;
+        }
         let exchange = short("namespace", names.requests_exchange())?;
         for route in routes {
             ch.queue_bind(
@@ -267,12 +395,18 @@ pub(crate) async fn declare_service(
     .await
 }
 
-/// Declare the fanout exchange named `exchange`.
+/// Declare the fanout exchange named `exchange` (in [`Mode::Passive`]: check that it
+/// exists).
 pub(crate) async fn declare_fanout(
     connection: &Connection,
+    names: &Names,
+    config: &AmqpConfig,
     exchange: &str,
 ) -> Result<(), TransportError> {
     let exchange = short("fanout channel name", exchange)?;
+    if Mode::of(config) == Mode::Passive {
+        return check_exist(connection, names, vec![Entity::Exchange(exchange)]).await;
+    }
     on_throwaway_channel(connection, |ch| async move {
         ch.exchange_declare(
             exchange.clone(),

@@ -1,0 +1,179 @@
+//! Least privilege on the broker (issue 12, "Hard edges", item 3), on a real
+//! RabbitMQ with real processes, in vhosts of the test's own: `deploy/broker-setup.sh`
+//! creates the role users (with a prefix of this test's own), the operator declares
+//! the topology with `keelson topology declare`, and a logic server and a gateway
+//! with `declare_topology = false` serve an authenticated request with no configure
+//! right on the namespace. The gateway-role user can neither declare nor delete the
+//! request exchange, nor read the dead-letter queue. A logic server that only checks
+//! the topology, on a vhost where nobody declared it, stops at start and says what is
+//! missing and what to run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use lapin::options::{BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use std::time::Duration;
+use support::broker::{RoleUsers, Vhost};
+use support::mesh::{Mesh, ServerSpec, post};
+use support::{Scratch, http};
+
+const NS: &str = "roles";
+
+/// `keelson topology declare` with `config`; its standard output.
+fn declare_topology(config: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(["topology", "declare", "--service", "extra", "--config"])
+        .arg(config)
+        .output()
+        .expect("cannot run keelson topology declare");
+    assert!(
+        out.status.success(),
+        "keelson topology declare failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `e` is the broker's `403 ACCESS_REFUSED`.
+fn refused(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
+        if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_users_run_the_mesh_on_a_topology_the_operator_declared() {
+    let vhost = Vhost::create("roles");
+    let secrets = Scratch::new();
+    let users = RoleUsers::set_up(&vhost, NS, &secrets.path().join("secrets"));
+
+    // The operator declares everything, twice (idempotent).
+    let scratch = Scratch::new();
+    let operator = scratch.write(
+        "operator.toml",
+        &users.passive_transport(&vhost, NS, "operator"),
+    );
+    let first = declare_topology(&operator);
+    for name in [
+        "roles.requests",
+        "roles.dead-letter (queue)",
+        "roles.svc.default (queue)",
+        "roles.svc.extra (queue)",
+        "roles.control",
+        "roles.context",
+    ] {
+        assert!(
+            first.lines().any(|l| l == format!("declared {name}")),
+            "{name} not declared:\n{first}"
+        );
+    }
+    assert_eq!(declare_topology(&operator), first);
+
+    let mut mesh = Mesh::new(users.passive_transport(&vhost, NS, "logic"));
+    mesh.add_server(ServerSpec::new("logic").logic(&format!(
+        "trusted_publishers = [\"{}\", \"{}\"]\n",
+        users.name("gateway"),
+        users.name("operator")
+    )))
+    .await;
+    mesh.transport = users.passive_transport(&vhost, NS, "gateway");
+    mesh.add_gateway().await;
+    let client = http();
+    let token = mesh.token("alice");
+    let outcome = post(
+        &client,
+        mesh.url(0, "counter.increment"),
+        r#"{"by": 2}"#.to_owned(),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert!(outcome.body.contains('2'), "{outcome:?}");
+
+    // What the gateway's broker user may not do.
+    let gateway = Connection::connect(
+        &users.url(&vhost, "gateway"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("the gateway user connects");
+    let ch = gateway.create_channel().await.unwrap();
+    let declared = ch
+        .exchange_declare(
+            "roles.requests".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(
+        declared.as_ref().is_err_and(refused),
+        "declare: {declared:?}"
+    );
+    let ch = gateway.create_channel().await.unwrap();
+    let deleted = ch
+        .exchange_delete("roles.requests".into(), ExchangeDeleteOptions::default())
+        .await;
+    assert!(deleted.as_ref().is_err_and(refused), "delete: {deleted:?}");
+    let ch = gateway.create_channel().await.unwrap();
+    let consumed = ch
+        .basic_consume(
+            "roles.dead-letter".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert!(
+        consumed.as_ref().is_err_and(refused),
+        "consume the dead-letter queue: {:?}",
+        consumed.map(|_| ())
+    );
+    let _ = gateway.close(200, "OK".into()).await;
+
+    // Passive declarations on a vhost where the topology was never declared.
+    let bare = Vhost::create("roles-bare");
+    users.add_vhost(&bare, NS);
+    let config = scratch.write(
+        "bare-logic.toml",
+        &format!(
+            "{}\n[logic_server]\nservice = \"default\"\nhandlers = [\"echo\"]\n",
+            users.passive_transport(&bare, NS, "logic")
+        ),
+    );
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_logic-server"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("KEELSON__TRANSPORT__KIND")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the logic server stops at start")
+        .expect("cannot run logic-server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it ran: {stderr}");
+    for needle in [
+        "exchange roles.requests",
+        "queue roles.dead-letter",
+        "is not declared: missing",
+        "keelson topology declare",
+    ] {
+        assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");
+    }
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(
+            "cannot start the amqp transport: broker refused the operation: the broker topology"
+        ),
+        "the error is not the process's last word: {last}"
+    );
+    drop(mesh);
+}

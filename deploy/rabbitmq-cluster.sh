@@ -20,31 +20,11 @@ set -euo pipefail
 BASE=${KEELSON_CLUSTER_DIR:-/tmp/keelson-rabbitmq-cluster}
 WAIT_S=${KEELSON_CLUSTER_WAIT_S:-90}
 NODES=(1 2 3)
-# Not /usr/sbin/rabbitmq-server: run as rabbitmq, the Debian wrapper writes the
-# node's output over the main broker's /var/log/rabbitmq/startup_log.
-SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
+TOOL=rabbitmq-cluster
+# shellcheck source=deploy/rabbitmq-node-lib.sh
+. "$(dirname "$0")/rabbitmq-node-lib.sh"
 
-say() { echo "rabbitmq-cluster: $*"; }
-fail() {
-    echo "rabbitmq-cluster: FAILED: $*" >&2
-    exit 1
-}
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-cluster_host() {
-    if [ -n "${KEELSON_CLUSTER_HOST:-}" ]; then
-        echo "$KEELSON_CLUSTER_HOST"
-        return
-    fi
-    local short
-    short=$(hostname -s)
-    if [ "$(getent ahostsv4 "$short" | awk 'NR == 1 { print $1 }')" = 127.0.0.1 ]; then
-        echo "$short"
-    else
-        echo localhost
-    fi
-}
-HOST=$(cluster_host)
+HOST=$(node_host)
 
 node_name() { echo "k$1@$HOST"; }
 amqp_port() { echo $((5680 + $1)); }

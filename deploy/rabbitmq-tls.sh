@@ -24,29 +24,10 @@ BASE=${KEELSON_TLS_DIR:-/tmp/keelson-rabbitmq-tls}
 PORT=${KEELSON_TLS_PORT:-5671}
 DIST_PORT=${KEELSON_TLS_DIST_PORT:-25671}
 WAIT_S=${KEELSON_TLS_WAIT_S:-90}
-# Not /usr/sbin/rabbitmq-server: see deploy/rabbitmq-cluster.sh.
-SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
+TOOL=rabbitmq-tls
+# shellcheck source=deploy/rabbitmq-node-lib.sh
+. "$(dirname "$0")/rabbitmq-node-lib.sh"
 
-say() { echo "rabbitmq-tls: $*"; }
-fail() {
-    echo "rabbitmq-tls: FAILED: $*" >&2
-    exit 1
-}
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-node_host() {
-    if [ -n "${KEELSON_CLUSTER_HOST:-}" ]; then
-        echo "$KEELSON_CLUSTER_HOST"
-        return
-    fi
-    local short
-    short=$(hostname -s)
-    if [ "$(getent ahostsv4 "$short" | awk 'NR == 1 { print $1 }')" = 127.0.0.1 ]; then
-        echo "$short"
-    else
-        echo localhost
-    fi
-}
 NODE="ktls@$(node_host)"
 
 ctl() { as_root rabbitmqctl -q -n "$NODE" "$@"; }

@@ -124,8 +124,6 @@ async fn slow_and_idle_clients_cannot_starve_a_gateway_under_1024_file_descripto
             // No per-address bound: the flood reaches the total (fitted to the
             // open-file limit), the harder case.
             ("KEELSON__GATEWAY__MAX_CONNECTIONS_PER_CLIENT", "0"),
-            // As the shipped systemd unit sets it.
-            ("MIMALLOC_PURGE_DELAY", "0"),
         ],
         1024,
     )

@@ -6,10 +6,11 @@ use keelson::settings::Source;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc gives freed memory back to the system (a flood of connections leaves no
-/// lasting resident size, unlike glibc's arenas) and is fast with many threads.
+/// jemalloc, with its background threads: memory freed (after a flood of
+/// connections, say) goes back to the system within seconds, without waiting for
+/// more allocations, where glibc's arenas keep it.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Keelson logic server: consumes requests, runs handler plugins, replies.
 #[derive(Debug, Parser)]

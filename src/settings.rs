@@ -87,6 +87,34 @@ impl Default for LogConfig {
     }
 }
 
+/// The levels `log.level` takes, alone or after `TARGET=`.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+impl LogConfig {
+    /// Refuse a filter whose parts are not levels: `tracing` would read a bare
+    /// `warning` as a target name and turn off every other line, errors included.
+    pub fn validate(&self) -> Result<(), String> {
+        for directive in self
+            .level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+        {
+            let level = directive
+                .rsplit_once('=')
+                .map_or(directive, |(_, level)| level)
+                .trim();
+            if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+                return Err(format!(
+                    "at key `log.level`: `{directive}` is not a level: expected one of {}, or TARGET=LEVEL (e.g. `info,keelson_protocol=debug`)",
+                    LOG_LEVELS.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -209,6 +237,10 @@ pub fn load_with_env(
         .cors
         .validate()
         .map_err(|e| ConfigError::new(&origin, e.to_string()))?;
+    config
+        .log
+        .validate()
+        .map_err(|e| ConfigError::new(&origin, e))?;
     Ok(config)
 }
 

@@ -146,6 +146,14 @@ fn contradicting_auth_and_cors_settings_are_refused_naming_the_keys() {
             "auth.token_ttl_s (7200) exceeds auth.max_token_lifetime_s (3600)",
         ),
         ("[auth]\nleeway_s = 86400\n", "auth.leeway_s"),
+        (
+            "[log]\nlevel = \"warning\"\n",
+            "at key `log.level`: `warning` is not a level: expected one of trace, debug, info, warn, error, off",
+        ),
+        (
+            "[log]\nlevel = \"info,keelson=loud\"\n",
+            "`keelson=loud` is not a level",
+        ),
         ("[auth]\nalgorithms = [\"none\"]\n", "auth.algorithms"),
         (
             "[gateway.cors]\nallowed_origins = [\"https://app.example.com/\"]\n",

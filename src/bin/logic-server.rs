@@ -14,7 +14,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Keelson logic server: consumes requests, runs handler plugins, replies.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "logic-server", version)]
 struct Cli {
     /// Configuration file, e.g. config/logic-server.toml.
     #[arg(long, short)]

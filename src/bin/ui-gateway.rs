@@ -14,7 +14,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Keelson UI gateway: HTTP in, requests onto the transport, replies back.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "ui-gateway", version)]
 struct Cli {
     /// Configuration file, e.g. config/gateway.toml.
     #[arg(long, short)]

@@ -185,3 +185,35 @@ fn token_settings_can_be_overridden_from_the_environment() {
     assert_eq!(config.auth.algorithms.len(), 2);
     assert_eq!(config.gateway.cors.allowed_origins.len(), 2);
 }
+
+#[test]
+fn each_binary_names_and_describes_itself() {
+    for (bin, about) in [
+        (
+            env!("CARGO_BIN_EXE_keelson"),
+            "Keelson: a message-broker-driven service mesh",
+        ),
+        (env!("CARGO_BIN_EXE_ui-gateway"), "Keelson UI gateway"),
+        (env!("CARGO_BIN_EXE_logic-server"), "Keelson logic server"),
+    ] {
+        let name = std::path::Path::new(bin)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let version = std::process::Command::new(bin)
+            .arg("--version")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&version.stdout).trim(),
+            format!("{name} {}", env!("CARGO_PKG_VERSION"))
+        );
+        let help = std::process::Command::new(bin)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.starts_with(about), "{name} --help: {help}");
+    }
+}

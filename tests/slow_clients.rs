@@ -244,4 +244,8 @@ async fn slow_and_idle_clients_cannot_starve_a_gateway_under_1024_file_descripto
         log.contains("refusing connections"),
         "the gateway says it refused connections"
     );
+    assert!(
+        log.contains("open connections near gateway.max_connections"),
+        "the gateway says it ran near its bound"
+    );
 }

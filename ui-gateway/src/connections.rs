@@ -17,7 +17,8 @@
 //!   response); the body's bound is in [`crate::api`] (`body_read_timeout_ms`). A
 //!   request takes an in-flight slot only once its body is complete.
 //!
-//! Refusals are logged at most once per [`LOG_EVERY`], with how many there were.
+//! Refusals are logged at most once per [`LOG_EVERY`], with how many there were, and
+//! so is running at 90% of `max_connections` or more.
 
 use crate::config::GatewayConfig;
 use axum::Router;
@@ -123,9 +124,31 @@ enum Refusal {
 struct RefusalLog {
     last: Option<Instant>,
     since_last: u64,
+    /// When the last warning that connections run near the bound was logged.
+    near_logged: Option<Instant>,
 }
 
+/// Open connections, as a share of `max_connections`, from which the gateway warns
+/// that it runs near its bound (at most once per [`LOG_EVERY`]).
+const NEAR_SHARE: f64 = 0.9;
+
 impl RefusalLog {
+    fn near(&mut self, open: usize, max: usize) {
+        let now = Instant::now();
+        if self
+            .near_logged
+            .is_some_and(|at| now.duration_since(at) < LOG_EVERY)
+        {
+            return;
+        }
+        self.near_logged = Some(now);
+        tracing::warn!(
+            open,
+            max_connections = max,
+            "open connections near gateway.max_connections"
+        );
+    }
+
     fn refused(&mut self, why: Refusal, open: usize, peer: Option<IpAddr>) {
         self.since_last += 1;
         let now = Instant::now();
@@ -326,8 +349,11 @@ impl Acceptor {
             }
             *n += 1;
         }
-        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        let open = self.stats.open.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        if open as f64 >= self.max_connections as f64 * NEAR_SHARE {
+            self.log.near(open, self.max_connections);
+        }
         Ok(Slot {
             stats: self.stats.clone(),
             per_client: self.per_client.clone(),
@@ -360,6 +386,7 @@ pub(crate) async fn serve(
         log: RefusalLog {
             last: None,
             since_last: 0,
+            near_logged: None,
         },
     };
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -469,6 +496,7 @@ mod tests {
             log: RefusalLog {
                 last: None,
                 since_last: 0,
+                near_logged: None,
             },
         }
     }

@@ -14,9 +14,10 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use support::broker::{Vhost, amqp_transport};
 use support::mesh::{Mesh, post};
+use support::unix_ms;
 use support::{Scratch, http};
 
 /// What one `keelson dlq` run printed, and its exit status.
@@ -77,16 +78,6 @@ async fn wait_for_dead_letters(config: &Path, count: usize) -> Vec<Value> {
             "never {count} dead letters: {letters:?}"
         );
     }
-}
-
-fn unix_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 async fn connect(transport_toml: &str) -> Arc<dyn Transport> {

@@ -15,9 +15,10 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use support::broker::{Vhost, amqp_transport};
 use support::mesh::{Mesh, ServerSpec, post};
+use support::unix_ms;
 use support::{Process, http};
 
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -89,16 +90,6 @@ async fn dead_reply_to(channel: &lapin::Channel) -> String {
         *b = if *b == b'7' { b'3' } else { b'7' };
     }
     format!("{DIRECT_REPLY_TO}.{}.{key}", STANDARD.encode(&term))
-}
-
-fn unix_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

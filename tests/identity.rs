@@ -17,20 +17,11 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use support::broker::{BrokerUser, Vhost, amqp_transport};
 use support::http;
 use support::mesh::{Mesh, ServerSpec};
-
-fn unix_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
+use support::unix_ms;
 
 /// A connection as one broker user, with a confirm-mode channel that consumes its
 /// direct replies.

@@ -19,22 +19,7 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rabbitmq-clust
 
 /// Run the cluster script; fails the test with its output when it fails.
 fn script(args: &[&str]) -> String {
-    let out = Command::new("bash")
-        .arg(SCRIPT)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bash {SCRIPT}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{SCRIPT} {args:?} failed ({}):\n{text}",
-        out.status
-    );
-    text
+    super::run_script(SCRIPT, args, &[])
 }
 
 /// The three nodes, the cluster started (or found running) on first use.

@@ -44,6 +44,39 @@ impl Scratch {
     }
 }
 
+/// Now, in milliseconds since the Unix epoch (the unit of envelope deadlines).
+pub fn unix_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// Run `bash script args` with `env` added; fails the test with its output when it
+/// fails, else returns its output (standard output, then standard error).
+pub fn run_script(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bash {script}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
 /// The secret used by test configurations.
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
 

@@ -94,23 +94,7 @@ fn free_port() -> u16 {
 }
 
 fn script_with(args: &[&str], env: &[(&str, String)]) -> String {
-    let out = Command::new("bash")
-        .arg(SCRIPT)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bash {SCRIPT}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{SCRIPT} {args:?} failed ({}):\n{text}",
-        out.status
-    );
-    text
+    super::run_script(SCRIPT, args, env)
 }
 
 fn script(args: &[&str]) -> String {

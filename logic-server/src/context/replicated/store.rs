@@ -42,8 +42,8 @@ const CHUNK_ATTEMPTS: u32 = 4;
 /// How often a pull may get this server's own (empty, immediate) answer before it
 /// concludes no peer serves snapshots. Consumers compete for the request, and the
 /// one that just answered is often the first to ask for the next: each own answer
-/// is followed by a growing pause (2 ms, 4 ms, ...; 240 ms in all), so a peer's
-/// consumer gets the next request. Counted per chunk.
+/// is followed by a random pause out of a growing range (1–4 ms, 2–8 ms, ...; 150
+/// to 540 ms in all), so a peer's consumer gets the next request. Counted per chunk.
 const OWN_ANSWERS_BEFORE_ALONE: u32 = 16;
 
 /// Per-user contexts replicated between all logic servers of a mesh.
@@ -205,6 +205,13 @@ impl ReplicatedContextStore {
         store.spawn(async move {
             while let Some(Ok(delivery)) = requests.next().await {
                 let Some(store) = weak.upgrade() else { break };
+                if !delivery.redelivered && store.is_own_request(&delivery.payload) {
+                    // Hand its own request back once: a peer's consumer, free while
+                    // this one is busy with it, takes it. Only if it comes back
+                    // (no peer, or all busy) does this server answer itself.
+                    let _ = delivery.requeue().await;
+                    continue;
+                }
                 match store.answer_snapshot(&delivery.payload) {
                     Ok(chunk) => {
                         if let Err(e) = delivery.reply(chunk).await {
@@ -499,8 +506,13 @@ impl ReplicatedContextStore {
                         report.alone = report.chunks == 0;
                         break;
                     }
-                    // Leave this server's consumer busy a moment less than a peer's.
-                    tokio::time::sleep(Duration::from_millis(u64::from(own_answers) * 2)).await;
+                    // Leave this server's consumer free a moment for a peer's
+                    // request, and ask again after a random part of a growing pause:
+                    // two servers pulling at once (both found the same divergence)
+                    // otherwise stay in step, each answering itself every time.
+                    let pause = u64::from(own_answers) * 4;
+                    let pause = rand::random_range(pause / 4..=pause);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
                 Ok(chunk) => {
                     failures = 0;
@@ -553,6 +565,10 @@ impl ReplicatedContextStore {
             );
         }
         report
+    }
+
+    fn is_own_request(&self, payload: &[u8]) -> bool {
+        decode::<SnapshotRequest>(payload).is_ok_and(|r| r.requester == *self.node)
     }
 
     fn answer_snapshot(&self, payload: &[u8]) -> Result<Vec<u8>, String> {

@@ -13,6 +13,17 @@ pub mod status;
 pub mod telemetry;
 pub mod topology;
 
+pub use keelson_logic_server::testkit;
+pub use keelson_logic_server::{handler, register_handler};
+
+/// What a handler author needs, in one import: `use keelson::prelude::*;`.
+pub mod prelude {
+    pub use keelson_logic_server::{
+        Body, Caller, Context, Error, Handler, HandlerError, Json, Meta, Plugin, RequestCtx, Res,
+        Response, User, async_trait,
+    };
+}
+
 /// The version this build reports in heartbeats and `--version`.
 pub const VERSION: &str = if cfg!(feature = "next-preview") {
     concat!(env!("CARGO_PKG_VERSION"), "+next")

@@ -139,7 +139,7 @@ async fn start_logic_server(
     transport: Arc<dyn Transport>,
 ) -> anyhow::Result<RunningServer> {
     let ls = &config.logic_server;
-    let registry = Registry::from_config(&ls.handlers, &ls.handler_settings)?;
+    let registry = Registry::build(&ls.handlers, &ls.handler_settings, &ls.plugins).await?;
     // Not ready before every context the peers hold is here.
     let store = ReplicatedContextStore::start(transport.clone(), node_id, ls.context.clone())
         .await

@@ -51,6 +51,9 @@ pub struct LogicServerConfig {
     pub trust_unstamped_requests: bool,
     /// Per-handler settings, keyed by handler name; each plugin documents its own.
     pub handler_settings: BTreeMap<String, serde_json::Value>,
+    /// Settings of the plugins (their shared resources), keyed by plugin name: set
+    /// up at start when an enabled handler takes the plugin.
+    pub plugins: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for LogicServerConfig {
@@ -69,6 +72,7 @@ impl Default for LogicServerConfig {
             trusted_publishers: None,
             trust_unstamped_requests: false,
             handler_settings: BTreeMap::new(),
+            plugins: BTreeMap::new(),
         }
     }
 }

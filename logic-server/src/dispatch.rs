@@ -3,6 +3,7 @@
 //! panics, bounded by the deadline) and replicate its effects with its outcome,
 //! reply, then settle.
 
+use crate::call::Caller;
 use crate::config::IdempotencyConfig;
 use crate::context::{ContextStore, Effects, RecordWrite, UserContext};
 use crate::handler::{Handler, HandlerError, RequestCtx};
@@ -41,6 +42,8 @@ pub(crate) struct Dispatcher {
     pub(crate) trust_unstamped: bool,
     /// The server's live figures (refusals are counted here).
     pub(crate) stats: Arc<ServerStats>,
+    /// Sends the requests of handler-to-handler calls.
+    pub(crate) client: keelson_protocol::client::Client,
 }
 
 /// The bounds a server puts on the requests it takes.
@@ -350,6 +353,8 @@ impl Dispatcher {
                     body: reply.body.clone(),
                     error: reply.error.clone(),
                     served_by: self.node_id.clone(),
+                    http_status: reply.http_status,
+                    headers: reply.headers.clone(),
                 },
             },
         }
@@ -418,6 +423,8 @@ impl Dispatcher {
                 body,
                 error,
                 served_by,
+                http_status,
+                headers,
             } => Some(Reply {
                 v: ProtocolVersion::CURRENT,
                 id: request.id.clone(),
@@ -426,6 +433,8 @@ impl Dispatcher {
                 error,
                 served_by,
                 replayed: true,
+                http_status,
+                headers,
             }),
             // A redelivery of the request that is running (its server died), or one
             // whose deadline has passed: run it.
@@ -518,6 +527,7 @@ impl Dispatcher {
             idempotency_key,
             headers,
             body,
+            deadline_unix_ms,
             ..
         } = request;
         let Some(h) = h else {
@@ -532,6 +542,14 @@ impl Dispatcher {
         let context = user
             .as_ref()
             .map(|u| UserContext::new(self.store.clone(), u.clone(), effects));
+        let caller = Caller::new(
+            self.client.clone(),
+            id.clone(),
+            user.clone(),
+            deadline,
+            deadline_unix_ms,
+            headers.clone(),
+        );
         let ctx = RequestCtx {
             id: id.clone(),
             handler: handler.clone(),
@@ -542,10 +560,18 @@ impl Dispatcher {
             headers,
             body: body.into(),
             context,
+            resources: self.registry.resources().clone(),
+            caller,
         };
         let call = AssertUnwindSafe(h.call(ctx)).catch_unwind();
         match tokio::time::timeout_at(deadline, call).await {
-            Ok(Ok(Ok(response))) => Reply::ok(id, response.into_body().into(), &self.node_id),
+            Ok(Ok(Ok(response))) => {
+                let (body, status, headers) = response.into_parts();
+                let mut reply = Reply::ok(id, body.into(), &self.node_id);
+                reply.http_status = (status != 200).then_some(status);
+                reply.headers = headers;
+                reply
+            }
             Ok(Ok(Err(e))) => {
                 if let HandlerError::Internal(cause) = &e {
                     tracing::error!(%id, %handler, %cause, "handler failed");

@@ -1,12 +1,15 @@
 //! The handler API: what a plugin author implements.
 
+use crate::call::Caller;
 use crate::context::{ContextError, UserContext};
+use crate::resource::{Plugin, Resources};
 use async_trait::async_trait;
 use bytes::Bytes;
 use keelson_protocol::ReplyStatus;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 /// A request handler.
@@ -26,28 +29,113 @@ pub trait Handler: Send + Sync + 'static {
     async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError>;
 }
 
-/// A successful answer: a JSON document.
+/// A successful answer: a JSON document (or none, for 204), a success status and
+/// response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     body: Bytes,
+    status: u16,
+    headers: Vec<(String, String)>,
 }
 
+/// The statuses a handler may answer with on success.
+const SUCCESS_STATUSES: [u16; 4] = [200, 201, 202, 204];
+
 impl Response {
-    /// Serialize `value` as the JSON answer.
+    /// Serialize `value` as the JSON answer (200).
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, HandlerError> {
         serde_json::to_vec(value)
-            .map(|v| Self { body: v.into() })
+            .map(|v| Self::raw_json(v))
             .map_err(|e| HandlerError::internal(format!("cannot serialize the response: {e}")))
     }
 
     /// Answer with bytes that already are JSON (e.g. the request body, unchanged).
     pub fn raw_json(body: impl Into<Bytes>) -> Self {
-        Self { body: body.into() }
+        Self {
+            body: body.into(),
+            status: 200,
+            headers: Vec::new(),
+        }
+    }
+
+    /// 201 Created: `value` as JSON, and `Location: location`.
+    pub fn created<T: Serialize + ?Sized>(
+        location: impl Into<String>,
+        value: &T,
+    ) -> Result<Self, HandlerError> {
+        Ok(Self::json(value)?
+            .with_status(201)?
+            .with_header("location", location)?)
+    }
+
+    /// 202 Accepted: `value` as JSON (the work goes on after the answer).
+    pub fn accepted<T: Serialize + ?Sized>(value: &T) -> Result<Self, HandlerError> {
+        Self::json(value)?.with_status(202)
+    }
+
+    /// 204 No Content: no body.
+    pub fn no_content() -> Self {
+        Self {
+            body: Bytes::new(),
+            status: 204,
+            headers: Vec::new(),
+        }
+    }
+
+    /// The same answer with another success status: 200, 201, 202 or 204 (a 204
+    /// drops the body). Errors are [`HandlerError`]s, not statuses.
+    pub fn with_status(mut self, status: u16) -> Result<Self, HandlerError> {
+        if !SUCCESS_STATUSES.contains(&status) {
+            return Err(HandlerError::internal(format!(
+                "a handler answered with status {status}; a success is one of {SUCCESS_STATUSES:?} and a failure a HandlerError"
+            )));
+        }
+        if status == 204 {
+            self.body = Bytes::new();
+        }
+        self.status = status;
+        Ok(self)
+    }
+
+    /// The same answer with the response header `name: value` added. Names are
+    /// lower-cased; the gateway's own headers (`content-type`, `content-length`,
+    /// `x-request-id`, hop-by-hop ones, anything starting with `x-keelson-`) cannot be
+    /// set, nor values that are not visible ASCII.
+    pub fn with_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self, HandlerError> {
+        let name = name.into().to_ascii_lowercase();
+        let value = value.into();
+        keelson_protocol::check_response_header(&name, &value).map_err(HandlerError::internal)?;
+        self.headers.push((name, value));
+        Ok(self)
+    }
+
+    /// The JSON bytes (empty for 204).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The success status.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The response headers the handler set.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
     }
 
     /// The JSON bytes.
     pub fn into_body(self) -> Bytes {
         self.body
+    }
+
+    /// Body, status and headers.
+    pub fn into_parts(self) -> (Bytes, u16, Vec<(String, String)>) {
+        (self.body, self.status, self.headers)
     }
 }
 
@@ -73,6 +161,12 @@ pub enum HandlerError {
     /// The user's context would grow past its limit (HTTP 413).
     #[error("too large: {0}")]
     TooLarge(String),
+    /// The deadline passed, e.g. waiting for another handler (HTTP 504).
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// A dependency could not take the work now (HTTP 503); the caller may retry.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// Anything else (HTTP 500). The message is logged, the caller sees a generic one.
     #[error("internal error: {0}")]
     Internal(String),
@@ -98,6 +192,8 @@ impl HandlerError {
             Self::NotFound(m) => (ReplyStatus::NotFound, "not_found", m.clone()),
             Self::Conflict(m) => (ReplyStatus::Conflict, "conflict", m.clone()),
             Self::TooLarge(m) => (ReplyStatus::PayloadTooLarge, "context_too_large", m.clone()),
+            Self::Timeout(m) => (ReplyStatus::Timeout, "timeout", m.clone()),
+            Self::Unavailable(m) => (ReplyStatus::Overloaded, "unavailable", m.clone()),
             Self::Internal(_) => (
                 ReplyStatus::HandlerError,
                 "handler_failed",
@@ -131,6 +227,8 @@ pub struct RequestCtx {
     pub(crate) headers: BTreeMap<String, String>,
     pub(crate) body: Bytes,
     pub(crate) context: Option<UserContext>,
+    pub(crate) resources: Arc<Resources>,
+    pub(crate) caller: Caller,
 }
 
 impl RequestCtx {
@@ -199,5 +297,31 @@ impl RequestCtx {
         self.context.as_ref().ok_or_else(|| {
             HandlerError::Unauthorized(format!("`{}` needs a signed-in user", self.handler))
         })
+    }
+
+    /// The resources of plugin `P`: set up at start when an enabled handler takes
+    /// them (with the [`Res`](crate::Res) extractor), else an internal error.
+    pub fn resource<P: Plugin>(&self) -> Result<Arc<P>, HandlerError> {
+        self.resources.get::<P>().ok_or_else(|| {
+            HandlerError::internal(format!(
+                "plugin `{}` is not set up on this server: no enabled handler takes it",
+                P::NAME
+            ))
+        })
+    }
+
+    /// Calls to other handlers as this request's user, within its deadline.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// Call the handler `handler` with `body` and read its answer as `Out` (see
+    /// [`Caller::call`]).
+    pub async fn call<In, Out>(&self, handler: &str, body: &In) -> Result<Out, HandlerError>
+    where
+        In: Serialize + ?Sized,
+        Out: DeserializeOwned,
+    {
+        self.caller.call(handler, body).await
     }
 }

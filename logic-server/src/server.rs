@@ -7,6 +7,7 @@ use crate::dispatch::{Dispatcher, Limits};
 use crate::governor::WindowControl;
 use crate::monitor::Monitor;
 use crate::plugin::Registry;
+use crate::resource::Resources;
 pub use crate::stats::ServerStats;
 use keelson_protocol::Transport;
 use keelson_protocol::control::ClusterView;
@@ -56,6 +57,7 @@ pub struct RunningServer {
     listener_task: tokio::task::JoinHandle<()>,
     monitor: Arc<Monitor>,
     stats: Arc<ServerStats>,
+    resources: Arc<Resources>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -85,6 +87,7 @@ impl LogicServer {
         });
         let trust_unstamped = config.trust_unstamped_requests;
         let concurrency = config.concurrency.max(1);
+        let client = keelson_protocol::client::Client::new(transport.clone());
         let limits = Limits {
             max_deadline_ms: config.max_deadline_ms,
             max_deliveries: config.max_deliveries.max(1),
@@ -102,6 +105,7 @@ impl LogicServer {
                 trusted_publishers: trusted.into_iter().collect(),
                 trust_unstamped,
                 stats: Arc::new(ServerStats::new(concurrency)),
+                client,
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
@@ -142,6 +146,7 @@ impl LogicServer {
             .await
             .map_err(err)?;
         let stats = self.dispatcher.stats.clone();
+        let resources = self.dispatcher.registry.resources().clone();
         stats.set_ready(true);
         tracing::info!(
             node = %self.dispatcher.node_id,
@@ -204,6 +209,7 @@ impl LogicServer {
             listener_task,
             monitor,
             stats,
+            resources,
         })
     }
 }
@@ -217,8 +223,9 @@ impl RunningServer {
     /// Drain: say on the control channel that this server leaves, stop taking
     /// requests (deliveries the transport holds but the server has not started go
     /// back to the queue), let in-flight ones finish and reply within the drain
-    /// timeout, hand the rest back to the queue, and return. Replies are published
-    /// before this returns, so the transport may be closed afterwards.
+    /// timeout, hand the rest back to the queue, run the plugins' shutdown hooks,
+    /// and return. Replies are published before this returns, so the transport may
+    /// be closed afterwards.
     pub async fn shutdown(self) {
         self.shutdown_or_abort(std::future::pending()).await;
     }
@@ -243,6 +250,8 @@ impl RunningServer {
         let _ = self.monitor_task.await;
         self.listener_task.abort();
         self.monitor.publish(&self.monitor.heartbeat(true)).await;
+        // No handler of this server runs any more: the plugins may let go.
+        self.resources.shutdown().await;
     }
 
     /// Wait until the consume loop ends by itself (transport closed).

@@ -83,10 +83,16 @@ impl Client {
             });
         let mut request = Request::new(id, handler, body, deadline_unix_ms);
         request.user = user;
-        let payload = encode(&request)?;
+        self.send(&request, Instant::now() + timeout).await
+    }
+
+    /// Send a request built by the caller (its id, user, headers, deadline), waiting
+    /// until `deadline`.
+    pub async fn send(&self, request: &Request, deadline: Instant) -> Result<Reply, CallError> {
+        let payload = encode(request)?;
         let bytes = self
             .transport
-            .request(handler, Message::new(payload), Instant::now() + timeout)
+            .request(&request.handler, Message::new(payload), deadline)
             .await?;
         Ok(decode(&bytes)?)
     }

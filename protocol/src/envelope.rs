@@ -160,6 +160,27 @@ pub enum ReplyStatus {
     Unknown,
 }
 
+impl ReplyStatus {
+    /// The HTTP status a gateway answers a reply of this status with (for a
+    /// success, 200 unless the reply names another).
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::Ok => 200,
+            Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::Conflict => 409,
+            Self::PayloadTooLarge => 413,
+            Self::KeyReused => 422,
+            Self::TooManyRequests => 429,
+            Self::Overloaded => 503,
+            Self::Timeout => 504,
+            Self::HandlerError | Self::Unknown => 500,
+        }
+    }
+}
+
 /// A machine-readable error code and a human-readable message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorInfo {
@@ -192,6 +213,14 @@ pub struct Reply {
     /// from the wire when `false`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
+    /// On [`ReplyStatus::Ok`], the success status the handler chose (201, 202, 204);
+    /// absent means 200. Since protocol 1.2; an older gateway answers 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// Response headers the handler set (e.g. `Location`), as name/value pairs. Since
+    /// protocol 1.2; absent from the wire when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
 }
 
 impl Reply {
@@ -205,6 +234,8 @@ impl Reply {
             error: None,
             served_by: served_by.into(),
             replayed: false,
+            http_status: None,
+            headers: Vec::new(),
         }
     }
 
@@ -227,6 +258,8 @@ impl Reply {
             }),
             served_by: served_by.into(),
             replayed: false,
+            http_status: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -235,5 +268,85 @@ impl Envelope for Reply {
     const KIND: &'static str = "reply";
     fn version(&self) -> ProtocolVersion {
         self.v
+    }
+}
+
+/// Most response headers one reply may set.
+pub const MAX_RESPONSE_HEADERS: usize = 32;
+
+/// Whether a handler may set the response header `name: value` (`name` lower-case):
+/// a token of letters, digits and `-`, not one the gateway owns (framing, hop-by-hop,
+/// CORS, request ids, `x-keelson-*`), a value of visible ASCII, spaces and tabs, at
+/// most 4 KiB. The logic server checks what a handler sets; the gateway checks again
+/// what a reply carries, since any broker peer can publish one.
+pub fn check_response_header(name: &str, value: &str) -> Result<(), String> {
+    const OWNED: [&str; 11] = [
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "x-request-id",
+        "date",
+        "server",
+    ];
+    let token = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !token {
+        return Err(format!(
+            "response header name `{}` is not a lower-case token (letters, digits, `-`, at most 64)",
+            name.escape_default()
+        ));
+    }
+    if OWNED.contains(&name)
+        || name.starts_with("x-keelson-")
+        || name.starts_with("access-control-")
+        || name.starts_with("proxy-")
+    {
+        return Err(format!(
+            "response header `{name}` is set by the gateway, not by handlers"
+        ));
+    }
+    if value.len() > 4096
+        || !value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return Err(format!(
+            "the value of response header `{name}` must be at most 4096 bytes of visible ASCII"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::check_response_header;
+
+    #[test]
+    fn handlers_set_ordinary_headers_but_not_the_gateways_own_or_broken_ones() {
+        assert!(check_response_header("location", "/api/orders/7").is_ok());
+        assert!(check_response_header("cache-control", "no-store").is_ok());
+        for (name, value) in [
+            ("content-length", "1"),
+            ("x-keelson-served-by", "me"),
+            ("access-control-allow-origin", "*"),
+            ("Location", "/x"),
+            ("bad name", "x"),
+            ("", "x"),
+            ("location", "a\r\nset-cookie: x"),
+            ("location", "caf\u{e9}"),
+        ] {
+            assert!(
+                check_response_header(name, value).is_err(),
+                "{name}: {value:?}"
+            );
+        }
     }
 }

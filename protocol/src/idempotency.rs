@@ -99,6 +99,12 @@ pub enum RecordPhase {
         /// The server that ran it.
         #[serde(default)]
         served_by: String,
+        /// The success status the handler chose, if not 200 (protocol 1.2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        http_status: Option<u16>,
+        /// The response headers the handler set (protocol 1.2).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<(String, String)>,
     },
 }
 
@@ -127,6 +133,8 @@ mod tests {
                 body: b"{\"value\":1}".to_vec(),
                 error: None,
                 served_by: "n".into(),
+                http_status: Some(201),
+                headers: vec![("location".into(), "/x".into())],
             },
         };
         assert_eq!(

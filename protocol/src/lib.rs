@@ -23,6 +23,8 @@ pub mod transport;
 pub mod version;
 
 pub use codec::{DecodeError, EncodeError, decode, encode, peek_id};
-pub use envelope::{ErrorInfo, Reply, ReplyStatus, Request};
+pub use envelope::{
+    ErrorInfo, MAX_RESPONSE_HEADERS, Reply, ReplyStatus, Request, check_response_header,
+};
 pub use transport::{Transport, TransportConfig};
 pub use version::ProtocolVersion;

@@ -22,7 +22,7 @@ impl ProtocolVersion {
     /// The version this build writes.
     pub const CURRENT: ProtocolVersion = ProtocolVersion {
         major: 1,
-        minor: if cfg!(feature = "next-preview") { 2 } else { 1 },
+        minor: if cfg!(feature = "next-preview") { 3 } else { 2 },
     };
 
     /// Whether a message written at `self` can be read by this build.

@@ -137,6 +137,8 @@ fn reply_with_version(
             error: error.map(|(code, message)| ErrorInfo { code, message }),
             served_by,
             replayed,
+            http_status: None,
+            headers: Vec::new(),
         })
 }
 

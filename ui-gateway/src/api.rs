@@ -17,7 +17,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keelson_protocol::transport::Message;
 use keelson_protocol::{Reply, ReplyStatus, Request as Envelope, decode, encode};
@@ -207,7 +207,12 @@ pub(crate) async fn call(
     }
     let replayed = reply.replayed;
     let mut response = match reply.status {
-        ReplyStatus::Ok => ok_response(reply.body, &reply.served_by),
+        ReplyStatus::Ok => ok_response(
+            reply.body,
+            reply.http_status,
+            &reply.headers,
+            &reply.served_by,
+        ),
         status => ApiError::Reply {
             status,
             error: reply.error,
@@ -281,18 +286,52 @@ async fn read_body(
 /// tracing a request through the mesh.
 pub const SERVED_BY_HEADER: &str = "x-keelson-served-by";
 
-/// 200 with the handler's JSON, verbatim; an empty answer is `null`.
-fn ok_response(body: Vec<u8>, served_by: &str) -> Response {
-    let body = if body.is_empty() {
-        b"null".to_vec()
-    } else {
-        body
+/// The handler's JSON, verbatim (an empty answer is `null`), with the success status
+/// it chose (200 when none, or one that is not a success status a handler may
+/// choose) and the response headers it set. 204 has no body. A reply may come from
+/// any broker peer: headers the gateway owns or cannot send are dropped (and
+/// logged), never sent.
+fn ok_response(
+    body: Vec<u8>,
+    status: Option<u16>,
+    headers: &[(String, String)],
+    served_by: &str,
+) -> Response {
+    let status = match status {
+        Some(s @ (201 | 202 | 204)) => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+        _ => StatusCode::OK,
     };
-    let mut response = (
-        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        body,
-    )
-        .into_response();
+    let mut response = if status == StatusCode::NO_CONTENT {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        let body = if body.is_empty() {
+            b"null".to_vec()
+        } else {
+            body
+        };
+        (
+            status,
+            [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body,
+        )
+            .into_response()
+    };
+    for (name, value) in headers.iter().take(keelson_protocol::MAX_RESPONSE_HEADERS) {
+        let checked = keelson_protocol::check_response_header(name, value).and_then(|()| {
+            let name =
+                axum::http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+            let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+            Ok((name, value))
+        });
+        match checked {
+            Ok((name, value)) => {
+                response.headers_mut().append(name, value);
+            }
+            Err(e) => {
+                tracing::warn!(served_by, error = %e, "dropping a response header a logic server set")
+            }
+        }
+    }
     // A node id that is not a valid header value is simply not shown.
     if let Ok(value) = HeaderValue::from_str(served_by) {
         response.headers_mut().insert(SERVED_BY_HEADER, value);

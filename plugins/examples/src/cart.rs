@@ -1,130 +1,65 @@
-//! `cart.add`, `cart.list`, `cart.clear`: a per-user shopping cart.
-//!
-//! The cart is one context value (a map of item to quantity) read, changed and
-//! written back, so of two `cart.add` of one user that run at the same instant the
-//! later write wins. That is the usual trade-off of a session cart; a counter is the
-//! tool for values that must never lose an update.
+//! `cart.add`, `cart.list`, `cart.clear`: a per-user cart, one context value read,
+//! changed and written back (of two `cart.add` at once the later wins: a session
+//! cart's usual trade-off). Each answers `{"items": [{"item", "quantity"}, ...]}`.
+//! Settings: `[logic_server.plugins.cart] max_items` (default 100).
 
-use keelson_logic_server::{Handler, HandlerError, RequestCtx, Response, async_trait};
-use serde::{Deserialize, Serialize};
+use keelson_logic_server::{Context, HandlerError, Json, Res, handler, settings_plugin};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-const KEY: &str = "cart";
-
-type Cart = BTreeMap<String, u32>;
-
-#[derive(Debug, Serialize)]
-struct CartView<'a> {
-    items: Vec<Line<'a>>,
-}
-
-#[derive(Debug, Serialize)]
-struct Line<'a> {
-    item: &'a str,
-    quantity: u32,
-}
-
-fn view(cart: &Cart) -> Result<Response, HandlerError> {
-    Response::json(&CartView {
-        items: cart
-            .iter()
-            .map(|(item, quantity)| Line {
-                item,
-                quantity: *quantity,
-            })
-            .collect(),
-    })
-}
-
-/// Body of `cart.add`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Add {
     item: String,
-    #[serde(default = "one")]
-    quantity: u32,
+    quantity: Option<u32>,
 }
 
-fn one() -> u32 {
-    1
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Limits {
+    max_items: Option<usize>,
+}
+settings_plugin!(Limits, "cart");
+
+type Cart = BTreeMap<String, u32>;
+type Answer = Result<Json<Value>, HandlerError>;
+
+fn view(cart: &Cart) -> Answer {
+    let line = |(item, quantity): (&String, &u32)| json!({ "item": item, "quantity": quantity });
+    let items: Vec<_> = cart.iter().map(line).collect();
+    Ok(Json(json!({ "items": items })))
 }
 
-/// Settings of `cart.add`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct AddSettings {
-    /// Most distinct items in one cart.
-    max_items: usize,
-}
-
-impl Default for AddSettings {
-    fn default() -> Self {
-        Self { max_items: 100 }
+async fn add(cx: Context, Json(add): Json<Add>, limits: Res<Limits>) -> Answer {
+    let quantity = add.quantity.unwrap_or(1);
+    let max = limits.max_items.unwrap_or(100);
+    if add.item.is_empty() || add.item.len() > 200 {
+        return Err(HandlerError::bad_request("`item` must be 1 to 200 bytes"));
     }
-}
-
-struct AddHandler {
-    max_items: usize,
-}
-
-#[async_trait]
-impl Handler for AddHandler {
-    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
-        let context = req.context()?;
-        let add: Add = req.json()?;
-        if add.item.is_empty() || add.item.len() > 200 {
-            return Err(HandlerError::bad_request("`item` must be 1 to 200 bytes"));
-        }
-        if add.quantity == 0 {
-            return Err(HandlerError::bad_request("`quantity` must be at least 1"));
-        }
-        let mut cart: Cart = context.get(KEY).await?.unwrap_or_default();
-        if !cart.contains_key(&add.item) && cart.len() >= self.max_items {
-            return Err(HandlerError::Conflict(format!(
-                "the cart already holds {} distinct items",
-                self.max_items
-            )));
-        }
-        let quantity = cart.entry(add.item).or_insert(0);
-        *quantity = quantity.saturating_add(add.quantity);
-        context.set(KEY, &cart).await?;
-        view(&cart)
+    if quantity == 0 {
+        return Err(HandlerError::bad_request("`quantity` must be at least 1"));
     }
+    let mut cart: Cart = cx.get("cart").await?.unwrap_or_default();
+    if !cart.contains_key(&add.item) && cart.len() >= max {
+        let full = format!("the cart already holds {max} distinct items");
+        return Err(HandlerError::Conflict(full));
+    }
+    let total = cart.entry(add.item).or_insert(0);
+    *total = total.saturating_add(quantity);
+    cx.set("cart", &cart).await?;
+    view(&cart)
 }
 
-struct ListHandler;
-
-#[async_trait]
-impl Handler for ListHandler {
-    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
-        let cart: Cart = req.context()?.get(KEY).await?.unwrap_or_default();
-        view(&cart)
-    }
+async fn list(cx: Context) -> Answer {
+    view(&cx.get("cart").await?.unwrap_or_default())
 }
 
-struct ClearHandler;
-
-#[async_trait]
-impl Handler for ClearHandler {
-    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
-        req.context()?.delete(KEY).await?;
-        view(&Cart::new())
-    }
+async fn clear(cx: Context) -> Answer {
+    cx.delete("cart").await?;
+    view(&Cart::new())
 }
 
-keelson_logic_server::register_handler!(
-    "cart.add",
-    "adds {\"item\", \"quantity\"} to the user's cart and answers the cart",
-    |settings| {
-        let s: AddSettings = settings.parse()?;
-        Ok(AddHandler {
-            max_items: s.max_items,
-        })
-    }
-);
-keelson_logic_server::register_handler!("cart.list", "answers the user's cart", |_| Ok(
-    ListHandler
-));
-keelson_logic_server::register_handler!("cart.clear", "empties the user's cart", |_| Ok(
-    ClearHandler
-));
+handler!("cart.add", "adds {\"item\", \"quantity\"} to the cart", add);
+handler!("cart.list", "answers the user's cart", list);
+handler!("cart.clear", "empties the user's cart", clear);

@@ -2,8 +2,10 @@
 //!
 //! The counter is a context counter, not a value read and written back, so
 //! increments of one user arriving at once (even on different servers) all count.
+//! Settings: `[logic_server.plugins.counter] max_step` (default 1,000,000), the
+//! largest step one request may add.
 
-use keelson_logic_server::{Handler, HandlerError, RequestCtx, Response, async_trait};
+use keelson_logic_server::{Context, HandlerError, Json, Res};
 use serde::{Deserialize, Serialize};
 
 const KEY: &str = "counter";
@@ -26,19 +28,15 @@ struct Value {
     value: i64,
 }
 
-struct IncrementHandler {
-    max_step: i64,
-}
-
-/// Settings of `counter.increment`.
+/// The counter plugin's settings, shared by its handlers.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-struct IncrementSettings {
+struct Limits {
     /// Largest absolute step a single request may add.
     max_step: i64,
 }
 
-impl Default for IncrementSettings {
+impl Default for Limits {
     fn default() -> Self {
         Self {
             max_step: 1_000_000,
@@ -46,48 +44,36 @@ impl Default for IncrementSettings {
     }
 }
 
-#[async_trait]
-impl Handler for IncrementHandler {
-    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
-        let context = req.context()?;
-        let by = match req.json::<Option<Increment>>()? {
-            Some(i) => i.by,
-            None => 1,
-        };
-        if by.unsigned_abs() > self.max_step.unsigned_abs() {
-            return Err(HandlerError::bad_request(format!(
-                "`by` must be between -{0} and {0}",
-                self.max_step
-            )));
-        }
-        let value = context.increment(KEY, by).await?;
-        Response::json(&Value { value })
+keelson_logic_server::settings_plugin!(Limits, "counter");
+
+async fn increment(
+    cx: Context,
+    Json(step): Json<Option<Increment>>,
+    limits: Res<Limits>,
+) -> Result<Json<Value>, HandlerError> {
+    let by = step.map_or(1, |i| i.by);
+    if by.unsigned_abs() > limits.max_step.unsigned_abs() {
+        return Err(HandlerError::bad_request(format!(
+            "`by` must be between -{0} and {0}",
+            limits.max_step
+        )));
     }
+    let value = cx.increment(KEY, by).await?;
+    Ok(Json(Value { value }))
 }
 
-struct GetHandler;
-
-#[async_trait]
-impl Handler for GetHandler {
-    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
-        let value = req.context()?.counter(KEY).await?;
-        Response::json(&Value { value })
-    }
+async fn get(cx: Context) -> Result<Json<Value>, HandlerError> {
+    let value = cx.counter(KEY).await?;
+    Ok(Json(Value { value }))
 }
 
-keelson_logic_server::register_handler!(
+keelson_logic_server::handler!(
     "counter.increment",
     "adds `by` (default 1) to the user's counter and answers {\"value\": n}",
-    |settings| {
-        let s: IncrementSettings = settings.parse()?;
-        Ok(IncrementHandler {
-            max_step: s.max_step,
-        })
-    }
+    increment
 );
-
-keelson_logic_server::register_handler!(
+keelson_logic_server::handler!(
     "counter.get",
     "answers the user's counter as {\"value\": n}",
-    |_| Ok(GetHandler)
+    get
 );

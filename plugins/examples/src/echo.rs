@@ -1,16 +1,9 @@
 //! `echo`: the smallest possible handler.
 
-use keelson_logic_server::{Handler, HandlerError, RequestCtx, Response, async_trait};
+use keelson_logic_server::{Body, Response};
 
-struct Echo;
-
-#[async_trait]
-impl Handler for Echo {
-    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
-        Ok(Response::raw_json(req.body().clone()))
-    }
+async fn echo(Body(body): Body) -> Response {
+    Response::raw_json(body)
 }
 
-keelson_logic_server::register_handler!("echo", "answers with its JSON body, unchanged", |_| Ok(
-    Echo
-));
+keelson_logic_server::handler!("echo", "answers with its JSON body, unchanged", echo);

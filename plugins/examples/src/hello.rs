@@ -1,6 +1,6 @@
 //! `hello`: the handler of the README's "Writing a handler plugin", verbatim.
 
-use keelson_logic_server::{Handler, HandlerError, RequestCtx, Response, async_trait};
+use keelson_logic_server::{Context, HandlerError, Json};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -14,18 +14,13 @@ struct Greeting {
     visits: i64,
 }
 
-struct Hello;
-
-#[async_trait]
-impl Handler for Hello {
-    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
-        let greet: Greet = req.json()?; // 400 on a bad body
-        let visits = req.context()?.increment("visits", 1).await?; // 401 when anonymous
-        Response::json(&Greeting {
-            text: format!("hello, {}", greet.name),
-            visits,
-        })
-    }
+/// 401 when anonymous, 400 on a bad body, else a greeting and the visit count.
+async fn hello(cx: Context, Json(greet): Json<Greet>) -> Result<Json<Greeting>, HandlerError> {
+    let visits = cx.increment("visits", 1).await?;
+    Ok(Json(Greeting {
+        text: format!("hello, {}", greet.name),
+        visits,
+    }))
 }
 
-keelson_logic_server::register_handler!("hello", "greets and counts visits", |_settings| Ok(Hello));
+keelson_logic_server::handler!("hello", "greets and counts visits", hello);

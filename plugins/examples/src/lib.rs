@@ -3,6 +3,8 @@
 //! * `echo`: answers with its body, unchanged;
 //! * `counter.increment` / `counter.get`: a per-user counter in the user's context;
 //! * `cart.add` / `cart.list` / `cart.clear`: a per-user shopping cart;
+//! * `shop.prices` / `shop.checkout`: a plugin resource (a price list from the
+//!   settings) and handler-to-handler calls (checkout reads and empties the cart);
 //! * `hello`: the example of the README.
 //!
 //! Linking this crate makes the handlers available; the configuration's
@@ -12,6 +14,7 @@ mod cart;
 mod counter;
 mod echo;
 mod hello;
+pub mod shop;
 
 /// Does nothing; calling it guarantees the linker keeps this crate's registrations.
 pub fn link() {}

@@ -299,6 +299,8 @@ fn newer_minor_reply_with_unknown_fields_decodes_with_known_fields_intact() {
             }),
             served_by: "node-c".into(),
             replayed: false,
+            http_status: None,
+            headers: Vec::new(),
         }
     );
 }
@@ -366,6 +368,8 @@ fn reply_without_optional_fields_decodes_with_defaults() {
             error: None,
             served_by: String::new(),
             replayed: false,
+            http_status: None,
+            headers: Vec::new(),
         }
     );
 }

@@ -1,0 +1,540 @@
+//! The test kit: run handlers in a unit test, without a broker.
+//!
+//! Both tools run the real logic server (dispatch, extractors, context replication,
+//! outcome records, plugin set-up and shutdown) over the in-memory transport, which
+//! has the semantics of the AMQP one; only HTTP is left out, and
+//! [`TestReply::status`] says which HTTP status the gateway would answer.
+//!
+//! * [`TestRequest`]: one request to one handler, with a user, a body, context
+//!   contents, settings and plugin resources given by the test;
+//! * [`TestCluster`]: N logic servers and a client in one process, for testing how
+//!   a plugin behaves when its state is replicated and servers stop.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use keelson_logic_server::testkit::TestRequest;
+//! # async fn add(cx: keelson_logic_server::Context) -> Result<keelson_logic_server::Json<i64>, keelson_logic_server::Error> {
+//! #     Ok(keelson_logic_server::Json(cx.increment("n", 1).await?))
+//! # }
+//! # keelson_logic_server::handler!("doc.testkit.add", "adds one", add);
+//! let reply = TestRequest::new("doc.testkit.add")
+//!     .user("ada")
+//!     .counter("n", 41)
+//!     .send()
+//!     .await;
+//! assert_eq!(reply.status(), 200);
+//! assert_eq!(reply.json::<i64>(), 42);
+//! assert_eq!(reply.counter("n").await, 42);
+//! # }
+//! ```
+//!
+//! The helpers panic with a message saying what went wrong, as test code does.
+
+use crate::config::{ContextConfig, LogicServerConfig};
+use crate::context::{ContextStore, ReplicatedContextStore};
+use crate::plugin::Registry;
+use crate::resource::{Plugin, Resources};
+use crate::server::{LogicServer, RunningServer};
+use bytes::Bytes;
+use keelson_protocol::client::Client;
+use keelson_protocol::transport::memory::MemoryTransport;
+use keelson_protocol::{Reply, ReplyStatus, Request, Transport};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// The service the test kit's servers consume.
+const SERVICE: &str = "keelson-testkit";
+
+/// How long a test request may take unless the test says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the handlers of a test run with: which ones, their settings and plugins.
+#[derive(Debug, Default)]
+struct Setup {
+    handlers: Vec<String>,
+    handler_settings: BTreeMap<String, serde_json::Value>,
+    plugin_settings: BTreeMap<String, serde_json::Value>,
+    resources: Option<Resources>,
+}
+
+impl Setup {
+    async fn registry(&mut self) -> Registry {
+        let registry = Registry::build_with(
+            &self.handlers,
+            &self.handler_settings,
+            &self.plugin_settings,
+            self.resources.take().unwrap_or_default(),
+        )
+        .await;
+        registry.unwrap_or_else(|e| panic!("the test's handlers cannot be set up: {e}"))
+    }
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_else(|e| panic!("cannot serialize to JSON: {e}"))
+}
+
+async fn start_server(
+    transport: &MemoryTransport,
+    node: &str,
+    registry: Registry,
+) -> (RunningServer, Arc<ReplicatedContextStore>) {
+    let transport: Arc<dyn Transport> = Arc::new(transport.clone());
+    let store = ReplicatedContextStore::start(transport.clone(), node, ContextConfig::default())
+        .await
+        .unwrap_or_else(|e| panic!("the context store of {node} does not start: {e}"));
+    let config = LogicServerConfig {
+        service: SERVICE.to_owned(),
+        concurrency: 16,
+        drain_timeout_ms: 5_000,
+        ..LogicServerConfig::default()
+    };
+    let server = LogicServer::new(config, node, transport, registry, store.clone())
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("the logic server {node} does not start: {e}"));
+    (server, store)
+}
+
+fn unix_ms_after(timeout: Duration) -> u64 {
+    SystemTime::now()
+        .checked_add(timeout)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(u64::MAX, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A request as the gateway would send it.
+fn request(handler: &str, user: Option<&str>, body: Vec<u8>, timeout: Duration) -> Request {
+    let id = format!("test-{}", REQUEST_IDS.fetch_add(1, Ordering::Relaxed));
+    let mut request = Request::new(id, handler, body, unix_ms_after(timeout));
+    request.user = user.map(str::to_owned);
+    request
+}
+
+async fn send(client: &Client, request: &Request, timeout: Duration) -> Reply {
+    client
+        .send(request, Instant::now() + timeout)
+        .await
+        .unwrap_or_else(|e| panic!("`{}` was not answered: {e}", request.handler))
+}
+
+/// One request to one handler, run on a logic server of its own.
+#[derive(Debug)]
+pub struct TestRequest {
+    handler: String,
+    user: Option<String>,
+    body: Vec<u8>,
+    idempotency_key: Option<String>,
+    headers: BTreeMap<String, String>,
+    timeout: Duration,
+    values: Vec<(String, Bytes)>,
+    counters: Vec<(String, i64)>,
+    setup: Setup,
+}
+
+impl TestRequest {
+    /// A request to the handler registered as `handler`, anonymous, with an empty
+    /// body.
+    pub fn new(handler: &str) -> Self {
+        Self {
+            handler: handler.to_owned(),
+            user: None,
+            body: Vec::new(),
+            idempotency_key: None,
+            headers: BTreeMap::new(),
+            timeout: DEFAULT_TIMEOUT,
+            values: Vec::new(),
+            counters: Vec::new(),
+            setup: Setup {
+                handlers: vec![handler.to_owned()],
+                ..Setup::default()
+            },
+        }
+    }
+
+    /// Sent on behalf of the verified user `user`.
+    pub fn user(mut self, user: &str) -> Self {
+        self.user = Some(user.to_owned());
+        self
+    }
+
+    /// `body` as the JSON body.
+    pub fn json<T: Serialize + ?Sized>(mut self, body: &T) -> Self {
+        self.body = to_json(body).to_string().into_bytes();
+        self
+    }
+
+    /// These bytes as the body, as a client may send anything.
+    pub fn raw_body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// The client's `Idempotency-Key`.
+    pub fn idempotency_key(mut self, key: &str) -> Self {
+        self.idempotency_key = Some(key.to_owned());
+        self
+    }
+
+    /// A propagated header (e.g. `traceparent`).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(name.to_owned(), value.to_owned());
+        self
+    }
+
+    /// How long the handler may take (10 s unless set).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The user's context holds `value` under `key` before the request.
+    pub fn context_value<T: Serialize + ?Sized>(mut self, key: &str, value: &T) -> Self {
+        let bytes = to_json(value).to_string().into_bytes();
+        self.values.push((key.to_owned(), bytes.into()));
+        self
+    }
+
+    /// The user's counter `key` stands at `value` before the request.
+    pub fn counter(mut self, key: &str, value: i64) -> Self {
+        self.counters.push((key.to_owned(), value));
+        self
+    }
+
+    /// The handler's settings, as `[logic_server.handler_settings."<handler>"]`.
+    pub fn settings<T: Serialize + ?Sized>(mut self, settings: &T) -> Self {
+        self.setup
+            .handler_settings
+            .insert(self.handler.clone(), to_json(settings));
+        self
+    }
+
+    /// Plugin `plugin`'s settings, as `[logic_server.plugins.<plugin>]`.
+    pub fn plugin_settings<T: Serialize + ?Sized>(mut self, plugin: &str, settings: &T) -> Self {
+        self.setup
+            .plugin_settings
+            .insert(plugin.to_owned(), to_json(settings));
+        self
+    }
+
+    /// Use `plugin` as built by the test instead of setting it up from settings.
+    pub fn resource<P: Plugin>(mut self, plugin: P) -> Self {
+        self.setup
+            .resources
+            .get_or_insert_with(Resources::default)
+            .insert(plugin);
+        self
+    }
+
+    /// Also enable the handler `handler` (one this handler calls).
+    pub fn with_handler(mut self, handler: &str) -> Self {
+        self.setup.handlers.push(handler.to_owned());
+        self
+    }
+
+    /// Run the request and return the reply. The server is drained and its plugins
+    /// shut down before this returns.
+    pub async fn send(mut self) -> TestReply {
+        let transport = MemoryTransport::new();
+        let registry = self.setup.registry().await;
+        let (server, store) = start_server(&transport, "test", registry).await;
+        if let Some(user) = &self.user {
+            for (key, value) in self.values.drain(..) {
+                if let Err(e) = store.set(user, &key, value).await {
+                    panic!("cannot put `{key}` in the context: {e}");
+                }
+            }
+            for (key, value) in self.counters.drain(..) {
+                if let Err(e) = store.increment(user, &key, value).await {
+                    panic!("cannot set the counter `{key}`: {e}");
+                }
+            }
+        } else if !self.values.is_empty() || !self.counters.is_empty() {
+            panic!("context contents need a user: call .user(...) too");
+        }
+        let mut request = request(
+            &self.handler,
+            self.user.as_deref(),
+            std::mem::take(&mut self.body),
+            self.timeout,
+        );
+        request.idempotency_key = self.idempotency_key.take();
+        request.headers = std::mem::take(&mut self.headers);
+        let client = Client::new(Arc::new(transport.clone()));
+        let reply = send(&client, &request, self.timeout + Duration::from_secs(1)).await;
+        server.shutdown().await;
+        TestReply {
+            reply,
+            store: store as Arc<dyn ContextStore>,
+            user: self.user,
+        }
+    }
+}
+
+/// A handler's reply, as a test sees it.
+#[derive(Debug)]
+pub struct TestReply {
+    reply: Reply,
+    store: Arc<dyn ContextStore>,
+    user: Option<String>,
+}
+
+impl TestReply {
+    /// The HTTP status the gateway would answer with.
+    pub fn status(&self) -> u16 {
+        match self.reply.status {
+            ReplyStatus::Ok => self.reply.http_status.unwrap_or(200),
+            status => status.http_status(),
+        }
+    }
+
+    /// The body read as `T`; panics when the request failed or the body is not a `T`.
+    #[track_caller]
+    pub fn json<T: DeserializeOwned>(&self) -> T {
+        if self.reply.status != ReplyStatus::Ok {
+            panic!(
+                "the request failed with {} ({:?}): {:?}",
+                self.status(),
+                self.reply.status,
+                self.reply.error
+            );
+        }
+        let body: &[u8] = if self.reply.body.is_empty() {
+            b"null"
+        } else {
+            &self.reply.body
+        };
+        serde_json::from_slice(body).unwrap_or_else(|e| {
+            panic!(
+                "the body {:?} is not the expected type: {e}",
+                String::from_utf8_lossy(body)
+            )
+        })
+    }
+
+    /// The body's bytes (empty for an error or a 204).
+    pub fn body(&self) -> &[u8] {
+        &self.reply.body
+    }
+
+    /// The response header `name` (lower case) the handler set.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.reply
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The error code of a failed request (`bad_request`, `unauthorized`, ...).
+    pub fn error_code(&self) -> Option<&str> {
+        self.reply.error.as_ref().map(|e| e.code.as_str())
+    }
+
+    /// The error message a failed request shows its caller.
+    pub fn error_message(&self) -> Option<&str> {
+        self.reply.error.as_ref().map(|e| e.message.as_str())
+    }
+
+    /// The whole reply envelope.
+    pub fn reply(&self) -> &Reply {
+        &self.reply
+    }
+
+    /// The value under `key` in the user's context after the request.
+    pub async fn context<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let user = self.user_or_panic();
+        let bytes = self
+            .store
+            .get(user, key)
+            .await
+            .unwrap_or_else(|e| panic!("cannot read `{key}`: {e}"))?;
+        Some(
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("`{key}` is not the expected type: {e}")),
+        )
+    }
+
+    /// The user's counter `key` after the request.
+    pub async fn counter(&self, key: &str) -> i64 {
+        let user = self.user_or_panic();
+        self.store
+            .counter(user, key)
+            .await
+            .unwrap_or_else(|e| panic!("cannot read the counter `{key}`: {e}"))
+    }
+
+    fn user_or_panic(&self) -> &str {
+        self.user
+            .as_deref()
+            .unwrap_or_else(|| panic!("the request had no user, so no context"))
+    }
+}
+
+/// Several logic servers and a client in one process, on one in-memory transport:
+/// requests go to whichever server takes them first, contexts replicate between
+/// them, and a server can be stopped mid-test.
+#[derive(Debug)]
+pub struct TestCluster {
+    transport: MemoryTransport,
+    client: Client,
+    servers: Vec<Option<(RunningServer, Arc<ReplicatedContextStore>)>>,
+}
+
+/// How a [`TestCluster`] is set up; see [`TestCluster::builder`].
+#[derive(Debug)]
+pub struct TestClusterBuilder {
+    setup: Setup,
+}
+
+impl TestClusterBuilder {
+    /// The handlers' settings, as `[logic_server.handler_settings."<handler>"]`.
+    pub fn handler_settings<T: Serialize + ?Sized>(mut self, handler: &str, settings: &T) -> Self {
+        self.setup
+            .handler_settings
+            .insert(handler.to_owned(), to_json(settings));
+        self
+    }
+
+    /// Plugin `plugin`'s settings, as `[logic_server.plugins.<plugin>]`.
+    pub fn plugin_settings<T: Serialize + ?Sized>(mut self, plugin: &str, settings: &T) -> Self {
+        self.setup
+            .plugin_settings
+            .insert(plugin.to_owned(), to_json(settings));
+        self
+    }
+
+    /// Start `servers` logic servers (named `server-0`, `server-1`, ...), each
+    /// joining the context of those before it.
+    pub async fn start(mut self, servers: usize) -> TestCluster {
+        let transport = MemoryTransport::new();
+        let mut started = Vec::with_capacity(servers);
+        for i in 0..servers {
+            let registry = self.setup.registry().await;
+            started.push(Some(
+                start_server(&transport, &format!("server-{i}"), registry).await,
+            ));
+        }
+        TestCluster {
+            client: Client::new(Arc::new(transport.clone())),
+            transport,
+            servers: started,
+        }
+    }
+}
+
+impl TestCluster {
+    /// A cluster whose servers enable `handlers`.
+    pub fn builder(handlers: &[&str]) -> TestClusterBuilder {
+        TestClusterBuilder {
+            setup: Setup {
+                handlers: handlers.iter().map(|h| (*h).to_owned()).collect(),
+                ..Setup::default()
+            },
+        }
+    }
+
+    /// Call `handler` with the JSON `body`, as `user` (or anonymously).
+    pub async fn call<T: Serialize + ?Sized>(
+        &self,
+        user: Option<&str>,
+        handler: &str,
+        body: &T,
+    ) -> TestReply {
+        let body = to_json(body).to_string().into_bytes();
+        let request = request(handler, user, body, DEFAULT_TIMEOUT);
+        let reply = send(&self.client, &request, DEFAULT_TIMEOUT).await;
+        let store = self
+            .live()
+            .next()
+            .map(|(_, store)| store.clone() as Arc<dyn ContextStore>)
+            .unwrap_or_else(|| panic!("every server of the cluster is stopped"));
+        TestReply {
+            reply,
+            store,
+            user: user.map(str::to_owned),
+        }
+    }
+
+    /// The node that served `reply`.
+    pub fn served_by(reply: &TestReply) -> &str {
+        &reply.reply.served_by
+    }
+
+    /// Drain and stop server `i`: it finishes what it runs, its queue share goes to
+    /// the others, its plugins shut down.
+    pub async fn stop(&mut self, i: usize) {
+        let Some((server, store)) = self.servers.get_mut(i).and_then(Option::take) else {
+            panic!("server {i} is not running");
+        };
+        server.shutdown().await;
+        store.stop();
+    }
+
+    /// Wait until every running server has applied every context write made so
+    /// far.
+    pub async fn settle(&self) {
+        for (i, store) in self.live() {
+            if !store.barrier(Duration::from_secs(5)).await {
+                panic!("server-{i} did not apply the context writes within 5 s");
+            }
+        }
+    }
+
+    /// `user`'s value under `key` as server `i` holds it.
+    pub async fn context_on<T: DeserializeOwned>(
+        &self,
+        i: usize,
+        user: &str,
+        key: &str,
+    ) -> Option<T> {
+        let Some(Some((_, store))) = self.servers.get(i) else {
+            panic!("server {i} is not running");
+        };
+        let bytes = store
+            .get(user, key)
+            .await
+            .unwrap_or_else(|e| panic!("cannot read `{key}` on server-{i}: {e}"))?;
+        Some(
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("`{key}` is not the expected type: {e}")),
+        )
+    }
+
+    /// `user`'s counter `key` as server `i` holds it.
+    pub async fn counter_on(&self, i: usize, user: &str, key: &str) -> i64 {
+        let Some(Some((_, store))) = self.servers.get(i) else {
+            panic!("server {i} is not running");
+        };
+        store
+            .counter(user, key)
+            .await
+            .unwrap_or_else(|e| panic!("cannot read the counter `{key}` on server-{i}: {e}"))
+    }
+
+    /// Stop every server and close the transport.
+    pub async fn shutdown(mut self) {
+        for i in 0..self.servers.len() {
+            if self.servers[i].is_some() {
+                self.stop(i).await;
+            }
+        }
+        self.transport.close().await;
+    }
+
+    fn live(&self) -> impl Iterator<Item = (usize, &Arc<ReplicatedContextStore>)> {
+        self.servers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|(_, store)| (i, store)))
+    }
+}

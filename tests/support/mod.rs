@@ -139,7 +139,7 @@ fn built(var: &str, name: &str) -> String {
 }
 
 impl Bin {
-    fn path(self) -> String {
+    pub fn path(self) -> String {
         match self {
             Bin::Keelson => env!("CARGO_BIN_EXE_keelson").to_owned(),
             Bin::Gateway => env!("CARGO_BIN_EXE_ui-gateway").to_owned(),

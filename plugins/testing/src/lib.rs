@@ -12,6 +12,11 @@
 //!   crash must not make the write count twice;
 //! * `test.abort`: aborts the whole process (a poison message: a handler that kills
 //!   its server, as an out-of-memory kill or a crash in native code would);
+//! * `test.relay`: calls `{"handler": NAME, "body": BODY}` and answers its answer;
+//! * `test.cycle`: calls itself (a cycle, ended by the deadline);
+//! * `test.meta`: answers `{"user", "id", "left_ms"}` of the request;
+//! * `test.fragile`: takes the plugin `fragile`, whose set-up fails with
+//!   `[logic_server.plugins.fragile] fail = true`;
 //! * `test.next` (feature `next`): exists only in the "next version" build of the
 //!   rolling-upgrade test.
 //!
@@ -167,3 +172,76 @@ keelson_logic_server::register_handler!(
     "exists only in the next-version build",
     |_| Ok(Next)
 );
+
+// Handlers written as functions: handler-to-handler calls and plugin set-up.
+
+/// `{"handler": NAME, "body": BODY}`: what `test.relay` calls.
+#[derive(Debug, Deserialize)]
+struct Relay {
+    handler: String,
+    #[serde(default)]
+    body: serde_json::Value,
+}
+
+/// Calls the handler its body names and answers what it answered.
+async fn relay(
+    calls: keelson_logic_server::Caller,
+    keelson_logic_server::Json(relay): keelson_logic_server::Json<Relay>,
+) -> Result<keelson_logic_server::Json<serde_json::Value>, HandlerError> {
+    let answer = calls.call(&relay.handler, &relay.body).await?;
+    Ok(keelson_logic_server::Json(answer))
+}
+
+/// Calls itself: a cycle, which must end at the deadline.
+async fn cycle(
+    calls: keelson_logic_server::Caller,
+) -> Result<keelson_logic_server::Json<serde_json::Value>, HandlerError> {
+    calls
+        .call("test.cycle", &())
+        .await
+        .map(keelson_logic_server::Json)
+}
+
+/// Answers what the request says about itself: `{"user", "id", "left_ms"}`.
+async fn meta(
+    user: Option<keelson_logic_server::User>,
+    meta: keelson_logic_server::Meta,
+) -> keelson_logic_server::Json<serde_json::Value> {
+    let left = meta
+        .deadline
+        .saturating_duration_since(tokio::time::Instant::now());
+    keelson_logic_server::Json(json!({
+        "user": user.map(|u| u.0),
+        "id": meta.id,
+        "left_ms": u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+    }))
+}
+
+/// A plugin whose set-up fails when its settings say `fail = true`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Fragile {
+    fail: bool,
+}
+
+impl keelson_logic_server::Plugin for Fragile {
+    const NAME: &'static str = "fragile";
+    type Settings = Self;
+    async fn setup(settings: Self) -> Result<Self, keelson_logic_server::Error> {
+        if settings.fail {
+            return Err(keelson_logic_server::Error::internal(
+                "cannot open the ledger at /nonexistent/ledger.db",
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+async fn fragile(_plugin: keelson_logic_server::Res<Fragile>) -> keelson_logic_server::Json<bool> {
+    keelson_logic_server::Json(true)
+}
+
+keelson_logic_server::handler!("test.relay", "calls {\"handler\", \"body\"}", relay);
+keelson_logic_server::handler!("test.cycle", "calls itself", cycle);
+keelson_logic_server::handler!("test.meta", "answers {user, id, left_ms}", meta);
+keelson_logic_server::handler!("test.fragile", "takes the fragile plugin", fragile);

@@ -45,7 +45,7 @@ impl Response {
     /// Serialize `value` as the JSON answer (200).
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, HandlerError> {
         serde_json::to_vec(value)
-            .map(|v| Self::raw_json(v))
+            .map(Self::raw_json)
             .map_err(|e| HandlerError::internal(format!("cannot serialize the response: {e}")))
     }
 
@@ -63,9 +63,9 @@ impl Response {
         location: impl Into<String>,
         value: &T,
     ) -> Result<Self, HandlerError> {
-        Ok(Self::json(value)?
+        Self::json(value)?
             .with_status(201)?
-            .with_header("location", location)?)
+            .with_header("location", location)
     }
 
     /// 202 Accepted: `value` as JSON (the work goes on after the answer).

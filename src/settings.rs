@@ -16,8 +16,13 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The configuration file of an application made by `keelson new`, looked for first
+/// in the working directory.
+pub const LOCAL_CONFIG: &str = "keelson.toml";
+
 /// The default configuration file of the embedded mesh, relative to the working
-/// directory (the repository root under `cargo run`).
+/// directory (the repository root under `cargo run`), used when there is no
+/// [`LOCAL_CONFIG`].
 pub const DEFAULT_CONFIG: &str = "config/keelson.toml";
 
 /// A copy of `config/keelson.toml` built into the binary, used when the default file
@@ -136,13 +141,15 @@ pub enum Source {
 }
 
 impl Source {
-    /// The file given with `--config`, or the default file, or the built-in copy when
-    /// the default file does not exist.
+    /// The file given with `--config`; else [`LOCAL_CONFIG`] when the working
+    /// directory has one; else [`DEFAULT_CONFIG`] when it exists; else the built-in copy.
     pub fn resolve(explicit: Option<PathBuf>) -> Self {
         match explicit {
             Some(p) => Source::File(p),
-            None if Path::new(DEFAULT_CONFIG).exists() => Source::File(DEFAULT_CONFIG.into()),
-            None => Source::Builtin,
+            None => [LOCAL_CONFIG, DEFAULT_CONFIG]
+                .into_iter()
+                .find(|file| Path::new(file).is_file())
+                .map_or(Source::Builtin, |file| Source::File(file.into())),
         }
     }
 

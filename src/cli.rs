@@ -42,6 +42,9 @@ enum Command {
     /// It consumes its service's queue. Needs --config, e.g.
     /// config/logic-server.toml.
     LogicServer,
+    /// Create an application: a cargo package in DIR whose binary is this command
+    /// line with its own handlers, depending on Keelson by path.
+    New(crate::scaffold::NewArgs),
     /// Print a bearer token for USER that the configured gateway accepts.
     Token {
         /// The user id (the token's `sub`).
@@ -181,6 +184,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         (_, explicit) => Source::resolve(explicit),
     };
     match command {
+        Command::New(args) => println!("{}", crate::scaffold::create(&args)?),
         Command::Run => serve(Role::Embedded, &source)?,
         Command::UiGateway => serve(Role::Gateway, &source)?,
         Command::LogicServer => serve(Role::LogicServer, &source)?,

@@ -18,6 +18,7 @@
 pub mod cli;
 pub mod dlq;
 pub mod run;
+pub mod scaffold;
 pub mod settings;
 pub mod status;
 pub mod telemetry;

@@ -1,0 +1,158 @@
+//! The `keelson` command line run as a user runs it: `keelson new` and what it
+//! writes, and `keelson handlers`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use keelson::settings::{Source, load_with_env};
+use std::collections::HashMap;
+use std::path::Path;
+use support::{Scratch, keelson};
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Every file under `dir`, relative to it, sorted.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let relative = path.strip_prefix(dir).unwrap();
+                files.push(relative.to_string_lossy().into_owned());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn new_writes_an_application_whose_configuration_loads() {
+    let scratch = Scratch::new();
+    let out = keelson(&["new", "apps/shop"], Some(scratch.path()));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("cd apps/shop && cargo run"), "{stdout}");
+
+    let app = scratch.path().join("apps/shop");
+    assert_eq!(
+        files_under(&app),
+        [
+            ".gitignore",
+            "Cargo.lock",
+            "Cargo.toml",
+            "README.md",
+            "keelson.toml",
+            "src/main.rs"
+        ]
+    );
+    let read = |file: &str| std::fs::read_to_string(app.join(file)).unwrap();
+
+    // The package: its name from the directory, Keelson by absolute path, and a
+    // workspace of its own.
+    let manifest: toml::Table = toml::from_str(&read("Cargo.toml")).unwrap();
+    assert_eq!(manifest["package"]["name"].as_str(), Some("shop"));
+    assert_eq!(manifest["package"]["edition"].as_str(), Some("2024"));
+    let keelson_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .canonicalize()
+        .unwrap();
+    assert_eq!(
+        manifest["dependencies"]["keelson"]["path"].as_str(),
+        keelson_dir.to_str()
+    );
+    for dependency in ["serde", "serde_json", "tokio"] {
+        assert!(
+            manifest["dependencies"].get(dependency).is_some(),
+            "{dependency}"
+        );
+    }
+    assert!(manifest["workspace"].as_table().unwrap().is_empty());
+
+    assert_eq!(
+        read("Cargo.lock"),
+        std::fs::read_to_string(keelson_dir.join("Cargo.lock")).unwrap()
+    );
+    assert!(read("src/main.rs").starts_with("//! shop: a Keelson application."));
+    assert!(read("src/main.rs").contains("keelson::main()"));
+    assert_eq!(read(".gitignore"), "/target\n/.keelson\n");
+    assert!(read("README.md").contains("curl -s -XPOST localhost:8080/api/hello"));
+
+    let config = load_with_env(
+        &Source::File(app.join("keelson.toml")),
+        Some(HashMap::new()),
+    )
+    .unwrap();
+    assert_eq!(config.logic_server.handlers, ["hello"]);
+    assert_eq!(config.gateway.listen, "127.0.0.1:8080");
+    assert_eq!(config.transport.kind(), "memory");
+}
+
+#[test]
+fn new_takes_a_name_and_a_keelson_path() {
+    let scratch = Scratch::new();
+    let keelson_dir = env!("CARGO_MANIFEST_DIR");
+    let out = keelson(
+        &[
+            "new",
+            "app",
+            "--name",
+            "my-shop",
+            "--keelson-path",
+            keelson_dir,
+        ],
+        Some(scratch.path()),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(scratch.path().join("app/Cargo.toml")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["package"]["name"].as_str(), Some("my-shop"));
+}
+
+#[test]
+fn new_refuses_a_directory_that_is_not_empty_and_writes_nothing() {
+    let scratch = Scratch::new();
+    std::fs::create_dir(scratch.path().join("shop")).unwrap();
+    scratch.write("shop/notes.txt", "mine");
+    let out = keelson(&["new", "shop"], Some(scratch.path()));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("shop already exists and is not empty"),
+        "{stderr}"
+    );
+    assert_eq!(files_under(&scratch.path().join("shop")), ["notes.txt"]);
+}
+
+#[test]
+fn new_refuses_a_name_cargo_would_refuse_and_writes_nothing() {
+    let scratch = Scratch::new();
+    for (args, expected) in [
+        (
+            &["new", "my app"][..],
+            "`my app` cannot be the package name: ` ` is not allowed",
+        ),
+        (
+            &["new", "app", "--name", "2fast"][..],
+            "`2fast` cannot be the package name: it must start with a letter",
+        ),
+        (
+            &["new", "app", "--keelson-path", "/"][..],
+            "/ is not a Keelson checkout",
+        ),
+    ] {
+        let out = keelson(args, Some(scratch.path()));
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    assert!(files_under(scratch.path()).is_empty());
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+}

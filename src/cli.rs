@@ -54,7 +54,12 @@ enum Command {
         #[arg(long)]
         ttl_s: Option<u64>,
     },
-    /// List the handlers linked into this binary.
+    /// List the handlers linked into this binary, marking those the configuration
+    /// enables.
+    ///
+    /// Handlers the configuration enables that no linked plugin offers are listed
+    /// as missing, and the exit status is then 1: a logic server would refuse to
+    /// start with that configuration.
     Handlers,
     /// Inspect the dead-letter queue of the configuration's transport, and re-drive
     /// dead requests.
@@ -232,8 +237,22 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(crate::topology::run(&config, args))?;
         }
         Command::Handlers => {
-            for (name, plugin) in keelson_logic_server::Registry::available() {
-                println!("{name:24} {}", plugin.description);
+            let config = settings::load(&source)?;
+            let linked: Vec<_> = keelson_logic_server::Registry::available()
+                .into_values()
+                .map(|plugin| crate::handler_list::Linked {
+                    name: plugin.name,
+                    description: plugin.description,
+                })
+                .collect();
+            let listing = crate::handler_list::render(
+                &linked,
+                &config.logic_server.handlers,
+                &source.describe(),
+            );
+            print!("{}", listing.text);
+            if !listing.missing.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
         }
     }

@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod dlq;
+pub mod handler_list;
 pub mod run;
 pub mod scaffold;
 pub mod settings;

@@ -156,3 +156,109 @@ fn new_refuses_a_name_cargo_would_refuse_and_writes_nothing() {
     assert!(files_under(scratch.path()).is_empty());
     assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
 }
+
+/// The line of `listing` for `handler`, without its description.
+fn handler_line<'a>(listing: &'a str, handler: &str) -> &'a str {
+    listing
+        .lines()
+        .find(|line| {
+            line.get(2..)
+                .is_some_and(|rest| rest.split_whitespace().next() == Some(handler))
+        })
+        .unwrap_or_else(|| panic!("no line for {handler}:\n{listing}"))
+}
+
+#[test]
+fn handlers_marks_what_the_configuration_enables_and_what_is_missing() {
+    let scratch = Scratch::new();
+    let config = scratch.write(
+        "app.toml",
+        "[logic_server]\nhandlers = [\"echo\", \"cart.add\", \"nope\"]\n",
+    );
+    let out = keelson(&["handlers", "--config", config.to_str().unwrap()], None);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("Handlers linked into this binary"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().next().unwrap().contains("app.toml"),
+        "{stdout}"
+    );
+    assert!(handler_line(&stdout, "echo").starts_with("* "), "{stdout}");
+    assert!(
+        handler_line(&stdout, "cart.add").starts_with("* "),
+        "{stdout}"
+    );
+    assert!(
+        handler_line(&stdout, "cart.list").starts_with("  "),
+        "{stdout}"
+    );
+    assert!(
+        handler_line(&stdout, "test.slow").starts_with("  "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\nMissing: enabled by"), "{stdout}");
+    assert!(stdout.ends_with("! nope\n"), "{stdout}");
+    // A logic server would refuse this configuration.
+    assert_eq!(out.status.code(), Some(1));
+
+    std::fs::write(&config, "[logic_server]\nhandlers = [\"echo\"]\n").unwrap();
+    let out = keelson(&["handlers", "--config", config.to_str().unwrap()], None);
+    assert!(out.status.success());
+    assert!(!text(&out.stdout).contains("Missing"));
+}
+
+#[test]
+fn without_config_keelson_toml_of_the_working_directory_comes_first() {
+    let scratch = Scratch::new();
+    let out = keelson(&["handlers"], Some(scratch.path()));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with("of built-in config/keelson.toml"),
+        "{stdout}"
+    );
+    assert!(handler_line(&stdout, "echo").starts_with("* "), "{stdout}");
+
+    std::fs::create_dir(scratch.path().join("config")).unwrap();
+    scratch.write(
+        "config/keelson.toml",
+        "[logic_server]\nhandlers = [\"cart.list\"]\n",
+    );
+    let stdout = text(&keelson(&["handlers"], Some(scratch.path())).stdout);
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with("of config/keelson.toml"),
+        "{stdout}"
+    );
+    assert!(
+        handler_line(&stdout, "cart.list").starts_with("* "),
+        "{stdout}"
+    );
+    assert!(handler_line(&stdout, "echo").starts_with("  "), "{stdout}");
+
+    scratch.write(
+        "keelson.toml",
+        "[logic_server]\nhandlers = [\"counter.get\"]\n",
+    );
+    let stdout = text(&keelson(&["handlers"], Some(scratch.path())).stdout);
+    assert!(
+        stdout.lines().next().unwrap().ends_with("of keelson.toml"),
+        "{stdout}"
+    );
+    assert!(
+        handler_line(&stdout, "counter.get").starts_with("* "),
+        "{stdout}"
+    );
+    assert!(
+        handler_line(&stdout, "cart.list").starts_with("  "),
+        "{stdout}"
+    );
+}

@@ -1,5 +1,7 @@
 //! Loading the configuration: one TOML file, overridden by `KEELSON__SECTION__KEY`
-//! environment variables, validated strictly.
+//! environment variables, validated strictly. Handler settings, whose handler names
+//! hold dots, are overridden as `KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__CART_ADD__MAX_ITEMS`
+//! ([`handler_env`]).
 //!
 //! Every binary reads the same schema ([`KeelsonConfig`]); each uses the sections it
 //! needs, so a file for the gateway and one for a logic server differ from the
@@ -15,6 +17,8 @@ use keelson_ui_gateway::{AuthConfig, GatewayConfig};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+pub mod handler_env;
 
 /// The configuration file of an application made by `keelson new`, looked for first
 /// in the working directory.
@@ -198,6 +202,11 @@ pub fn load_with_env(
         Source::Builtin => BUILTIN_CONFIG.to_owned(),
     };
     let file = config::File::from_str(&text, config::FileFormat::Toml);
+    let mut vars = match env {
+        Some(vars) => vars,
+        None => process_environment().map_err(|e| ConfigError::new(&origin, e))?,
+    };
+    let handler_vars = handler_env::split(&mut vars);
     let environment = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
@@ -210,8 +219,14 @@ pub fn load_with_env(
         .with_list_parse_key("auth.algorithms")
         .with_list_parse_key("gateway.cors.allowed_origins")
         .with_list_parse_key("gateway.cors.allowed_headers")
-        .source(env);
-    let overridden = environment_keys(&environment);
+        .source(Some(vars));
+    let mut overridden = environment_keys(&environment);
+    overridden.extend(
+        handler_vars
+            .iter()
+            .map(|(name, _)| name.to_ascii_uppercase()),
+    );
+    overridden.sort();
     let built = config::Config::builder()
         .add_source(file)
         .add_source(environment)
@@ -225,7 +240,7 @@ pub fn load_with_env(
             overridden.join(", ")
         )
     };
-    let config = serde_path_to_error::deserialize::<_, KeelsonConfig>(built).map_err(|e| {
+    let mut config = serde_path_to_error::deserialize::<_, KeelsonConfig>(built).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path.is_empty() || path == "." || inner.contains(&format!("`{path}`")) {
@@ -234,6 +249,8 @@ pub fn load_with_env(
             ConfigError::new(&origin, format!("at key `{path}`: {inner}"))
         }
     })?;
+    handler_env::apply(&handler_vars, &mut config.logic_server)
+        .map_err(|e| ConfigError::new(&origin, e))?;
     // Settings that parse but contradict each other; the messages name the keys.
     config
         .auth
@@ -249,6 +266,24 @@ pub fn load_with_env(
         .validate()
         .map_err(|e| ConfigError::new(&origin, e))?;
     Ok(config)
+}
+
+/// The variables of this process whose names start with `KEELSON__` (in any case,
+/// as `config` matches them); one with a value that is not UTF-8 is an error.
+fn process_environment() -> Result<HashMap<String, String>, String> {
+    let prefix = format!("{ENV_PREFIX}__");
+    let mut vars = HashMap::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if !name.to_ascii_uppercase().starts_with(&prefix) {
+            continue;
+        }
+        let value = value
+            .into_string()
+            .map_err(|_| format!("the environment variable {name} is not UTF-8"))?;
+        vars.insert(name.to_owned(), value);
+    }
+    Ok(vars)
 }
 
 fn environment_keys(env: &config::Environment) -> Vec<String> {

@@ -1,5 +1,5 @@
 //! The `keelson` command line run as a user runs it: `keelson new` and what it
-//! writes, and `keelson handlers`.
+//! writes, `keelson handlers`, and the environment an operator sets.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,7 +8,7 @@ mod support;
 use keelson::settings::{Source, load_with_env};
 use std::collections::HashMap;
 use std::path::Path;
-use support::{Scratch, keelson};
+use support::{Bin, Process, Scratch, embedded_config, http, keelson, token};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -261,4 +261,33 @@ fn without_config_keelson_toml_of_the_working_directory_comes_first() {
         handler_line(&stdout, "cart.list").starts_with("  "),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn a_dotted_handlers_setting_from_the_environment_reaches_the_handler() {
+    let scratch = Scratch::new();
+    let config = scratch.write("keelson.toml", &embedded_config(""));
+    let node = Process::start(
+        Bin::Keelson,
+        &config,
+        &scratch.path().join("keelson.log"),
+        &[(
+            "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__CART_ADD__MAX_ITEMS",
+            "1",
+        )],
+    )
+    .await;
+    let alice = token(&config, "alice");
+    let client = http();
+    let add = |item: &str| {
+        client
+            .post(node.url("cart.add"))
+            .bearer_auth(&alice)
+            .body(format!(r#"{{"item":"{item}"}}"#))
+            .send()
+    };
+    assert_eq!(add("apple").await.unwrap().status(), 200);
+    assert_eq!(add("apple").await.unwrap().status(), 200);
+    // A second distinct item is past max_items = 1 (the file's default is 100).
+    assert_eq!(add("pear").await.unwrap().status(), 409);
 }

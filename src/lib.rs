@@ -3,11 +3,23 @@
 //!
 //! This crate is thin glue: it loads the configuration ([`settings`]), builds the
 //! transport it names, and starts the parts that live in `keelson-ui-gateway` and
-//! `keelson-logic-server` ([`run`]). Handler plugins are linked here, because a plugin
-//! depends on the logic-server library and the binary depends on the plugins.
+//! `keelson-logic-server` ([`run`]). The whole command line is the library function
+//! [`main`], so an application's own binary, `fn main() -> std::process::ExitCode {
+//! keelson::main() }`, is a full `keelson` serving the application's handlers.
+//!
+//! Handler plugins are linked by the binaries, not by this library: Keelson's own
+//! binaries link the example plugins (`src/main.rs`), and an application links its
+//! own handlers only.
+//!
+//! With the default feature `jemalloc`, every binary built on this crate allocates
+//! with jemalloc. An application that wants another global allocator turns the
+//! feature off (`default-features = false, features = ["tls"]`).
 
+pub mod cli;
 pub mod dlq;
+pub mod handler_list;
 pub mod run;
+pub mod scaffold;
 pub mod settings;
 pub mod status;
 pub mod telemetry;
@@ -31,35 +43,12 @@ pub const VERSION: &str = if cfg!(feature = "next-preview") {
     env!("CARGO_PKG_VERSION")
 };
 
-/// Keep the linked plugin crates' handler registrations in the binary.
-pub fn link_plugins() {
-    keelson_plugins_examples::link();
-    #[cfg(feature = "test-handlers")]
-    keelson_plugins_testing::link();
-}
+pub use cli::main;
 
-/// Shared `main` of the single-role binaries: load the configuration, set up
-/// logging, run `body` on a runtime, and turn any error into a message and a
-/// non-zero exit.
-pub fn run_main<F, Fut>(source: settings::Source, body: F) -> std::process::ExitCode
-where
-    F: FnOnce(settings::KeelsonConfig) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    let name = std::env::args()
-        .next()
-        .unwrap_or_else(|| "keelson".to_owned());
-    let outcome = (|| -> anyhow::Result<()> {
-        let config = settings::load(&source)?;
-        telemetry::init(&config.log);
-        let runtime = tokio::runtime::Runtime::new()?;
-        runtime.block_on(body(config))
-    })();
-    match outcome {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{name}: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
+/// jemalloc, with its background threads: memory freed (after a flood of
+/// connections, say) goes back to the system within seconds, without waiting for
+/// more allocations, where glibc's arenas keep it. Declared in the library so that
+/// every binary built on it, an application's included, gets it.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -1,5 +1,7 @@
 //! Loading the configuration: one TOML file, overridden by `KEELSON__SECTION__KEY`
-//! environment variables, validated strictly.
+//! environment variables, validated strictly. Handler settings, whose handler names
+//! hold dots, are overridden as `KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__CART_ADD__MAX_ITEMS`
+//! ([`handler_env`]).
 //!
 //! Every binary reads the same schema ([`KeelsonConfig`]); each uses the sections it
 //! needs, so a file for the gateway and one for a logic server differ from the
@@ -16,8 +18,15 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub mod handler_env;
+
+/// The configuration file of an application made by `keelson new`, looked for first
+/// in the working directory.
+pub const LOCAL_CONFIG: &str = "keelson.toml";
+
 /// The default configuration file of the embedded mesh, relative to the working
-/// directory (the repository root under `cargo run`).
+/// directory (the repository root under `cargo run`), used when there is no
+/// [`LOCAL_CONFIG`].
 pub const DEFAULT_CONFIG: &str = "config/keelson.toml";
 
 /// A copy of `config/keelson.toml` built into the binary, used when the default file
@@ -136,13 +145,15 @@ pub enum Source {
 }
 
 impl Source {
-    /// The file given with `--config`, or the default file, or the built-in copy when
-    /// the default file does not exist.
+    /// The file given with `--config`; else [`LOCAL_CONFIG`] when the working
+    /// directory has one; else [`DEFAULT_CONFIG`] when it exists; else the built-in copy.
     pub fn resolve(explicit: Option<PathBuf>) -> Self {
         match explicit {
             Some(p) => Source::File(p),
-            None if Path::new(DEFAULT_CONFIG).exists() => Source::File(DEFAULT_CONFIG.into()),
-            None => Source::Builtin,
+            None => [LOCAL_CONFIG, DEFAULT_CONFIG]
+                .into_iter()
+                .find(|file| Path::new(file).is_file())
+                .map_or(Source::Builtin, |file| Source::File(file.into())),
         }
     }
 
@@ -191,6 +202,11 @@ pub fn load_with_env(
         Source::Builtin => BUILTIN_CONFIG.to_owned(),
     };
     let file = config::File::from_str(&text, config::FileFormat::Toml);
+    let mut vars = match env {
+        Some(vars) => vars,
+        None => process_environment().map_err(|e| ConfigError::new(&origin, e))?,
+    };
+    let handler_vars = handler_env::split(&mut vars);
     let environment = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
@@ -203,8 +219,14 @@ pub fn load_with_env(
         .with_list_parse_key("auth.algorithms")
         .with_list_parse_key("gateway.cors.allowed_origins")
         .with_list_parse_key("gateway.cors.allowed_headers")
-        .source(env);
-    let overridden = environment_keys(&environment);
+        .source(Some(vars));
+    let mut overridden = environment_keys(&environment);
+    overridden.extend(
+        handler_vars
+            .iter()
+            .map(|(name, _)| name.to_ascii_uppercase()),
+    );
+    overridden.sort();
     let built = config::Config::builder()
         .add_source(file)
         .add_source(environment)
@@ -218,7 +240,7 @@ pub fn load_with_env(
             overridden.join(", ")
         )
     };
-    let config = serde_path_to_error::deserialize::<_, KeelsonConfig>(built).map_err(|e| {
+    let mut config = serde_path_to_error::deserialize::<_, KeelsonConfig>(built).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path.is_empty() || path == "." || inner.contains(&format!("`{path}`")) {
@@ -227,6 +249,8 @@ pub fn load_with_env(
             ConfigError::new(&origin, format!("at key `{path}`: {inner}"))
         }
     })?;
+    handler_env::apply(&handler_vars, &mut config.logic_server)
+        .map_err(|e| ConfigError::new(&origin, e))?;
     // Settings that parse but contradict each other; the messages name the keys.
     config
         .auth
@@ -242,6 +266,24 @@ pub fn load_with_env(
         .validate()
         .map_err(|e| ConfigError::new(&origin, e))?;
     Ok(config)
+}
+
+/// The variables of this process whose names start with `KEELSON__` (in any case,
+/// as `config` matches them); one with a value that is not UTF-8 is an error.
+fn process_environment() -> Result<HashMap<String, String>, String> {
+    let prefix = format!("{ENV_PREFIX}__");
+    let mut vars = HashMap::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if !name.to_ascii_uppercase().starts_with(&prefix) {
+            continue;
+        }
+        let value = value
+            .into_string()
+            .map_err(|_| format!("the environment variable {name} is not UTF-8"))?;
+        vars.insert(name.to_owned(), value);
+    }
+    Ok(vars)
 }
 
 fn environment_keys(env: &config::Environment) -> Vec<String> {

@@ -309,6 +309,17 @@ impl Process {
     }
 }
 
+/// Run `keelson args` to its end, in `dir` when given, and return what it printed.
+pub fn keelson(args: &[&str], dir: Option<&Path>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(Bin::Keelson.path());
+    cmd.args(args).env_remove("KEELSON__TRANSPORT__KIND");
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run keelson {args:?}: {e}"))
+}
+
 /// Print a token for `user` with the `keelson token` command.
 pub fn token(config: &Path, user: &str) -> String {
     let out = std::process::Command::new(Bin::Keelson.path())

@@ -15,6 +15,3 @@ mod counter;
 mod echo;
 mod hello;
 pub mod shop;
-
-/// Does nothing; calling it guarantees the linker keeps this crate's registrations.
-pub fn link() {}

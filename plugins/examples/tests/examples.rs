@@ -4,12 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keelson_logic_server::testkit::TestRequest;
-use keelson_plugins_examples::link;
+// Naming the crate links it, and with it its handlers' registrations.
+use keelson_plugins_examples as _;
 use serde_json::{Value, json};
 
 #[tokio::test]
 async fn echo_answers_its_body_unchanged() {
-    link();
     let reply = TestRequest::new("echo")
         .raw_body(r#"{"b":1,"a":[true]}"#)
         .send()

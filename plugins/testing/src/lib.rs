@@ -28,9 +28,6 @@ use serde::Deserialize;
 use serde_json::json;
 use std::time::Duration;
 
-/// Does nothing; calling it guarantees the linker keeps this crate's registrations.
-pub fn link() {}
-
 #[derive(Debug, Default, Deserialize)]
 struct SlowBody {
     ms: Option<u64>,

@@ -96,7 +96,7 @@ pub async fn run(
                 .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
             let addr = listener.local_addr().context("listener has no address")?;
             if role == Role::Embedded {
-                print_banner(&addr.to_string());
+                print_banner(&addr.to_string(), &config.logic_server.handlers);
             } else {
                 // One line on standard output that scripts and tests wait for.
                 println!("keelson gateway listening on http://{addr}");
@@ -152,15 +152,28 @@ async fn start_logic_server(
     )
 }
 
-fn print_banner(addr: &str) {
-    println!(
-        "Keelson embedded mesh listening on http://{addr}\n\
-         \n\
-         Try:\n\
-         \x20 curl -s -XPOST {addr}/api/echo -d '{{\"hi\":1}}'\n\
-         \x20 TOKEN=$(cargo run -q --release -- token --user alice)\n\
-         \x20 curl -s -XPOST -H \"Authorization: Bearer $TOKEN\" {addr}/api/counter.increment\n\
-         \n\
-         Stop with Ctrl-C."
-    );
+/// The first lines of the embedded mesh: where it listens, then requests to try
+/// with the handlers the configuration enables (an application has its own).
+fn print_banner(addr: &str, handlers: &[String]) {
+    let enabled = |name: &str| handlers.iter().any(|h| h == name);
+    let mut text = format!("Keelson embedded mesh listening on http://{addr}\n\n");
+    if enabled("echo") {
+        text.push_str(&format!(
+            "Try:\n  curl -s -XPOST {addr}/api/echo -d '{{\"hi\":1}}'\n"
+        ));
+    } else if let Some(first) = handlers.first() {
+        text.push_str(&format!(
+            "Try:\n  curl -s -XPOST {addr}/api/{first} -d '{{}}'\n"
+        ));
+    } else {
+        text.push_str("No handler is enabled: name some in logic_server.handlers.\n");
+    }
+    if enabled("counter.increment") {
+        text.push_str(&format!(
+            "  TOKEN=$(cargo run -q --release -- token --user alice)\n\
+             \x20 curl -s -XPOST -H \"Authorization: Bearer $TOKEN\" {addr}/api/counter.increment\n"
+        ));
+    }
+    text.push_str("\nStop with Ctrl-C.");
+    println!("{text}");
 }

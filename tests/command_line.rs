@@ -8,6 +8,7 @@ mod support;
 use keelson::settings::{Source, load_with_env};
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 use support::{Bin, Process, Scratch, embedded_config, http, keelson, token};
 
 fn text(bytes: &[u8]) -> String {
@@ -290,4 +291,71 @@ async fn a_dotted_handlers_setting_from_the_environment_reaches_the_handler() {
     assert_eq!(add("apple").await.unwrap().status(), 200);
     // A second distinct item is past max_items = 1 (the file's default is 100).
     assert_eq!(add("pear").await.unwrap().status(), 409);
+}
+
+/// `keelson SUBCOMMAND --config CONFIG`, started and waited for as a process.
+async fn start_subcommand(scratch: &Scratch, subcommand: &str) -> Process {
+    let config = scratch.write("keelson.toml", &embedded_config(""));
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keelson"));
+    cmd.arg(subcommand)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    Process::start_program(
+        &format!("keelson {subcommand}"),
+        cmd,
+        &scratch.path().join(format!("{subcommand}.log")),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn keelson_ui_gateway_and_logic_server_run_one_role_each() {
+    let scratch = Scratch::new();
+    // A logic server alone says it is ready and listens on no HTTP port.
+    let server = start_subcommand(&scratch, "logic-server").await;
+    assert!(server.base_url.is_none());
+    assert!(server.terminate(Duration::from_secs(20)).await.success());
+
+    // A gateway alone serves HTTP but hosts no handler: on the in-memory transport
+    // of this process no logic server takes the request.
+    let gateway = start_subcommand(&scratch, "ui-gateway").await;
+    let client = http();
+    let health = client
+        .get(format!("{}/healthz", gateway.base_url.as_deref().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let echo = client
+        .post(gateway.url("echo"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo.status(), 404);
+    assert_eq!(
+        echo.json::<serde_json::Value>().await.unwrap()["error"]["code"],
+        "unknown_handler"
+    );
+    assert!(gateway.terminate(Duration::from_secs(20)).await.success());
+}
+
+#[test]
+fn keelson_ui_gateway_needs_a_configuration_file() {
+    let scratch = Scratch::new();
+    for (subcommand, example) in [
+        ("ui-gateway", "config/gateway.toml"),
+        ("logic-server", "config/logic-server.toml"),
+    ] {
+        let out = keelson(&[subcommand], Some(scratch.path()));
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "`{subcommand}` needs --config FILE (e.g. {example})"
+            )),
+            "{stderr}"
+        );
+    }
 }

@@ -193,18 +193,28 @@ impl Process {
         log: &Path,
         envs: &[(&str, &str)],
     ) -> Self {
-        let log_file = std::fs::File::create(log).expect("cannot create the log file");
         cmd.arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
-            .env_remove("KEELSON__TRANSPORT__KIND")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true);
+            .env_remove("KEELSON__TRANSPORT__KIND");
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("cannot start the binary");
+        Self::start_program(&format!("{bin:?}"), cmd, log).await
+    }
+
+    /// Start `cmd`, a program that prints Keelson's ready lines (an application's
+    /// binary, `cargo run`), with its standard error in `log`, and wait until it
+    /// says on standard output that it listens or is ready. `what` names it in
+    /// failures.
+    pub async fn start_program(what: &str, mut cmd: Command, log: &Path) -> Self {
+        let log_file = std::fs::File::create(log).expect("cannot create the log file");
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
         let wait = async {
@@ -217,8 +227,7 @@ impl Process {
                 }
             }
             panic!(
-                "{:?} exited before it was ready; its log:\n{}",
-                bin,
+                "{what} exited before it was ready; its log:\n{}",
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         };
@@ -226,8 +235,7 @@ impl Process {
             .await
             .unwrap_or_else(|_| {
                 panic!(
-                    "{:?} did not become ready within {START_TIMEOUT:?}; its log:\n{}",
-                    bin,
+                    "{what} did not become ready within {START_TIMEOUT:?}; its log:\n{}",
                     std::fs::read_to_string(log).unwrap_or_default()
                 )
             });

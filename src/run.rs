@@ -2,11 +2,12 @@
 
 use crate::settings::KeelsonConfig;
 use anyhow::Context as _;
-use keelson_logic_server::{LogicServer, Registry, ReplicatedContextStore, RunningServer};
+use keelson_logic_server::{
+    Lifecycle, LogicServer, Phase, Registry, ReplicatedContextStore, RunningServer,
+};
 use keelson_protocol::Transport;
 use keelson_ui_gateway::{Gateway, TokenVerifier};
 use std::sync::Arc;
-use tokio::sync::watch;
 
 /// Which parts this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,9 +54,10 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Run `role` until `shutdown` resolves, then stop gracefully: the gateway stops
-/// accepting and finishes open requests (bounded), the logic server drains, the
-/// transport closes.
+/// Run `role` until `shutdown` resolves, then stop gracefully through the
+/// process's [`Lifecycle`]: the gateway stops accepting and finishes open requests
+/// (bounded; phase intake), the logic server drains and its plugins shut down
+/// (drain), background work winds down, the transport closes (close).
 pub async fn run(
     config: KeelsonConfig,
     role: Role,
@@ -68,67 +70,56 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot start the {} transport", config.transport.kind()))?;
     tracing::info!(node = %node_id, transport = config.transport.kind(), role = role.name(), "starting");
+    let lifecycle = Lifecycle::new();
+    let closing = transport.clone();
+    lifecycle.on_shutdown(Phase::Close, "transport", async move {
+        closing.close().await;
+    });
 
-    let server = match role {
-        Role::Embedded | Role::LogicServer => {
-            let server = start_logic_server(&config, &node_id, transport.clone()).await?;
-            if role == Role::LogicServer {
-                println!(
-                    "keelson logic server ready: node={node_id} service={}",
-                    config.logic_server.service
-                );
-            }
-            Some(server)
+    if matches!(role, Role::Embedded | Role::LogicServer) {
+        let server = start_logic_server(&config, &node_id, transport.clone()).await?;
+        if role == Role::LogicServer {
+            println!(
+                "keelson logic server ready: node={node_id} service={}",
+                config.logic_server.service
+            );
         }
-        Role::Gateway => None,
-    };
+        lifecycle.on_shutdown(Phase::Drain, "logic server", async move {
+            // A second signal during the drain stops at once: what has not finished
+            // goes back to the queue for a peer.
+            server
+                .shutdown_or_abort(async {
+                    shutdown_signal().await;
+                    tracing::warn!("second signal: stopping now");
+                })
+                .await;
+        });
+    }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let gateway_task = match role {
-        Role::Embedded | Role::Gateway => {
-            let verifier = TokenVerifier::from_config(&config.auth)
-                .context("cannot set up token verification")?;
-            let gateway =
-                Gateway::with_verifier(config.gateway.clone(), verifier, transport.clone());
-            let listener = gateway
-                .bind()
-                .await
-                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
-            let addr = listener.local_addr().context("listener has no address")?;
-            if role == Role::Embedded {
-                print_banner(&addr.to_string(), &config.logic_server.handlers);
-            } else {
-                // One line on standard output that scripts and tests wait for.
-                println!("keelson gateway listening on http://{addr}");
-            }
-            let mut rx = stop_rx.clone();
-            Some(tokio::spawn(gateway.serve(listener, async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })))
+    if matches!(role, Role::Embedded | Role::Gateway) {
+        let verifier =
+            TokenVerifier::from_config(&config.auth).context("cannot set up token verification")?;
+        let gateway = Gateway::with_verifier(config.gateway.clone(), verifier, transport.clone());
+        let listener = gateway
+            .bind()
+            .await
+            .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+        let addr = listener.local_addr().context("listener has no address")?;
+        if role == Role::Embedded {
+            print_banner(&addr.to_string(), &config.logic_server.handlers);
+        } else {
+            // One line on standard output that scripts and tests wait for.
+            println!("keelson gateway listening on http://{addr}");
         }
-        Role::LogicServer => None,
-    };
+        lifecycle.spawn(Phase::Intake, "gateway", move |stop| async move {
+            if let Err(e) = gateway.serve(listener, stop.cancelled_owned()).await {
+                tracing::warn!(error = %e, "gateway stopped with an error");
+            }
+        });
+    }
 
     shutdown.await;
-    let _ = stop_tx.send(true);
-    if let Some(task) = gateway_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "gateway stopped with an error"),
-            Err(e) => tracing::error!(error = %e, "gateway task failed"),
-        }
-    }
-    if let Some(server) = server {
-        // A second signal during the drain stops at once: what has not finished goes
-        // back to the queue for a peer.
-        server
-            .shutdown_or_abort(async {
-                shutdown_signal().await;
-                tracing::warn!("second signal: stopping now");
-            })
-            .await;
-    }
-    transport.close().await;
+    lifecycle.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -9,7 +9,7 @@ use keelson::settings::{Source, load_with_env};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
-use support::{Bin, Process, Scratch, embedded_config, http, keelson, token};
+use support::{Bin, Process, Scratch, embedded_config, http, keelson};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -267,30 +267,28 @@ fn without_config_keelson_toml_of_the_working_directory_comes_first() {
 #[tokio::test]
 async fn a_dotted_handlers_setting_from_the_environment_reaches_the_handler() {
     let scratch = Scratch::new();
-    let config = scratch.write("keelson.toml", &embedded_config(""));
+    let config = embedded_config("\n[logic_server.handler_settings.\"test.quota\"]\nlimit = 100\n")
+        .replace("handlers = [", "handlers = [\"test.quota\", ");
+    let config = scratch.write("keelson.toml", &config);
     let node = Process::start(
         Bin::Keelson,
         &config,
         &scratch.path().join("keelson.log"),
         &[(
-            "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__CART_ADD__MAX_ITEMS",
+            "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__TEST_QUOTA__LIMIT",
             "1",
         )],
     )
     .await;
-    let alice = token(&config, "alice");
-    let client = http();
-    let add = |item: &str| {
-        client
-            .post(node.url("cart.add"))
-            .bearer_auth(&alice)
-            .body(format!(r#"{{"item":"{item}"}}"#))
-            .send()
-    };
-    assert_eq!(add("apple").await.unwrap().status(), 200);
-    assert_eq!(add("apple").await.unwrap().status(), 200);
-    // A second distinct item is past max_items = 1 (the file's default is 100).
-    assert_eq!(add("pear").await.unwrap().status(), 409);
+    let answer = http()
+        .post(node.url("test.quota"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(answer, r#"{"limit":1}"#, "the file says 100");
 }
 
 /// `keelson SUBCOMMAND --config CONFIG`, started and waited for as a process.

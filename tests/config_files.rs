@@ -218,43 +218,65 @@ fn each_binary_names_and_describes_itself() {
     }
 }
 
+/// A file whose handler `test.quota` (a dotted name) has settings.
+fn quota_file(scratch: &tempfile::TempDir) -> PathBuf {
+    let path = scratch.path().join("quota.toml");
+    std::fs::write(
+        &path,
+        "[logic_server]\nhandlers = [\"echo\", \"test.quota\"]\n\n[logic_server.handler_settings.\"test.quota\"]\nlimit = 100\n",
+    )
+    .unwrap();
+    path
+}
+
 #[test]
 fn settings_of_a_dotted_handler_name_are_overridden_from_the_environment() {
-    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/keelson.toml");
-    let max_items = |config: &KeelsonConfig| {
-        config.logic_server.handler_settings["cart.add"]["max_items"].as_u64()
+    let scratch = tempfile::tempdir().unwrap();
+    let file = quota_file(&scratch);
+    let limit = |config: &KeelsonConfig| {
+        config.logic_server.handler_settings["test.quota"]["limit"].as_u64()
     };
     let config = load_with_env(&Source::File(file.clone()), Some(HashMap::new())).unwrap();
-    assert_eq!(max_items(&config), Some(100));
+    assert_eq!(limit(&config), Some(100));
 
-    // `cart.add` is written CART_ADD: what a shell `export` and a systemd
+    // `test.quota` is written TEST_QUOTA: what a shell `export` and a systemd
     // `Environment=` line accept.
     let env = HashMap::from([(
-        "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__CART_ADD__MAX_ITEMS".to_owned(),
+        "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__TEST_QUOTA__LIMIT".to_owned(),
         "7".to_owned(),
     )]);
     let config = load_with_env(&Source::File(file), Some(env)).unwrap();
-    assert_eq!(max_items(&config), Some(7));
+    assert_eq!(limit(&config), Some(7));
     assert_eq!(config.logic_server.handler_settings.len(), 1);
+
+    // A plugin's settings need nothing special.
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/keelson.toml");
+    let env = HashMap::from([(
+        "KEELSON__LOGIC_SERVER__PLUGINS__CART__MAX_ITEMS".to_owned(),
+        "7".to_owned(),
+    )]);
+    let config = load_with_env(&Source::File(file), Some(env)).unwrap();
+    assert_eq!(config.logic_server.plugins["cart"]["max_items"], 7);
 }
 
 #[test]
 fn a_handler_setting_for_no_enabled_handler_names_the_variable_and_the_forms() {
-    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/keelson.toml");
-    // The dot read as one more level: `cart`, then `add`.
+    let scratch = tempfile::tempdir().unwrap();
+    let file = quota_file(&scratch);
+    // The dot read as one more level: `test`, then `quota`.
     let env = HashMap::from([(
-        "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__CART__ADD__MAX_ITEMS".to_owned(),
+        "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__TEST__QUOTA__LIMIT".to_owned(),
         "7".to_owned(),
     )]);
     let err = load_with_env(&Source::File(file), Some(env))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("config/keelson.toml (with environment overrides KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__CART__ADD__MAX_ITEMS)"), "{err}");
+    assert!(err.contains("quota.toml (with environment overrides KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__TEST__QUOTA__LIMIT)"), "{err}");
     assert!(
         err.contains(
-            "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__CART__ADD__MAX_ITEMS: `CART` names no handler of logic_server.handlers"
+            "KEELSON__LOGIC_SERVER__HANDLER_SETTINGS__TEST__QUOTA__LIMIT: `TEST` names no handler of logic_server.handlers"
         ),
         "{err}"
     );
-    assert!(err.contains("CART_ADD for cart.add"), "{err}");
+    assert!(err.contains("TEST_QUOTA for test.quota"), "{err}");
 }

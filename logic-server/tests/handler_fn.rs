@@ -425,3 +425,24 @@ async fn a_cluster_replicates_context_and_serves_on_when_a_server_stops() {
     assert!(!served_by.is_empty());
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn settings_of_a_disabled_handler_are_ignored_and_of_an_unknown_one_refused() {
+    let enabled = ["t.whoami".to_owned()];
+    // `t.create` is linked but not enabled: its section may stay in the file.
+    let settings = BTreeMap::from([("t.create".to_owned(), json!({"anything": 1}))]);
+    let registry = Registry::build(&enabled, &settings, &BTreeMap::new()).await;
+    assert_eq!(registry.unwrap().names(), ["t.whoami"]);
+
+    // A name no linked plugin offers is a typo: refused, with the names there are.
+    let settings = BTreeMap::from([("t.craete".to_owned(), json!({}))]);
+    let e = Registry::build(&enabled, &settings, &BTreeMap::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"t.craete\" configures a handler no linked plugin offers"),
+        "{e}"
+    );
+    assert!(e.contains("t.create"), "{e}");
+}

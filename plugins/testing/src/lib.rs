@@ -12,6 +12,8 @@
 //!   crash must not make the write count twice;
 //! * `test.abort`: aborts the whole process (a poison message: a handler that kills
 //!   its server, as an out-of-memory kill or a crash in native code would);
+//! * `test.quota`: answers its settings' `{"limit": n}` (a `Handler` with settings
+//!   and a dotted name, for the environment overrides of handler settings);
 //! * `test.relay`: calls `{"handler": NAME, "body": BODY}` and answers its answer;
 //! * `test.cycle`: calls itself (a cycle, ended by the deadline);
 //! * `test.meta`: answers `{"user", "id", "left_ms"}` of the request;
@@ -242,3 +244,26 @@ keelson_logic_server::handler!("test.relay", "calls {\"handler\", \"body\"}", re
 keelson_logic_server::handler!("test.cycle", "calls itself", cycle);
 keelson_logic_server::handler!("test.meta", "answers {user, id, left_ms}", meta);
 keelson_logic_server::handler!("test.fragile", "takes the fragile plugin", fragile);
+
+/// Settings of `test.quota`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaSettings {
+    limit: u64,
+}
+
+struct Quota {
+    limit: u64,
+}
+
+#[async_trait]
+impl Handler for Quota {
+    async fn call(&self, _req: RequestCtx) -> Result<Response, HandlerError> {
+        Response::json(&json!({ "limit": self.limit }))
+    }
+}
+
+keelson_logic_server::register_handler!("test.quota", "answers its settings' limit", |settings| {
+    let s: QuotaSettings = settings.parse()?;
+    Ok(Quota { limit: s.limit })
+});

@@ -3,7 +3,6 @@
 //! panics, bounded by the deadline) and replicate its effects with its outcome,
 //! reply, then settle.
 
-use crate::call::Caller;
 use crate::config::IdempotencyConfig;
 use crate::context::{ContextStore, Effects, RecordWrite, UserContext};
 use crate::handler::{Handler, HandlerError, RequestCtx};
@@ -542,14 +541,6 @@ impl Dispatcher {
         let context = user
             .as_ref()
             .map(|u| UserContext::new(self.store.clone(), u.clone(), effects));
-        let caller = Caller::new(
-            self.client.clone(),
-            id.clone(),
-            user.clone(),
-            deadline,
-            deadline_unix_ms,
-            headers.clone(),
-        );
         let ctx = RequestCtx {
             id: id.clone(),
             handler: handler.clone(),
@@ -561,7 +552,9 @@ impl Dispatcher {
             body: body.into(),
             context,
             resources: self.registry.resources().clone(),
-            caller,
+            client: self.client.clone(),
+            deadline_unix_ms,
+            caller: std::sync::OnceLock::new(),
         };
         let call = AssertUnwindSafe(h.call(ctx)).catch_unwind();
         match tokio::time::timeout_at(deadline, call).await {

@@ -228,7 +228,10 @@ pub struct RequestCtx {
     pub(crate) body: Bytes,
     pub(crate) context: Option<UserContext>,
     pub(crate) resources: Arc<Resources>,
-    pub(crate) caller: Caller,
+    /// Sends the calls of [`RequestCtx::caller`], built on first use.
+    pub(crate) client: keelson_protocol::client::Client,
+    pub(crate) deadline_unix_ms: u64,
+    pub(crate) caller: std::sync::OnceLock<Caller>,
 }
 
 impl RequestCtx {
@@ -312,7 +315,17 @@ impl RequestCtx {
 
     /// Calls to other handlers as this request's user, within its deadline.
     pub fn caller(&self) -> &Caller {
-        &self.caller
+        // Built on first use: most requests call nobody.
+        self.caller.get_or_init(|| {
+            Caller::new(
+                self.client.clone(),
+                self.id.clone(),
+                self.user.clone(),
+                self.deadline,
+                self.deadline_unix_ms,
+                self.headers.clone(),
+            )
+        })
     }
 
     /// Call the handler `handler` with `body` and read its answer as `Out` (see
@@ -322,6 +335,6 @@ impl RequestCtx {
         In: Serialize + ?Sized,
         Out: DeserializeOwned,
     {
-        self.caller.call(handler, body).await
+        self.caller().call(handler, body).await
     }
 }

@@ -44,15 +44,16 @@ pub struct Json<T>(pub T);
 impl<T: DeserializeOwned + Send + 'static> FromRequest for Json<T> {
     fn from_request(req: &RequestCtx) -> Result<Self, HandlerError> {
         let body = req.body();
-        if body.is_empty() {
-            return serde_json::from_slice(b"null")
-                .or_else(|_| serde_json::from_slice(b"{}"))
+        // The gateway sends `null` for an empty HTTP body.
+        let absent = body.is_empty() || body.trim_ascii() == b"null";
+        let body: &[u8] = if body.is_empty() { b"null" } else { body };
+        match serde_json::from_slice(body) {
+            Ok(value) => Ok(Json(value)),
+            Err(_) if absent => serde_json::from_slice(b"{}")
                 .map(Json)
-                .map_err(|e| HandlerError::bad_request(format!("a body is required: {e}")));
+                .map_err(|e| HandlerError::bad_request(format!("a body is required: {e}"))),
+            Err(e) => Err(HandlerError::bad_request(format!("invalid body: {e}"))),
         }
-        serde_json::from_slice(body)
-            .map(Json)
-            .map_err(|e| HandlerError::bad_request(format!("invalid body: {e}")))
     }
 }
 

@@ -142,13 +142,13 @@ pub struct TestRequest {
 }
 
 impl TestRequest {
-    /// A request to the handler registered as `handler`, anonymous, with an empty
-    /// body.
+    /// A request to the handler registered as `handler`, anonymous, without a body
+    /// (what the gateway sends for an empty HTTP body: `null`).
     pub fn new(handler: &str) -> Self {
         Self {
             handler: handler.to_owned(),
             user: None,
-            body: Vec::new(),
+            body: b"null".to_vec(),
             idempotency_key: None,
             headers: BTreeMap::new(),
             timeout: DEFAULT_TIMEOUT,
@@ -173,7 +173,8 @@ impl TestRequest {
         self
     }
 
-    /// These bytes as the body, as a client may send anything.
+    /// These bytes as the body, as they reach the handler (the gateway only lets
+    /// JSON through, and sends `null` for an empty HTTP body).
     pub fn raw_body(mut self, body: impl Into<Vec<u8>>) -> Self {
         self.body = body.into();
         self

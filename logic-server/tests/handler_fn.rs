@@ -80,6 +80,19 @@ async fn cycle(calls: Caller) -> Result<Json<Value>, HandlerError> {
     calls.call("t.cycle", &()).await.map(Json)
 }
 
+/// A body whose fields all have defaults.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+struct Paging {
+    page: u32,
+    per_page: Option<u32>,
+}
+
+async fn paging(Json(p): Json<Paging>) -> Json<Paging> {
+    Json(p)
+}
+
+keelson_logic_server::handler!("t.paging", "answers its paging", paging);
 keelson_logic_server::handler!("t.create", "creates a note", create);
 keelson_logic_server::handler!("t.create_reversed", "creates a note", create_reversed);
 keelson_logic_server::handler!("t.forget", "forgets the notes", forget);
@@ -237,6 +250,26 @@ async fn a_bad_body_is_a_400_that_says_why_and_an_anonymous_one_is_a_401_in_any_
         );
         assert_eq!(reply.error_code(), Some("unauthorized"));
     }
+}
+
+#[tokio::test]
+async fn no_body_reads_as_the_defaults_of_a_body_whose_fields_all_have_them() {
+    // No HTTP body reaches a handler as `null` (what the gateway sends).
+    let reply = TestRequest::new("t.paging").send().await;
+    assert_eq!(reply.json::<Value>(), json!({"page": 0, "per_page": null}));
+    let reply = TestRequest::new("t.paging").raw_body("").send().await;
+    assert_eq!(reply.json::<Value>(), json!({"page": 0, "per_page": null}));
+    let reply = TestRequest::new("t.paging")
+        .json(&json!({"page": 2}))
+        .send()
+        .await;
+    assert_eq!(reply.json::<Value>(), json!({"page": 2, "per_page": null}));
+    // A body that is there but wrong is still a 400.
+    let reply = TestRequest::new("t.paging")
+        .json(&json!("all"))
+        .send()
+        .await;
+    assert_eq!(reply.status(), 400);
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
 //! Rolling upgrade with zero failed requests: logic servers are replaced one at a
-//! time under steady traffic, from this build to the next version's (protocol 1.2,
+//! time under steady traffic, from this build to the next version's (protocol 1.3,
 //! an added optional envelope field) and from the previous release's (protocol 1.0,
 //! without outcome records) to this one; a draining server answers what it holds.
 

@@ -444,7 +444,9 @@ impl TestCluster {
         }
     }
 
-    /// Call `handler` with the JSON `body`, as `user` (or anonymously).
+    /// Call `handler` with the JSON `body`, as `user` (or anonymously). The
+    /// reply's [`TestReply::context`] reads the server that served it; another
+    /// server has the writes after [`TestCluster::settle`].
     pub async fn call<T: Serialize + ?Sized>(
         &self,
         user: Option<&str>,
@@ -454,9 +456,12 @@ impl TestCluster {
         let body = to_json(body).to_string().into_bytes();
         let request = request(handler, user, body, DEFAULT_TIMEOUT);
         let reply = send(&self.client, &request, DEFAULT_TIMEOUT).await;
+        // The reply's context is read where it was written: on the server that
+        // served it (or the first one running).
         let store = self
             .live()
-            .next()
+            .find(|(i, _)| reply.served_by == format!("server-{i}"))
+            .or_else(|| self.live().next())
             .map(|(_, store)| store.clone() as Arc<dyn ContextStore>)
             .unwrap_or_else(|| panic!("every server of the cluster is stopped"));
         TestReply {

@@ -75,8 +75,8 @@ pub struct Request {
     /// The request body: UTF-8 JSON, as the client sent it.
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
-    /// Protocol 1.1 preview (feature `next-preview`): a scheduling hint. Readers of
-    /// 1.0 ignore it; 1.1 readers of a 1.0 message see `None`.
+    /// Next-version preview (feature `next-preview`, protocol 1.3): a scheduling
+    /// hint. Older readers ignore it; newer readers of an older message see `None`.
     #[cfg(feature = "next-preview")]
     #[serde(default)]
     pub priority: Option<u8>,

@@ -60,7 +60,7 @@ impl ServerSpec {
         }
     }
 
-    /// Run the next-version build (another version, protocol 1.1, `test.next`).
+    /// Run the next-version build (another version, protocol 1.3, `test.next`).
     pub fn next_version(mut self) -> Self {
         self.next = true;
         self.handlers.push("test.next".to_owned());

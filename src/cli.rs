@@ -277,5 +277,18 @@ fn serve(role: Role, source: &Source) -> anyhow::Result<()> {
         ),
     }
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(run(config, role, shutdown_signal()))
+    runtime
+        .block_on(run(config, role, shutdown_signal()))
+        .map_err(|e| {
+            // Handlers and plugins read their settings at start, after the file
+            // loaded: a mistake there names the file too.
+            let settings = e
+                .downcast_ref::<keelson_logic_server::PluginError>()
+                .is_some_and(|p| !matches!(p, keelson_logic_server::PluginError::Setup { .. }));
+            if settings {
+                e.context(source.describe())
+            } else {
+                e
+            }
+        })
 }

@@ -104,3 +104,21 @@ async fn a_plugin_whose_setup_fails_stops_the_process_naming_the_plugin_and_the_
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_plugin_settings_mistake_names_the_file_the_key_and_the_plugin() {
+    let scratch = Scratch::new();
+    let config = embedded_config("\n[logic_server.plugins.fragile]\nfial = true\n")
+        .replace("handlers = [", "handlers = [\"test.fragile\", ");
+    let config = scratch.write("keelson.toml", &config);
+    let out = std::process::Command::new(Bin::Keelson.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+    assert!(stderr.contains("logic_server.plugins.fragile"), "{stderr}");
+    assert!(stderr.contains("unknown field `fial`"), "{stderr}");
+}

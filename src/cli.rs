@@ -278,7 +278,12 @@ fn serve(role: Role, source: &Source) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime
-        .block_on(run(config, role, shutdown_signal()))
+        // The signal handlers are installed first thing, before the transport
+        // connects: a SIGTERM during start-up stops the process gracefully.
+        .block_on(async {
+            let stop = shutdown_signal();
+            run(config, role, stop).await
+        })
         .map_err(|e| {
             // Handlers and plugins read their settings at start, after the file
             // loaded: a mistake there names the file too.

@@ -30,27 +30,40 @@ impl Role {
     }
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-pub async fn shutdown_signal() {
+/// A future that resolves when SIGINT or SIGTERM arrives. The handlers are
+/// installed by this call (it must run inside the runtime), not when the future is
+/// first polled: a signal that comes in between, while the process is still
+/// starting, stops it gracefully instead of killing it.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
-                    _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+                        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops this process");
-                let _ = tokio::signal::ctrl_c().await;
+                (Ok(mut term), Err(e)) => {
+                    tracing::warn!(error = %e, "cannot watch SIGINT; only SIGTERM stops this process");
+                    term.recv().await;
+                }
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops this process");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

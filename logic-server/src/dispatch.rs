@@ -41,8 +41,8 @@ pub(crate) struct Dispatcher {
     pub(crate) trust_unstamped: bool,
     /// The server's live figures (refusals are counted here).
     pub(crate) stats: Arc<ServerStats>,
-    /// Sends the requests of handler-to-handler calls.
-    pub(crate) client: keelson_protocol::client::Client,
+    /// The plugins' resources and the client for handler-to-handler calls.
+    pub(crate) shared: Arc<crate::handler::Shared>,
 }
 
 /// The bounds a server puts on the requests it takes.
@@ -551,8 +551,7 @@ impl Dispatcher {
             headers,
             body: body.into(),
             context,
-            resources: self.registry.resources().clone(),
-            client: self.client.clone(),
+            shared: self.shared.clone(),
             deadline_unix_ms,
             caller: std::sync::OnceLock::new(),
         };

@@ -215,6 +215,15 @@ impl From<ContextError> for HandlerError {
     }
 }
 
+/// What the requests of one server share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The plugins' resources.
+    pub(crate) resources: Arc<Resources>,
+    /// Sends the calls of [`RequestCtx::caller`].
+    pub(crate) client: keelson_protocol::client::Client,
+}
+
 /// Everything a handler knows about the request it serves.
 #[derive(Debug)]
 pub struct RequestCtx {
@@ -227,9 +236,9 @@ pub struct RequestCtx {
     pub(crate) headers: BTreeMap<String, String>,
     pub(crate) body: Bytes,
     pub(crate) context: Option<UserContext>,
-    pub(crate) resources: Arc<Resources>,
-    /// Sends the calls of [`RequestCtx::caller`], built on first use.
-    pub(crate) client: keelson_protocol::client::Client,
+    /// What every request of the server shares: the plugins' resources and the
+    /// client for calls (one reference count per request).
+    pub(crate) shared: Arc<Shared>,
     pub(crate) deadline_unix_ms: u64,
     pub(crate) caller: std::sync::OnceLock<Caller>,
 }
@@ -305,7 +314,7 @@ impl RequestCtx {
     /// The resources of plugin `P`: set up at start when an enabled handler takes
     /// them (with the [`Res`](crate::Res) extractor), else an internal error.
     pub fn resource<P: Plugin>(&self) -> Result<Arc<P>, HandlerError> {
-        self.resources.get::<P>().ok_or_else(|| {
+        self.shared.resources.get::<P>().ok_or_else(|| {
             HandlerError::internal(format!(
                 "plugin `{}` is not set up on this server: no enabled handler takes it",
                 P::NAME
@@ -318,7 +327,7 @@ impl RequestCtx {
         // Built on first use: most requests call nobody.
         self.caller.get_or_init(|| {
             Caller::new(
-                self.client.clone(),
+                self.shared.client.clone(),
                 self.id.clone(),
                 self.user.clone(),
                 self.deadline,

@@ -87,7 +87,10 @@ impl LogicServer {
         });
         let trust_unstamped = config.trust_unstamped_requests;
         let concurrency = config.concurrency.max(1);
-        let client = keelson_protocol::client::Client::new(transport.clone());
+        let shared = Arc::new(crate::handler::Shared {
+            resources: registry.resources().clone(),
+            client: keelson_protocol::client::Client::new(transport.clone()),
+        });
         let limits = Limits {
             max_deadline_ms: config.max_deadline_ms,
             max_deliveries: config.max_deliveries.max(1),
@@ -105,7 +108,7 @@ impl LogicServer {
                 trusted_publishers: trusted.into_iter().collect(),
                 trust_unstamped,
                 stats: Arc::new(ServerStats::new(concurrency)),
-                client,
+                shared,
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }

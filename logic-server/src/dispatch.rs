@@ -555,7 +555,7 @@ impl Dispatcher {
             deadline_unix_ms,
             caller: std::sync::OnceLock::new(),
         };
-        let call = AssertUnwindSafe(h.call(ctx)).catch_unwind();
+        let call = AssertUnwindSafe(crate::panic::Catching(h.call(ctx))).catch_unwind();
         match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(Ok(response))) => {
                 let (body, status, headers) = response.into_parts();
@@ -572,12 +572,11 @@ impl Dispatcher {
                 Reply::error(id, status, code, message, &self.node_id)
             }
             Ok(Err(panic)) => {
-                let cause = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".to_owned());
-                tracing::error!(%id, %handler, %cause, "handler panicked");
+                // If the hook ran while the panic unwound through the catch
+                // (Keelson's binaries install one), the panic's one log line is this.
+                let cause = crate::panic::message(panic.as_ref());
+                let location = crate::panic::take_location().unwrap_or_default();
+                tracing::error!(%id, %handler, %cause, %location, "handler panicked");
                 Reply::error(
                     id,
                     ReplyStatus::HandlerError,

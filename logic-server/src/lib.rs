@@ -69,6 +69,7 @@ pub mod governor;
 pub mod handler;
 pub mod handler_fn;
 pub mod lifecycle;
+pub mod panic;
 pub mod plugin;
 pub mod resource;
 pub mod server;

@@ -117,7 +117,15 @@ pub(crate) async fn request(
     };
     match confirmation {
         Confirmation::Ack(None) | Confirmation::NotRequested => {}
-        Confirmation::Ack(Some(_returned)) => {
+        Confirmation::Ack(Some(returned)) => {
+            // One line, without the message: its body and headers are the
+            // client's (lapin's own warning, which prints them, is filtered out).
+            tracing::info!(
+                route,
+                reply_code = returned.reply_code,
+                reason = %returned.reply_text,
+                "the broker returned a request: no service is bound to its route"
+            );
             return Err(RequestError::Unroutable(route.to_owned()));
         }
         Confirmation::Nack(_) => {

@@ -82,10 +82,10 @@ async fn calls_go_across_processes_on_amqp() {
     check_calls(|h| mesh.url(0, h), &token).await;
 }
 
-#[tokio::test]
-async fn a_plugin_whose_setup_fails_stops_the_process_naming_the_plugin_and_the_cause() {
-    let scratch = Scratch::new();
-    let config = embedded_config("\n[logic_server.plugins.fragile]\nfail = true\n")
+/// Start `keelson` with `test.fragile` enabled and `settings` as the `fragile`
+/// plugin's section; it must fail to start. Returns the config file and stderr.
+fn start_fragile(scratch: &Scratch, settings: &str) -> (std::path::PathBuf, String) {
+    let config = embedded_config(&format!("\n[logic_server.plugins.fragile]\n{settings}\n"))
         .replace("handlers = [", "handlers = [\"test.fragile\", ");
     let config = scratch.write("keelson.toml", &config);
     let out = std::process::Command::new(Bin::Keelson.path())
@@ -94,7 +94,13 @@ async fn a_plugin_whose_setup_fails_stops_the_process_naming_the_plugin_and_the_
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    (config, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn a_plugin_whose_setup_fails_stops_the_process_naming_the_plugin_and_the_cause() {
+    let scratch = Scratch::new();
+    let (_, stderr) = start_fragile(&scratch, "fail = true");
     assert!(
         stderr.contains("plugin `fragile` failed to set up"),
         "{stderr}"
@@ -108,16 +114,7 @@ async fn a_plugin_whose_setup_fails_stops_the_process_naming_the_plugin_and_the_
 #[tokio::test]
 async fn a_plugin_settings_mistake_names_the_file_the_key_and_the_plugin() {
     let scratch = Scratch::new();
-    let config = embedded_config("\n[logic_server.plugins.fragile]\nfial = true\n")
-        .replace("handlers = [", "handlers = [\"test.fragile\", ");
-    let config = scratch.write("keelson.toml", &config);
-    let out = std::process::Command::new(Bin::Keelson.path())
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (config, stderr) = start_fragile(&scratch, "fial = true");
     assert!(stderr.contains(&config.display().to_string()), "{stderr}");
     assert!(stderr.contains("logic_server.plugins.fragile"), "{stderr}");
     assert!(stderr.contains("unknown field `fial`"), "{stderr}");

@@ -62,22 +62,8 @@ fn offline_if_it_works(app: &Path) -> Vec<&'static str> {
 /// Run `cargo args` in `app` to its end; a failure fails the test with cargo's
 /// whole output.
 fn cargo_ok(app: &Path, args: &[&str]) -> String {
-    let out = cargo(app)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run cargo {args:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "`cargo {}` in the new application failed ({}):\n{text}",
-        args.join(" "),
-        out.status
-    );
-    text
+    let what = format!("`cargo {}` in the new application", args.join(" "));
+    support::output_ok(cargo(app).args(args), &what)
 }
 
 #[tokio::test]

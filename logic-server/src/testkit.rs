@@ -127,6 +127,30 @@ async fn send(client: &Client, request: &Request, timeout: Duration) -> Reply {
         .unwrap_or_else(|e| panic!("`{}` was not answered: {e}", request.handler))
 }
 
+/// `user`'s value under `key` in `store`, read as `T`.
+async fn read_value<T: DeserializeOwned>(
+    store: &dyn ContextStore,
+    user: &str,
+    key: &str,
+) -> Option<T> {
+    let bytes = store
+        .get(user, key)
+        .await
+        .unwrap_or_else(|e| panic!("cannot read `{key}`: {e}"))?;
+    Some(
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("`{key}` is not the expected type: {e}")),
+    )
+}
+
+/// `user`'s counter `key` in `store`.
+async fn read_counter(store: &dyn ContextStore, user: &str, key: &str) -> i64 {
+    store
+        .counter(user, key)
+        .await
+        .unwrap_or_else(|e| panic!("cannot read the counter `{key}`: {e}"))
+}
+
 /// One request to one handler, run on a logic server of its own.
 #[derive(Debug)]
 pub struct TestRequest {
@@ -353,25 +377,12 @@ impl TestReply {
 
     /// The value under `key` in the user's context after the request.
     pub async fn context<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
-        let user = self.user_or_panic();
-        let bytes = self
-            .store
-            .get(user, key)
-            .await
-            .unwrap_or_else(|e| panic!("cannot read `{key}`: {e}"))?;
-        Some(
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|e| panic!("`{key}` is not the expected type: {e}")),
-        )
+        read_value(self.store.as_ref(), self.user_or_panic(), key).await
     }
 
     /// The user's counter `key` after the request.
     pub async fn counter(&self, key: &str) -> i64 {
-        let user = self.user_or_panic();
-        self.store
-            .counter(user, key)
-            .await
-            .unwrap_or_else(|e| panic!("cannot read the counter `{key}`: {e}"))
+        read_counter(self.store.as_ref(), self.user_or_panic(), key).await
     }
 
     fn user_or_panic(&self) -> &str {
@@ -503,28 +514,12 @@ impl TestCluster {
         user: &str,
         key: &str,
     ) -> Option<T> {
-        let Some(Some((_, store))) = self.servers.get(i) else {
-            panic!("server {i} is not running");
-        };
-        let bytes = store
-            .get(user, key)
-            .await
-            .unwrap_or_else(|e| panic!("cannot read `{key}` on server-{i}: {e}"))?;
-        Some(
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|e| panic!("`{key}` is not the expected type: {e}")),
-        )
+        read_value(self.store_of(i), user, key).await
     }
 
     /// `user`'s counter `key` as server `i` holds it.
     pub async fn counter_on(&self, i: usize, user: &str, key: &str) -> i64 {
-        let Some(Some((_, store))) = self.servers.get(i) else {
-            panic!("server {i} is not running");
-        };
-        store
-            .counter(user, key)
-            .await
-            .unwrap_or_else(|e| panic!("cannot read the counter `{key}` on server-{i}: {e}"))
+        read_counter(self.store_of(i), user, key).await
     }
 
     /// Stop every server and close the transport.
@@ -535,6 +530,13 @@ impl TestCluster {
             }
         }
         self.transport.close().await;
+    }
+
+    fn store_of(&self, i: usize) -> &ReplicatedContextStore {
+        match self.servers.get(i) {
+            Some(Some((_, store))) => store,
+            _ => panic!("server {i} is not running"),
+        }
     }
 
     fn live(&self) -> impl Iterator<Item = (usize, &Arc<ReplicatedContextStore>)> {

@@ -58,12 +58,19 @@ pub fn unix_ms() -> u64 {
 /// Run `bash script args` with `env` added; fails the test with its output when it
 /// fails, else returns its output (standard output, then standard error).
 pub fn run_script(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
-    let out = std::process::Command::new("bash")
-        .arg(script)
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(script)
         .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    output_ok(&mut cmd, &format!("{script} {args:?}"))
+}
+
+/// Run `cmd` to its end; fails the test with its output (naming it `what`) when it
+/// fails, else returns its output (standard output, then standard error).
+pub fn output_ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("cannot run bash {script}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -71,7 +78,7 @@ pub fn run_script(script: &str, args: &[&str], env: &[(&str, String)]) -> String
     );
     assert!(
         out.status.success(),
-        "{script} {args:?} failed ({}):\n{text}",
+        "{what} failed ({}):\n{text}",
         out.status
     );
     text

@@ -163,67 +163,44 @@ impl ApiError {
     }
 }
 
+/// The HTTP status of a failed reply status (the mapping is the protocol's).
+fn status_of(status: ReplyStatus) -> StatusCode {
+    StatusCode::from_u16(status.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 /// The HTTP side of a failed [`Reply`](keelson_protocol::Reply): the status is fixed
 /// by the reply status, code and message come from the reply's [`ErrorInfo`] when it
 /// has them, except for timeouts and overload, whose codes clients rely on.
 fn reply_parts(status: ReplyStatus, error: Option<&ErrorInfo>) -> (StatusCode, String, String) {
     use ReplyStatus as R;
-    let (http, code, message) = match status {
-        R::BadRequest => (StatusCode::BAD_REQUEST, "bad_request", "bad request"),
-        R::Unauthorized => (
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a user is required",
-        ),
-        R::Forbidden => (
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "not allowed for this user",
-        ),
-        R::NotFound => (StatusCode::NOT_FOUND, "unknown_handler", "no such handler"),
-        R::Conflict => (StatusCode::CONFLICT, "conflict", "conflict"),
+    let (code, message) = match status {
+        R::BadRequest => ("bad_request", "bad request"),
+        R::Unauthorized => ("unauthorized", "a user is required"),
+        R::Forbidden => ("forbidden", "not allowed for this user"),
+        R::NotFound => ("unknown_handler", "no such handler"),
+        R::Conflict => ("conflict", "conflict"),
         R::KeyReused => (
-            StatusCode::UNPROCESSABLE_ENTITY,
             "idempotency_key_reused",
             "this Idempotency-Key was used with another request",
         ),
-        R::TooManyRequests => (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_requests",
-            "a limit was reached; retry later",
-        ),
-        R::PayloadTooLarge => (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "too large",
-        ),
+        R::TooManyRequests => ("too_many_requests", "a limit was reached; retry later"),
+        R::PayloadTooLarge => ("payload_too_large", "too large"),
         R::Timeout => {
             let message = "the handler did not finish before the deadline";
-            return (
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout".into(),
-                message.into(),
-            );
+            return (status_of(status), "timeout".into(), message.into());
         }
         R::Overloaded => {
             let message = "the logic servers are overloaded; retry later";
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded".into(),
-                message.into(),
-            );
+            return (status_of(status), "overloaded".into(), message.into());
         }
         R::Ok => {
             let message = "the logic server sent a reply the gateway cannot read";
             return (StatusCode::BAD_GATEWAY, "bad_reply".into(), message.into());
         }
         // HandlerError, Unknown, and statuses added after this build.
-        _ => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "handler_error",
-            "the handler failed",
-        ),
+        _ => ("handler_error", "the handler failed"),
     };
+    let http = status_of(status);
     let code = error
         .map(|e| e.code.as_str())
         .filter(|c| !c.is_empty())

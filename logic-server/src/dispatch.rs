@@ -378,7 +378,7 @@ impl Dispatcher {
             "delivered {deliveries} times without an outcome (max_deliveries = {max}): its handler `{}` may kill the server",
             request.handler
         );
-        tracing::error!(id = %request.id, handler = %request.handler, user = ?request.user, deliveries, "dead-lettering a request that never completed");
+        tracing::error!(id = %request.id, handler = %request.handler, deliveries, "dead-lettering a request that never completed");
         let reply = self.error(
             request.id,
             ReplyStatus::HandlerError,

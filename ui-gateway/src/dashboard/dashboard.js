@@ -167,7 +167,8 @@
     return fixed(r, r < 10 ? 2 : r < 100 ? 1 : 0) + "/s";
   }
   function formatShare(s) {
-    return s === null ? "–" : fixed(s * 100, 1) + " %";
+    if (s === null) return "–";
+    return fixed(s * 100, s > 0 && s < 0.1 ? 1 : 0) + " %";
   }
   function formatSeconds(s) {
     if (s === null) return "–";
@@ -258,12 +259,13 @@
       cell(tr, String(n.version), "mono");
       const load = n.load || {};
       const factor = Number(load.factor) || 0;
-      const loadCell = cell(tr, "", "load");
-      loadCell.appendChild(loadBar(factor, level(factor)));
-      loadCell.appendChild(el("span", "load-value", fixed(factor, 2)));
-      cell(tr, fixed(Number(load.busy) || 0, 2), "num");
-      cell(tr, fixed(Number(load.process_cpu) || 0, 2), "num");
-      cell(tr, fixed(Number(load.system_cpu) || 0, 2), "num");
+      const loadBox = el("div", "load");
+      loadBox.appendChild(loadBar(factor, level(factor)));
+      loadBox.appendChild(el("span", "load-value", fixed(factor, 2)));
+      cell(tr, "").appendChild(loadBox);
+      cell(tr, formatShare(Number(load.busy) || 0), "num");
+      cell(tr, formatShare(Number(load.process_cpu) || 0), "num");
+      cell(tr, formatShare(Number(load.system_cpu) || 0), "num");
       cell(tr, (n.window || "–") + " / " + n.concurrency, "num");
       cell(tr, String(n.in_flight), "num");
       cell(tr, Number(n.contexts).toLocaleString("en-US"), "num");

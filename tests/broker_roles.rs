@@ -93,6 +93,10 @@ async fn role_users_run_the_mesh_on_a_topology_the_operator_declared() {
     .await;
     assert_eq!(outcome.status, 200, "{outcome:?}");
     assert!(outcome.body.contains('2'), "{outcome:?}");
+    // It may not read the dead-letter queue (below), yet counts what waits there
+    // (a passive declaration needs no right).
+    let table = mesh.cluster(&client).await;
+    assert_eq!(table["dead_letters"]["waiting"], 0, "{table}");
 
     // What the gateway's broker user may not do.
     let gateway = Connection::connect(

@@ -8,14 +8,11 @@ mod support;
 
 use keelson_protocol::transport::{DELIVERIES_HEADER, Message};
 use keelson_protocol::{Reply, ReplyStatus, Request, Transport, TransportConfig, decode, encode};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use support::broker::{Vhost, amqp_transport};
+use support::broker::{Vhost, amqp_transport, confirmed_channel, dead_letter};
 use support::mesh::{Mesh, post};
 use support::unix_ms;
 use support::{Scratch, http};
@@ -216,29 +213,6 @@ async fn dead_letters_are_listed_shown_and_replayed_once() {
     transport.close().await;
 }
 
-/// Publish `payload` to the dead-letter exchange as a consumer's rejection would.
-async fn dead_letter(channel: &lapin::Channel, payload: &[u8], reason: &str) {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-keelson-dead-letter-reason".into(),
-        AMQPValue::LongString(LongString::from(reason)),
-    );
-    channel
-        .basic_publish(
-            "keelson.dead-letter".into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            payload,
-            BasicProperties::default()
-                .with_headers(headers)
-                .with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreplayable_dead_letters_stay_until_purged_with_yes() {
     let vhost = Vhost::create("dlq-purge");
@@ -252,14 +226,7 @@ async fn unreplayable_dead_letters_stay_until_purged_with_yes() {
     let config = scratch.write("dlq.toml", &transport_toml);
     // Declares the topology, the dead-letter exchange and queue included.
     let transport = connect(&transport_toml).await;
-    let connection = Connection::connect(&vhost.url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (connection, channel) = confirmed_channel(&vhost.url()).await;
     let mut request = Request::new(
         "r-parked",
         "nobody.home",

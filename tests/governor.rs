@@ -12,46 +12,15 @@ use support::broker::{Vhost, amqp_transport};
 use support::http;
 use support::mesh::{Mesh, ServerSpec, node_state, node_window, post};
 
-/// A governor that reacts within a second to the busy ratio alone (CPU figures on a
-/// shared test machine would make the test depend on its neighbours), and keeps its
-/// window (the last test checks the window on its own).
-const GOVERNED: &str = r#"
-[logic_server.governor]
-sample_ms = 100
-smoothing = 1.0
-high_watermark = 0.5
-low_watermark = 0.3
-min_pause_ms = 500
-use_busy = true
-use_process_cpu = false
-use_system_cpu = false
-adaptive_window = false
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_server_pauses_its_intake_its_peer_serves_and_it_resumes() {
     let vhost = Vhost::create("governor");
     let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
-    let busy = mesh
-        .add_server(ServerSpec::new("busy").concurrency(4).extra(GOVERNED))
-        .await;
     mesh.add_gateway().await;
     let client = http();
-
-    // Three of its four slots busy for 4 s: a busy ratio of 0.75.
-    let slow: Vec<_> = (0..3)
-        .map(|_| {
-            let (client, url) = (client.clone(), mesh.url(0, "test.slow"));
-            tokio::spawn(
-                async move { post(&client, url, r#"{"ms":4000}"#.into(), None, None).await },
-            )
-        })
-        .collect();
-    // A peer arrives; the busy server may now pause (it is no longer the last one).
-    mesh.add_server(ServerSpec::new("peer").concurrency(4))
-        .await;
+    // Three of the busy server's four slots held for 4 s, then a peer: it pauses.
+    let (busy, slow) = mesh.pause_a_busy_server(&client, 4000).await;
     let busy_log = || mesh.servers[busy].as_ref().unwrap();
-    busy_log().wait_for_log("pausing intake").await;
 
     // While paused: the cluster shows it (by the next heartbeat), and new requests
     // go to the peer.

@@ -12,13 +12,11 @@ mod support;
 
 use futures_util::StreamExt;
 use keelson_protocol::{Reply, ReplyStatus, Request, decode, encode};
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::time::Duration;
-use support::broker::{BrokerUser, Vhost, amqp_transport};
+use support::broker::{BrokerUser, Vhost, amqp_transport, confirmed_channel};
 use support::http;
 use support::mesh::{Mesh, ServerSpec};
 use support::unix_ms;
@@ -33,14 +31,7 @@ struct Publisher {
 
 impl Publisher {
     async fn connect(url: &str) -> Self {
-        let connection = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
+        let (connection, channel) = confirmed_channel(url).await;
         let replies = channel
             .basic_consume(
                 "amq.rabbitmq.reply-to".into(),

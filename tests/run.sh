@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: makes sure a RabbitMQ broker answers on 127.0.0.1:5672,
+# installs headless Chromium (the dashboard tests' browser) when it is missing,
 # builds the "next version" logic server and the previous release, which the
 # rolling-upgrade tests run beside the current build, then runs every test of the
 # workspace (unit, property, conformance on both transports, and the cross-process
@@ -8,6 +9,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash deploy/ensure-broker.sh
+
+# A real browser for the dashboard tests (tests/dashboard.rs): Debian's chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium
+    command -v chromium >/dev/null 2>&1 || {
+        echo "tests/run.sh: chromium could not be installed; the dashboard tests need it" >&2
+        exit 1
+    }
+fi
 export KEELSON_TEST_AMQP_URL=${KEELSON_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 
 # The next-version build (feature next-preview: another reported version, protocol

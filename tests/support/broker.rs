@@ -282,3 +282,41 @@ impl Drop for RoleUsers {
         }
     }
 }
+
+/// Publish `payload` to the dead-letter exchange of the namespace `keelson` as a
+/// consumer's rejection would (`channel` in confirm mode).
+pub async fn dead_letter(channel: &lapin::Channel, payload: &[u8], reason: &str) {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-keelson-dead-letter-reason".into(),
+        lapin::types::AMQPValue::LongString(lapin::types::LongString::from(reason)),
+    );
+    channel
+        .basic_publish(
+            "keelson.dead-letter".into(),
+            "".into(),
+            lapin::options::BasicPublishOptions::default(),
+            payload,
+            lapin::BasicProperties::default()
+                .with_headers(headers)
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// A connection to `url` and a channel on it in publisher-confirm mode; keep the
+/// connection alive as long as the channel is used.
+pub async fn confirmed_channel(url: &str) -> (lapin::Connection, lapin::Channel) {
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (connection, channel)
+}

@@ -20,6 +20,22 @@ pub const ALL_HANDLERS: &[&str] = &[
     "test.whoami",
 ];
 
+/// A governor that reacts within a second to the busy ratio alone (CPU figures on a
+/// shared test machine would make the test depend on its neighbours), and keeps its
+/// window (tests/governor.rs checks the window on its own).
+pub const GOVERNED: &str = r#"
+[logic_server.governor]
+sample_ms = 100
+smoothing = 1.0
+high_watermark = 0.5
+low_watermark = 0.3
+min_pause_ms = 500
+use_busy = true
+use_process_cpu = false
+use_system_cpu = false
+adaptive_window = false
+"#;
+
 pub fn gateway_toml(transport: &str) -> String {
     format!(
         "{transport}\n[gateway]\nlisten = \"127.0.0.1:0\"\nrequest_timeout_ms = 20000\n\n[auth]\nsecret = \"{SECRET}\"\n"
@@ -286,6 +302,36 @@ pub async fn post(
 }
 
 impl Mesh {
+    /// Start a logic server `busy` (four slots, governed by [`GOVERNED`]) and hold
+    /// three of its slots with `test.slow` requests of `ms` sent through gateway 0
+    /// while it is alone (a busy ratio of 0.75), then start a peer `peer`: the busy
+    /// server may now pause (it is no longer the last one); waits until its log says
+    /// it did. Returns the busy server's index and the slow requests.
+    pub async fn pause_a_busy_server(
+        &mut self,
+        client: &reqwest::Client,
+        ms: u64,
+    ) -> (usize, Vec<tokio::task::JoinHandle<Outcome>>) {
+        let busy = self
+            .add_server(ServerSpec::new("busy").concurrency(4).extra(GOVERNED))
+            .await;
+        let slow = (0..3)
+            .map(|_| {
+                let (client, url) = (client.clone(), self.url(0, "test.slow"));
+                let body = format!(r#"{{"ms":{ms}}}"#);
+                tokio::spawn(async move { post(&client, url, body, None, None).await })
+            })
+            .collect();
+        self.add_server(ServerSpec::new("peer").concurrency(4))
+            .await;
+        self.servers[busy]
+            .as_ref()
+            .unwrap()
+            .wait_for_log("pausing intake")
+            .await;
+        (busy, slow)
+    }
+
     /// The first gateway's `GET /cluster` now.
     pub async fn cluster(&self, client: &reqwest::Client) -> serde_json::Value {
         let url = format!("{}/cluster", self.gateways[0].base_url.clone().unwrap());

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod broker;
+pub mod browser;
 pub mod cluster;
 pub mod mesh;
 pub mod tls;

@@ -4,13 +4,18 @@
 //! ```json
 //! {"nodes": [{"node": "logic-1", "state": "up", "age_ms": 312, "load": {...}, ...}],
 //!  "services": {"default": {"up": 2, "paused": 1, "not_ready": 0, "left": 0, "gone": 0}},
-//!  "stalled_services": []}
+//!  "stalled_services": [],
+//!  "dead_letters": {"waiting": 0}}
 //! ```
+//!
+//! `dead_letters.waiting` counts the namespace's dead letters waiting to be read
+//! (`null` when the transport cannot tell now; see [`crate::dead_letters`]).
 //!
 //! A service is *stalled* when it has servers but none of them takes requests (all
 //! paused, draining or gone): its requests wait on the queue until a server resumes
 //! or their deadline passes.
 
+use crate::dead_letters::DeadLetterCount;
 use crate::routes::AppState;
 use axum::Json;
 use axum::extract::State;
@@ -77,6 +82,7 @@ impl Cluster {
             nodes,
             services,
             stalled_services,
+            dead_letters: DeadLetterCount::default(),
         }
     }
 }
@@ -97,9 +103,12 @@ pub(crate) struct ClusterReport {
     nodes: Vec<NodeStatus>,
     services: BTreeMap<String, ServiceCounts>,
     stalled_services: Vec<String>,
+    dead_letters: DeadLetterCount,
 }
 
 /// `GET /cluster`.
 pub(crate) async fn cluster(State(state): State<AppState>) -> Json<ClusterReport> {
-    Json(state.cluster.report())
+    let mut report = state.cluster.report();
+    report.dead_letters = state.dead_letters.count(state.transport.as_ref()).await;
+    Json(report)
 }

@@ -64,6 +64,10 @@ pub struct GatewayConfig {
     pub max_connections_per_client: usize,
     /// CORS for browser apps on other origins (`[gateway.cors]`); off by default.
     pub cors: CorsConfig,
+    /// Serve the live cluster page `GET /dashboard` (and its script and style under
+    /// `/dashboard/`); `false` answers them 404. It shows what `GET /cluster` and
+    /// `GET /metrics` already show, no request data.
+    pub dashboard: bool,
 }
 
 impl Default for GatewayConfig {
@@ -81,6 +85,7 @@ impl Default for GatewayConfig {
             max_connections: 10_000,
             max_connections_per_client: 256,
             cors: CorsConfig::default(),
+            dashboard: true,
         }
     }
 }

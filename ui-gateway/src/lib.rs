@@ -38,6 +38,8 @@ mod cluster;
 mod config;
 mod connections;
 mod cors;
+mod dashboard;
+mod dead_letters;
 mod error;
 mod request_id;
 mod routes;

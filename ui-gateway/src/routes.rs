@@ -6,6 +6,7 @@
 //! | `GET /healthz` | 200 `{"status":"ok"}` while the process serves (liveness) |
 //! | `GET /readyz` | 200 `{"status":"ready"}` when the transport can carry traffic, else 503 `not_ready` |
 //! | `GET /cluster` | the logic servers heard on the control channel (see [`crate::cluster`]) |
+//! | `GET /dashboard` | the live cluster page, unless `gateway.dashboard = false` (see [`crate::dashboard`]) |
 //! | anything else | 404 `not_found`, or 405 `method_not_allowed` on a known path |
 //!
 //! Layers, outermost first: request id, CORS (when `gateway.cors` is on, see
@@ -46,6 +47,8 @@ pub(crate) struct AppState {
     pub(crate) cluster: Arc<crate::cluster::Cluster>,
     /// Figures of the open connections.
     pub(crate) connections: Arc<crate::connections::ConnectionStats>,
+    /// The dead-letter count, cached.
+    pub(crate) dead_letters: Arc<crate::dead_letters::DeadLetters>,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
             body_budget: Arc::new(Semaphore::new(body_kib)),
             cluster,
             connections: Arc::default(),
+            dead_letters: Arc::default(),
         }
     }
 }
@@ -88,6 +92,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/cluster", get(crate::cluster::cluster))
+        .merge(crate::dashboard::routes(config.dashboard))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(body_limit)

@@ -542,6 +542,53 @@ where
 
 /// Generate one `#[tokio::test]` per conformance check for the transport that
 /// `$make` (an expression, may use `.await`) builds afresh for each test.
+/// Poll `dead_letters_waiting` until it says `expected`; fails after [`PROMPT`].
+async fn wait_for_waiting_dead_letters(t: &dyn Transport, expected: u64) {
+    let deadline = soon();
+    loop {
+        let waiting = t.dead_letters_waiting().await.unwrap();
+        if waiting == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dead letters waiting: {waiting:?}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn dead_letters_waiting_are_counted(t: Arc<dyn Transport>) {
+    t.declare_service(&service("dlc", &["dlc"])).await.unwrap();
+    wait_for_waiting_dead_letters(t.as_ref(), 0).await;
+    let mut c = t.consume("dlc", 2).await.unwrap();
+    let requests: Vec<_> = (0..2)
+        .map(|i| {
+            let t = t.clone();
+            tokio::spawn(async move {
+                let msg = Message::new(format!("poison {i}"));
+                t.request("dlc", msg, Instant::now() + Duration::from_millis(500))
+                    .await
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        let d = within("delivery", c.next()).await.unwrap().unwrap();
+        d.reject("test: counted").await.unwrap();
+    }
+    wait_for_waiting_dead_letters(t.as_ref(), 2).await;
+    // Read and settled: no longer waiting.
+    let mut dead = t.consume_dead_letters(10).await.unwrap();
+    for _ in 0..2 {
+        let dl = within("dead letter", dead.next()).await.unwrap().unwrap();
+        dl.ack().await.unwrap();
+    }
+    wait_for_waiting_dead_letters(t.as_ref(), 0).await;
+    for r in requests {
+        assert!(matches!(r.await.unwrap(), Err(RequestError::Timeout)));
+    }
+}
+
 #[macro_export]
 macro_rules! transport_conformance_tests {
     ($make:expr) => {
@@ -569,6 +616,7 @@ macro_rules! transport_conformance_tests {
             hand_back_is_not_a_redelivery_and_keeps_the_reply_address,
             counted_redeliveries_carry_their_count,
             reject_dead_letters_with_reason,
+            dead_letters_waiting_are_counted,
             paused_consumer_leaves_work_to_peers,
             resumed_consumer_takes_work_again,
             narrowed_window_leaves_work_to_peers,

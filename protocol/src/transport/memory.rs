@@ -236,6 +236,13 @@ impl Transport for MemoryTransport {
         Ok(self.consumer_for(self.dead_letter_queue(), prefetch))
     }
 
+    async fn dead_letters_waiting(&self) -> Result<Option<u64>, TransportError> {
+        self.check_open()?;
+        let queue = self.dead_letter_queue();
+        let waiting = lock(&queue.messages).len();
+        Ok(Some(u64::try_from(waiting).unwrap_or(u64::MAX)))
+    }
+
     fn publisher(&self) -> Publisher {
         Publisher::Local
     }

@@ -138,6 +138,17 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         prefetch: u16,
     ) -> Result<Box<dyn Consumer>, TransportError>;
 
+    /// How many dead letters wait in the dead-letter queue now: the messages ready to
+    /// be read, not those a reader (`keelson dlq`) holds at this instant. `Ok(None)`
+    /// when this transport cannot tell (the default, so that a transport written
+    /// before this method still builds).
+    ///
+    /// It needs no right on the queue (on AMQP a passive declaration, which the
+    /// broker allows every user), so a gateway's least-privilege broker user may ask.
+    async fn dead_letters_waiting(&self) -> Result<Option<u64>, TransportError> {
+        Ok(None)
+    }
+
     /// Who this transport's own publications come from, as its consumers see it
     /// ([`Delivery::publisher`]): [`Publisher::Local`] for an in-process transport,
     /// the broker user for AMQP. Every request it publishes carries this identity.

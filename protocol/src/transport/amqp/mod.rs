@@ -347,6 +347,20 @@ impl Transport for AmqpTransport {
         ))
     }
 
+    async fn dead_letters_waiting(&self) -> Result<Option<u64>, TransportError> {
+        let shared = self.shared();
+        if shared.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        // Asked now, not after a reconnection: a caller polls, and a figure that
+        // comes late is worse than none.
+        let link = shared
+            .live_link()
+            .ok_or_else(|| TransportError::Disconnected("not connected to a broker".into()))?;
+        let queue = topology::short("namespace", shared.names.dead_letter_queue())?;
+        topology::ready_messages(&link.connection, queue).await
+    }
+
     fn publisher(&self) -> Publisher {
         Publisher::User(self.shared().broker_user.clone())
     }

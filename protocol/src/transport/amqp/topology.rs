@@ -228,6 +228,29 @@ fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+/// How many messages are ready in `queue`, by a passive declaration (no right
+/// needed); `None` when the queue does not exist.
+pub(crate) async fn ready_messages(
+    connection: &Connection,
+    queue: ShortString,
+) -> Result<Option<u64>, TransportError> {
+    on_throwaway_channel(connection, |ch| async move {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match ch
+            .queue_declare(queue, options, FieldTable::default())
+            .await
+        {
+            Ok(q) => Ok(Some(u64::from(q.message_count()))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(error("counting the messages of a queue", &e)),
+        }
+    })
+    .await
+}
+
 /// Run `f` on a fresh channel of `connection`, closed afterwards.
 async fn on_throwaway_channel<T, F, Fut>(connection: &Connection, f: F) -> Result<T, TransportError>
 where

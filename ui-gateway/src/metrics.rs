@@ -257,3 +257,26 @@ pub fn describe_metrics() {
         "HTTP connections refused (over max_connections or the per-address bound, or accept errors)"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_labels_are_bounded_and_only_for_hosted_handlers() {
+        let metrics = GatewayMetrics::new();
+        // A name nobody answered for, or not a handler name, is `unknown`.
+        assert_eq!(&*metrics.series(Some("made.up"), false).label, "unknown");
+        assert_eq!(&*metrics.series(Some("a/b"), true).label, "unknown");
+        assert_eq!(&*metrics.series(None, true).label, "unknown");
+        // A name a server answered for gets its own series, and keeps it.
+        assert_eq!(&*metrics.series(Some("echo"), true).label, "echo");
+        assert_eq!(&*metrics.series(Some("echo"), false).label, "echo");
+        for i in 0..MAX_HANDLER_SERIES * 2 {
+            metrics.learn(&format!("h{i}"));
+        }
+        assert_eq!(metrics.handlers.load().len(), MAX_HANDLER_SERIES);
+        assert_eq!(&*metrics.series(Some("late.one"), true).label, "other");
+        assert_eq!(&*metrics.series(Some("echo"), true).label, "echo");
+    }
+}

@@ -190,18 +190,15 @@ pub(crate) async fn middleware(
 ) -> Response {
     let metrics = &state.metrics;
     let started = Instant::now();
-    let name = request
-        .uri()
-        .path()
-        .strip_prefix("/api/")
-        .map(str::to_owned);
+    // A reference count, not a copy of the path.
+    let uri = request.uri().clone();
     metrics.in_flight.increment(1.0);
     // Decremented when dropped, so a request whose client went away counts too.
     let _in_flight = InFlight(&metrics.in_flight);
     let response = next.run(request).await;
     let answered = response.extensions().get::<HandlerAnswered>().is_some();
     metrics
-        .series(name.as_deref(), answered)
+        .series(uri.path().strip_prefix("/api/"), answered)
         .record(response.status(), started.elapsed().as_secs_f64());
     response
 }

@@ -449,3 +449,39 @@ async fn the_embedded_meshs_gateway_shows_its_logic_servers_metrics_too() {
     assert!(value(&page, "keelson_broker_connected", &[]).is_none());
     assert_documented(&page);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_broker_connection_is_counted_when_it_comes_back() {
+    let vhost = Vhost::create("metrics-reconnect");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    let server = mesh
+        .add_server(
+            ServerSpec::new("logic-r")
+                .service("default", &["echo"])
+                .logic("admin_listen = \"127.0.0.1:0\"\n"),
+        )
+        .await;
+    let client = http();
+    let admin = mesh.servers[server]
+        .as_ref()
+        .unwrap()
+        .admin_url
+        .clone()
+        .unwrap();
+    let page = scrape(&client, &admin).await;
+    assert_eq!(value(&page, "keelson_broker_connected", &[]), Some(1.0));
+    assert_eq!(
+        value(&page, "keelson_broker_reconnections_total", &[]),
+        Some(0.0)
+    );
+    assert!(
+        vhost.close_connections_of("logic-r") > 0,
+        "no connection to close"
+    );
+    scrape_until(&client, &admin, "one reconnection, connected again", |p| {
+        value(p, "keelson_broker_reconnections_total", &[]) == Some(1.0)
+            && value(p, "keelson_broker_connected", &[]) == Some(1.0)
+    })
+    .await;
+    mesh.stop_server(server).await;
+}

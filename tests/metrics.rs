@@ -152,26 +152,34 @@ async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Json) {
     (status, resp.json().await.unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_and_logic_server_count_each_handlers_requests_and_errors() {
-    let vhost = Vhost::create("metrics");
+/// A mesh on `vhost` with one logic server `node` hosting `handlers`, its admin
+/// listener on a free port; returns the mesh, the server's index and the admin URL.
+async fn mesh_with_admin(vhost: &Vhost, node: &str, handlers: &[&str]) -> (Mesh, usize, String) {
     let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
     let server = mesh
         .add_server(
-            ServerSpec::new("logic-m")
-                .service("default", &["echo", "test.whoami", "test.fail"])
+            ServerSpec::new(node)
+                .service("default", handlers)
                 .logic("admin_listen = \"127.0.0.1:0\"\n"),
         )
         .await;
-    mesh.add_gateway().await;
-    let client = http();
-    let gateway = mesh.gateways[0].base_url.clone().unwrap();
     let admin = mesh.servers[server]
         .as_ref()
         .unwrap()
         .admin_url
         .clone()
         .expect("the ready line names the admin listener");
+    (mesh, server, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_and_logic_server_count_each_handlers_requests_and_errors() {
+    let vhost = Vhost::create("metrics");
+    let (mut mesh, _, admin) =
+        mesh_with_admin(&vhost, "logic-m", &["echo", "test.whoami", "test.fail"]).await;
+    mesh.add_gateway().await;
+    let client = http();
+    let gateway = mesh.gateways[0].base_url.clone().unwrap();
 
     let (echoes, whoamis, failures, unknowns) = (7, 5, 3, 2);
     for (handler, n, expected) in [
@@ -453,21 +461,8 @@ async fn the_embedded_meshs_gateway_shows_its_logic_servers_metrics_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_broker_connection_is_counted_when_it_comes_back() {
     let vhost = Vhost::create("metrics-reconnect");
-    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
-    let server = mesh
-        .add_server(
-            ServerSpec::new("logic-r")
-                .service("default", &["echo"])
-                .logic("admin_listen = \"127.0.0.1:0\"\n"),
-        )
-        .await;
+    let (mut mesh, server, admin) = mesh_with_admin(&vhost, "logic-r", &["echo"]).await;
     let client = http();
-    let admin = mesh.servers[server]
-        .as_ref()
-        .unwrap()
-        .admin_url
-        .clone()
-        .unwrap();
     let page = scrape(&client, &admin).await;
     assert_eq!(value(&page, "keelson_broker_connected", &[]), Some(1.0));
     assert_eq!(

@@ -15,9 +15,11 @@
 //! with jemalloc. An application that wants another global allocator turns the
 //! feature off (`default-features = false, features = ["tls"]`).
 
+pub mod admin;
 pub mod cli;
 pub mod dlq;
 pub mod handler_list;
+pub mod metrics;
 pub mod run;
 pub mod scaffold;
 pub mod settings;

@@ -1,5 +1,6 @@
 //! Starting and stopping the parts of the mesh in this process.
 
+use crate::admin::AdminListener;
 use crate::settings::KeelsonConfig;
 use anyhow::Context as _;
 use keelson_logic_server::{
@@ -77,6 +78,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let node_id = config.node.id(role.name());
+    // Before anything records: the parts resolve their metric handles when built.
+    let render = crate::metrics::install();
     let transport = config
         .transport
         .build(&node_id)
@@ -90,12 +93,41 @@ pub async fn run(
     });
 
     if matches!(role, Role::Embedded | Role::LogicServer) {
+        // Listening before the start, so that /readyz says "starting" during the join.
+        let admin = match &config.logic_server.admin_listen {
+            Some(addr) => Some(AdminListener::bind(addr, render.clone()).await?),
+            None => None,
+        };
+        let admin_addr = match &admin {
+            Some(admin) => Some(admin.local_addr()?),
+            None => None,
+        };
+        let readiness = admin.as_ref().map(AdminListener::readiness);
+        if let Some(admin) = admin {
+            let task = tokio::spawn(admin.serve());
+            // Stopped last, so that probes see the drain.
+            lifecycle.on_shutdown(Phase::Close, "admin listener", async move {
+                task.abort();
+            });
+        }
+        if let Some(addr) = admin_addr {
+            tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+        }
         let server = start_logic_server(&config, &node_id, transport.clone()).await?;
+        if let Some(readiness) = readiness {
+            let _ = readiness.set(server.stats().clone());
+        }
+        // The admin address on the ready line, for scripts and tests (port 0).
+        let admin_part = admin_addr
+            .map(|a| format!(" admin=http://{a}"))
+            .unwrap_or_default();
         if role == Role::LogicServer {
             println!(
-                "keelson logic server ready: node={node_id} service={}",
+                "keelson logic server ready: node={node_id} service={}{admin_part}",
                 config.logic_server.service
             );
+        } else if let Some(addr) = admin_addr {
+            println!("Keelson admin endpoints (/metrics, /healthz, /readyz): admin=http://{addr}");
         }
         lifecycle.on_shutdown(Phase::Drain, "logic server", async move {
             // A second signal during the drain stops at once: what has not finished
@@ -112,7 +144,11 @@ pub async fn run(
     if matches!(role, Role::Embedded | Role::Gateway) {
         let verifier =
             TokenVerifier::from_config(&config.auth).context("cannot set up token verification")?;
-        let gateway = Gateway::with_verifier(config.gateway.clone(), verifier, transport.clone());
+        let mut gateway =
+            Gateway::with_verifier(config.gateway.clone(), verifier, transport.clone());
+        if let Some(render) = render.clone() {
+            gateway = gateway.with_metrics(render);
+        }
         let listener = gateway
             .bind()
             .await

@@ -54,6 +54,10 @@ pub struct LogicServerConfig {
     /// Settings of the plugins (their shared resources), keyed by plugin name: set
     /// up at start when an enabled handler takes the plugin.
     pub plugins: BTreeMap<String, serde_json::Value>,
+    /// Address of the admin HTTP listener (`host:port`, e.g. `127.0.0.1:9464`;
+    /// port 0 picks a free one, printed at start), serving `/metrics`, `/healthz`
+    /// and `/readyz`. Unset: no listener.
+    pub admin_listen: Option<String>,
 }
 
 impl Default for LogicServerConfig {
@@ -73,6 +77,7 @@ impl Default for LogicServerConfig {
             trust_unstamped_requests: false,
             handler_settings: BTreeMap::new(),
             plugins: BTreeMap::new(),
+            admin_listen: None,
         }
     }
 }

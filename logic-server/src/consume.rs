@@ -25,9 +25,10 @@ fn take(slot: &Slot) -> Held {
 /// Deliveries whose task has not begun yet, in arrival order with the time each
 /// arrived: the ones a pause, a narrower window or a drain can still give back to the
 /// queue instead of running late here.
-#[derive(Default)]
 struct Unstarted {
     slots: Vec<(Instant, Weak<Mutex<Held>>)>,
+    /// Counts the deliveries given back (`keelson_deliveries_total{outcome="handed_back"}`).
+    handed_back: metrics::Counter,
 }
 
 fn waiting(slot: &Weak<Mutex<Held>>) -> Option<Slot> {
@@ -68,6 +69,7 @@ impl Unstarted {
             drop(in_flight);
             handed += 1;
         }
+        self.handed_back.increment(handed as u64);
         handed
     }
 }
@@ -125,7 +127,10 @@ impl ConsumeLoop {
         // server then serves until its transport closes.
         let mut detached = false;
         let mut governed = true;
-        let mut unstarted = Unstarted::default();
+        let mut unstarted = Unstarted {
+            slots: Vec::new(),
+            handed_back: dispatcher.metrics.handed_back.clone(),
+        };
         loop {
             tokio::select! {
                 biased;

@@ -43,6 +43,8 @@ pub(crate) struct Dispatcher {
     pub(crate) stats: Arc<ServerStats>,
     /// The plugins' resources and the client for handler-to-handler calls.
     pub(crate) shared: Arc<crate::handler::Shared>,
+    /// The server's metric handles.
+    pub(crate) metrics: crate::metrics::ServerMetrics,
 }
 
 /// The bounds a server puts on the requests it takes.
@@ -109,7 +111,14 @@ impl Dispatcher {
         !delivery.redelivered && (2..=self.limits.max_deliveries).contains(&delivery.deliveries())
     }
 
+    /// Handle one delivery, and count how it ended.
     pub(crate) async fn handle(&self, delivery: Delivery) -> Handled {
+        let handled = self.handle_uncounted(delivery).await;
+        self.metrics.delivery(handled);
+        handled
+    }
+
+    async fn handle_uncounted(&self, delivery: Delivery) -> Handled {
         if delivery.redelivered {
             // It reached a consumer before and was not settled (that server died or
             // lost its connection). Not every queue counts deliveries (classic queues
@@ -556,7 +565,11 @@ impl Dispatcher {
             caller: std::sync::OnceLock::new(),
         };
         let call = AssertUnwindSafe(crate::panic::Catching(h.call(ctx))).catch_unwind();
-        match tokio::time::timeout_at(deadline, call).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout_at(deadline, call).await;
+        self.metrics
+            .handler_ran(&handler, started.elapsed().as_secs_f64());
+        match result {
             Ok(Ok(Ok(response))) => {
                 let (body, status, headers) = response.into_parts();
                 let mut reply = Reply::ok(id, body.into(), &self.node_id);

@@ -79,6 +79,7 @@ mod consume;
 mod dispatch;
 #[cfg(feature = "test-failpoints")]
 mod failpoint;
+mod metrics;
 mod monitor;
 mod stats;
 
@@ -94,6 +95,7 @@ pub use extract::{Body, Context, FromRequest, Json, Meta, Res, User};
 pub use handler::{Handler, HandlerError, RequestCtx, Response};
 pub use handler_fn::IntoReply;
 pub use lifecycle::{Lifecycle, Phase};
+pub use metrics::describe_metrics;
 pub use plugin::{HandlerPlugin, PluginError, Registry, Settings};
 pub use resource::{Plugin, PluginDecl, Resources};
 pub use server::{LogicServer, RunningServer, ServerError, ServerStats};

@@ -5,13 +5,16 @@ use crate::context::ContextStore;
 use crate::dispatch::Dispatcher;
 use crate::governor::{CpuSampler, Governor, GovernorConfig, Transition};
 use crate::stats::ServerStats;
-use keelson_protocol::control::{ClusterView, Heartbeat, Load};
+use keelson_protocol::control::{ClusterView, Heartbeat, Load, NodeState};
 use keelson_protocol::topic::HEARTBEATS;
 use keelson_protocol::{ProtocolVersion, Transport};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+/// How often the context gauges are set.
+const CONTEXT_SIZES_EVERY: Duration = Duration::from_secs(10);
 
 pub(crate) struct Monitor {
     pub(crate) transport: Arc<dyn Transport>,
@@ -94,6 +97,8 @@ impl Monitor {
         let mut beat = tokio::time::interval(self.heartbeat_interval);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sizes = tokio::time::interval(CONTEXT_SIZES_EVERY);
+        sizes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 changed = stopped.changed() => {
@@ -101,8 +106,17 @@ impl Monitor {
                 }
                 _ = sample.tick() => self.sample(&mut governor, &mut sampler),
                 _ = beat.tick() => self.publish(&self.heartbeat(false)).await,
+                _ = sizes.tick() => self.count_contexts(),
             }
         }
+    }
+
+    /// Set the context gauges (the byte count walks every context, hence seldom).
+    fn count_contexts(&self) {
+        let store = &self.dispatcher.store;
+        self.dispatcher
+            .metrics
+            .contexts(store.user_count(), store.context_bytes());
     }
 
     fn sample(&self, governor: &mut Governor, sampler: &mut CpuSampler) {
@@ -117,12 +131,21 @@ impl Monitor {
             system_cpu,
         };
         self.stats.set_load(load);
-        let others = self
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .active_in_service(&self.service, &self.dispatcher.node_id, Instant::now());
+        let (others, peers) = {
+            let view = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let me = &self.dispatcher.node_id;
+            let peers = view
+                .nodes(now)
+                .iter()
+                .filter(|n| {
+                    &n.heartbeat.node != me && !matches!(n.state, NodeState::Gone | NodeState::Left)
+                })
+                .count();
+            (view.active_in_service(&self.service, me, now), peers)
+        };
         self.stats.set_others_active(others);
+        self.dispatcher.metrics.sample(&self.stats, &load, peers);
         match transition {
             Some(Transition::Pause) => {
                 if others == 0 && !self.governor.pause_last_consumer {

@@ -96,11 +96,14 @@ impl LogicServer {
             max_deliveries: config.max_deliveries.max(1),
             idempotency: config.idempotency.clone(),
         };
+        let node_id = node_id.into();
+        let metrics = crate::metrics::ServerMetrics::new(&node_id, &registry.names());
         Self {
             config,
             transport,
             dispatcher: Arc::new(Dispatcher {
-                node_id: node_id.into(),
+                metrics,
+                node_id,
                 registry,
                 store,
                 peers: Arc::new(Mutex::new(ClusterView::default())),

@@ -164,6 +164,8 @@ pub struct Process {
     child: Child,
     /// The gateway's base URL, when the process runs one.
     pub base_url: Option<String>,
+    /// The admin listener's base URL (`admin=` on the ready line), when it has one.
+    pub admin_url: Option<String>,
     /// Where its standard error (the log) goes.
     pub log: PathBuf,
 }
@@ -225,8 +227,12 @@ impl Process {
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
+        let mut admin_url = None;
         let wait = async {
             while let Some(line) = lines.next_line().await.expect("cannot read stdout") {
+                if let Some((_, rest)) = line.split_once("admin=") {
+                    admin_url = rest.split_whitespace().next().map(str::to_owned);
+                }
                 if let Some((_, rest)) = line.split_once("listening on ") {
                     return Some(rest.trim().to_owned());
                 }
@@ -252,6 +258,7 @@ impl Process {
         Self {
             child,
             base_url,
+            admin_url,
             log: log.to_owned(),
         }
     }

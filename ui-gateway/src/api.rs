@@ -206,6 +206,13 @@ pub(crate) async fn call(
         )));
     }
     let replayed = reply.replayed;
+    // A server that took the request but hosts no such handler does not make the
+    // name a handler's (metrics label it `unknown`).
+    let answered = !(reply.status == ReplyStatus::NotFound
+        && reply
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == "unknown_handler"));
     let mut response = match reply.status {
         ReplyStatus::Ok => ok_response(
             reply.body,
@@ -224,6 +231,11 @@ pub(crate) async fn call(
         response
             .headers_mut()
             .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    if answered {
+        response
+            .extensions_mut()
+            .insert(crate::metrics::HandlerAnswered);
     }
     Ok(response)
 }

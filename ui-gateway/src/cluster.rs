@@ -43,7 +43,11 @@ impl Cluster {
     }
 
     /// Listen to heartbeats until the transport closes.
-    pub(crate) async fn listen(self: Arc<Self>, transport: Arc<dyn Transport>) {
+    pub(crate) async fn listen(
+        self: Arc<Self>,
+        transport: Arc<dyn Transport>,
+        metrics: Arc<crate::metrics::GatewayMetrics>,
+    ) {
         let mut heartbeats = match HEARTBEATS.subscribe(transport.as_ref()).await {
             Ok(s) => s,
             Err(e) => {
@@ -52,6 +56,10 @@ impl Cluster {
             }
         };
         while let Some(hb) = heartbeats.next().await {
+            // The handlers servers host get `handler` series of their own.
+            for name in &hb.handlers {
+                metrics.learn(name);
+            }
             let mut view = self.lock();
             view.observe(hb, Instant::now());
             view.prune(Instant::now(), FORGET_AFTER_INTERVALS);

@@ -7,6 +7,7 @@
 //! | `GET /readyz` | 200 `{"status":"ready"}` when the transport can carry traffic, else 503 `not_ready` |
 //! | `GET /cluster` | the logic servers heard on the control channel (see [`crate::cluster`]) |
 //! | `GET /dashboard` | the live cluster page, unless `gateway.dashboard = false` (see [`crate::dashboard`]) |
+//! | `GET /metrics` | the process's metrics, Prometheus text format (see [`crate::metrics`]) |
 //! | anything else | 404 `not_found`, or 405 `method_not_allowed` on a known path |
 //!
 //! Layers, outermost first: request id, CORS (when `gateway.cors` is on, see
@@ -49,6 +50,10 @@ pub(crate) struct AppState {
     pub(crate) connections: Arc<crate::connections::ConnectionStats>,
     /// The dead-letter count, cached.
     pub(crate) dead_letters: Arc<crate::dead_letters::DeadLetters>,
+    /// The gateway's metric handles.
+    pub(crate) metrics: Arc<crate::metrics::GatewayMetrics>,
+    /// Renders `GET /metrics`; none: the route answers 404.
+    pub(crate) render: Option<crate::metrics::MetricsRender>,
 }
 
 impl AppState {
@@ -65,10 +70,11 @@ impl AppState {
             .min(Semaphore::MAX_PERMITS);
         let permits = config.max_in_flight.min(Semaphore::MAX_PERMITS);
         let cluster = Arc::new(crate::cluster::Cluster::default());
+        let metrics = Arc::new(crate::metrics::GatewayMetrics::new());
         // Listening needs a runtime; a gateway built outside one (unit tests of the
         // router) simply shows an empty cluster.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(cluster.clone().listen(transport.clone()));
+            runtime.spawn(cluster.clone().listen(transport.clone(), metrics.clone()));
         }
         Self {
             config: Arc::new(config),
@@ -79,6 +85,8 @@ impl AppState {
             cluster,
             connections: Arc::default(),
             dead_letters: Arc::default(),
+            metrics,
+            render: None,
         }
     }
 }
@@ -87,8 +95,13 @@ impl AppState {
 pub(crate) fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let body_limit = DefaultBodyLimit::max(config.max_body_bytes);
+    let api_route = post(api::call).route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        crate::metrics::middleware,
+    ));
     let routes = Router::new()
-        .route("/api/{handler}", post(api::call))
+        .route("/api/{handler}", api_route)
+        .route("/metrics", get(crate::metrics::metrics_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/cluster", get(crate::cluster::cluster))

@@ -3,6 +3,7 @@
 use crate::auth::{AuthConfig, Secret, TokenVerifier};
 use crate::config::GatewayConfig;
 use crate::connections::ConnectionStats;
+use crate::metrics::MetricsRender;
 use crate::routes::{self, AppState};
 use axum::Router;
 use keelson_protocol::Transport;
@@ -55,6 +56,13 @@ impl Gateway {
         Self {
             state: AppState::new(config, verifier, transport),
         }
+    }
+
+    /// Serve `GET /metrics` with `render` (the process's metrics recorder, which
+    /// the gateway's own figures are recorded to). Without it the route answers 404.
+    pub fn with_metrics(mut self, render: MetricsRender) -> Self {
+        self.state.render = Some(render);
+        self
     }
 
     /// The gateway's configuration.

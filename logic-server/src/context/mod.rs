@@ -30,7 +30,7 @@ mod effects;
 mod replicated;
 
 pub use effects::Effects;
-pub use replicated::ReplicatedContextStore;
+pub use replicated::{ReplicatedContextStore, describe_metrics};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -159,6 +159,12 @@ pub trait ContextStore: Send + Sync + fmt::Debug + 'static {
     async fn barrier(&self, within: std::time::Duration) -> bool;
     /// How many users have a context.
     fn user_count(&self) -> usize;
+
+    /// Bytes of the contexts held, as charged against the per-user size limit;
+    /// `None` when the store does not know. Walks every context: call it seldom.
+    fn context_bytes(&self) -> Option<u64> {
+        None
+    }
 
     /// How far this store's replicated writes have got, for the server's heartbeats;
     /// `None` for a store that does not replicate.

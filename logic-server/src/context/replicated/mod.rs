@@ -31,7 +31,9 @@
 mod clock;
 mod divergence;
 mod gaps;
+mod metrics;
 mod state;
 mod store;
 
+pub use metrics::describe_metrics;
 pub use store::ReplicatedContextStore;

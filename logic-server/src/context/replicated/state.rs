@@ -431,6 +431,11 @@ impl State {
         self.users.len()
     }
 
+    /// Bytes of every context, as charged against the per-user limit (walks them all).
+    pub(crate) fn total_size(&self) -> usize {
+        self.users.values().map(UserState::size).sum()
+    }
+
     /// Apply one operation, from this server or a peer.
     pub(crate) fn apply(&mut self, op: &ContextOp) {
         match op {

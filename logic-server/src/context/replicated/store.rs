@@ -4,6 +4,7 @@
 use super::clock::Clock;
 use super::divergence::{Divergence, PERSISTENT_AFTER, Verdict};
 use super::gaps::Gaps;
+use super::metrics::ReplicationMetrics;
 use super::state::{Node, Stamp, State};
 use crate::config::ContextConfig;
 use crate::context::{ContextError, ContextStore, Effects, RecordWrite};
@@ -66,6 +67,7 @@ pub struct ReplicatedContextStore {
     repairing: AtomicBool,
     /// How this store's digest compared with its peers'.
     divergence: Mutex<Divergence>,
+    metrics: ReplicationMetrics,
 }
 
 struct Inner {
@@ -167,6 +169,7 @@ impl ReplicatedContextStore {
             gaps: Mutex::new(Gaps::default()),
             repairing: AtomicBool::new(false),
             divergence: Mutex::new(Divergence::default()),
+            metrics: ReplicationMetrics::new(node_id),
         });
         let unavailable = |e: keelson_protocol::transport::TransportError| {
             ContextError::Unavailable(e.to_string())
@@ -309,11 +312,16 @@ impl ReplicatedContextStore {
             return;
         }
         let mut inner = self.lock();
+        let mut written_ms = None;
         for op in &delta.ops {
             if let ContextOp::Set { ts, .. } | ContextOp::Touch { ts, .. } = op {
                 inner.clock.observe(ts.wall_ms, ts.logical);
+                written_ms = written_ms.max(Some(ts.wall_ms));
             }
             inner.state.apply(op);
+        }
+        if let Some(written_ms) = written_ms {
+            self.metrics.applied(written_ms, now_ms());
         }
         // Under the state's lock, so a digest never sees the ops without their number.
         if let Some(seq) = delta.seq {
@@ -348,6 +356,7 @@ impl ReplicatedContextStore {
             return;
         };
         tracing::info!(origins = ?missing.origins(), "context deltas were missed; pulling the peers' state now");
+        self.metrics.gaps.increment(missing.origins().len() as u64);
         self.pull_in_background(move |store, report| {
             if report.chunks > 0 || report.alone {
                 store.lock_gaps().repaired(&missing, Instant::now());
@@ -550,6 +559,7 @@ impl ReplicatedContextStore {
         }
         let elapsed_ms = started.elapsed().as_millis() as u64;
         if resync {
+            self.metrics.resyncs.increment(1);
             tracing::debug!(
                 users = report.users,
                 chunks = report.chunks,
@@ -826,6 +836,10 @@ impl ContextStore for ReplicatedContextStore {
 
     fn user_count(&self) -> usize {
         self.lock().state.user_count()
+    }
+
+    fn context_bytes(&self) -> Option<u64> {
+        Some(self.lock().state.total_size() as u64)
     }
 
     fn mark(&self) -> Option<ContextMark> {

@@ -337,6 +337,11 @@ pub(crate) async fn supervise(
     first_round: oneshot::Sender<Result<(), RoundFailure>>,
 ) {
     let mut first_round = Some(first_round);
+    // Resolved here, once: the process's recorder (if any) is installed by now.
+    let connected_gauge = metrics::gauge!("keelson_broker_connected");
+    let reconnections = metrics::counter!("keelson_broker_reconnections_total");
+    let mut connections_made = 0u64;
+    connected_gauge.set(0.0);
     let count = shared.brokers.len();
     let mut start = 0;
     let mut backoff = shared.config.backoff();
@@ -392,12 +397,18 @@ pub(crate) async fn supervise(
         );
         backoff = shared.config.backoff();
         shared.set_link(Some(link.clone()));
+        connected_gauge.set(1.0);
+        if connections_made > 0 {
+            reconnections.increment(1);
+        }
+        connections_made += 1;
         if let Some(tx) = first_round.take() {
             let _ = tx.send(Ok(()));
         }
         let why = watch_link(&shared, &link, events).await;
         link.mark_lost(why.clone());
         shared.set_link(None);
+        connected_gauge.set(0.0);
         if shared.is_closed() {
             close_connection(&link).await;
             break;
@@ -415,6 +426,7 @@ pub(crate) async fn supervise(
         }
     }
     shared.set_link(None);
+    connected_gauge.set(0.0);
     debug!(
         "supervisor of namespace {} stopped",
         shared.config.namespace

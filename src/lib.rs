@@ -22,6 +22,7 @@ pub mod run;
 pub mod scaffold;
 pub mod settings;
 pub mod status;
+pub mod systemd;
 pub mod telemetry;
 pub mod topology;
 

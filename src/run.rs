@@ -83,6 +83,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot start the {} transport", config.transport.kind()))?;
     tracing::info!(node = %node_id, transport = config.transport.kind(), role = role.name(), "starting");
+    crate::systemd::spawn_watchdog();
     let lifecycle = Lifecycle::new();
     let closing = transport.clone();
     lifecycle.on_shutdown(Phase::Close, "transport", async move {
@@ -131,7 +132,11 @@ pub async fn run(
         });
     }
 
+    // Everything this role runs has started: the logic server consumes (after its
+    // context join), the gateway listens.
+    crate::systemd::ready(&format!("{} {node_id} ready", role.name()));
     shutdown.await;
+    crate::systemd::stopping();
     lifecycle.shutdown().await;
     tracing::info!("stopped");
     Ok(())

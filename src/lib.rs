@@ -15,7 +15,10 @@
 //! with jemalloc. An application that wants another global allocator turns the
 //! feature off (`default-features = false, features = ["tls"]`).
 
+pub mod call;
+pub mod check;
 pub mod cli;
+pub mod context_get;
 pub mod dlq;
 pub mod handler_list;
 pub mod run;

@@ -3,7 +3,7 @@
 use crate::settings::KeelsonConfig;
 use anyhow::Context as _;
 use keelson_logic_server::{
-    Lifecycle, LogicServer, Phase, Registry, ReplicatedContextStore, RunningServer,
+    Lifecycle, LogicServer, OperatorService, Phase, Registry, ReplicatedContextStore, RunningServer,
 };
 use keelson_protocol::Transport;
 use keelson_ui_gateway::{Gateway, TokenVerifier};
@@ -91,7 +91,7 @@ pub async fn run(
     });
 
     if matches!(role, Role::Embedded | Role::LogicServer) {
-        let server = start_logic_server(&config, &node_id, transport.clone()).await?;
+        let (server, operator) = start_logic_server(&config, &node_id, transport.clone()).await?;
         if role == Role::LogicServer {
             println!(
                 "keelson logic server ready: node={node_id} service={}",
@@ -99,6 +99,7 @@ pub async fn run(
             );
         }
         lifecycle.on_shutdown(Phase::Drain, "logic server", async move {
+            drop(operator);
             // A second signal during the drain stops at once: what has not finished
             // goes back to the queue for a peer.
             server
@@ -146,19 +147,34 @@ async fn start_logic_server(
     config: &KeelsonConfig,
     node_id: &str,
     transport: Arc<dyn Transport>,
-) -> anyhow::Result<RunningServer> {
+) -> anyhow::Result<(RunningServer, Option<OperatorService>)> {
     let ls = &config.logic_server;
     let registry = Registry::build(&ls.handlers, &ls.handler_settings, &ls.plugins).await?;
     // Not ready before every context the peers hold is here.
     let store = ReplicatedContextStore::start(transport.clone(), node_id, ls.context.clone())
         .await
         .context("cannot join the context channel")?;
-    Ok(
-        LogicServer::new(ls.clone(), node_id, transport, registry, store)
-            .with_version(crate::VERSION)
-            .start()
-            .await?,
+    let server = LogicServer::new(
+        ls.clone(),
+        node_id,
+        transport.clone(),
+        registry,
+        store.clone(),
     )
+    .with_version(crate::VERSION)
+    .start()
+    .await?;
+    // Operator requests (`keelson context get`) are an aid, not the server's job: a
+    // broker that refuses their queue (a topology declared by an older `keelson
+    // topology declare`) leaves the server serving without them.
+    let operator = match OperatorService::start(ls, node_id, transport, store).await {
+        Ok(operator) => Some(operator),
+        Err(e) => {
+            tracing::warn!(error = %e, "operator requests (keelson context get) are not answered by this server");
+            None
+        }
+    };
+    Ok((server, operator))
 }
 
 /// The first lines of the embedded mesh: where it listens, then requests to try

@@ -270,7 +270,7 @@ async fn context_get_against_servers_of_the_previous_release_fails_clearly_and_l
         &operator,
     );
     assert!(!ok);
-    assert!(stderr.contains("release before"), "{stderr}");
+    assert!(stderr.contains("before `keelson context get`"), "{stderr}");
     // The old server still serves.
     let out = support::mesh::post(
         &support::http(),
@@ -284,8 +284,33 @@ async fn context_get_against_servers_of_the_previous_release_fails_clearly_and_l
 
     // With a current server beside it, the queue exists: the old one never takes
     // operator requests, and the new one answers.
-    mesh.add_server(ServerSpec::new("new")).await;
+    let new = mesh.add_server(ServerSpec::new("new")).await;
     let (ok, stdout, stderr) = run(&["context", "get", "--user", "alice"], &operator);
     assert!(!ok);
     assert!(stderr.contains("no context is held"), "{stdout}{stderr}");
+
+    // The current server gone, its queue stays and nobody consumes it: the command
+    // times out with the reason, and the old server still serves.
+    mesh.stop_server(new).await;
+    let started = Instant::now();
+    let (ok, _, stderr) = run(
+        &["context", "get", "--user", "alice", "--timeout-ms", "1500"],
+        &operator,
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("no logic server answered within 1500 ms")
+            && stderr.contains("before `keelson context get`"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    let out = support::mesh::post(
+        &support::http(),
+        mesh.url(0, "echo"),
+        "[3]".into(),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((out.status, out.body.as_str()), (200, "[3]"), "{out:?}");
 }

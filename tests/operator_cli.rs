@@ -255,6 +255,19 @@ async fn context_get_is_refused_to_a_publisher_the_servers_do_not_trust() {
     assert!(stderr.contains("trusted_publishers"), "{stderr}");
 }
 
+/// The mesh's first gateway answers `echo` with `body`: its servers serve.
+async fn assert_echoes(mesh: &Mesh, body: &str) {
+    let out = support::mesh::post(
+        &support::http(),
+        mesh.url(0, "echo"),
+        body.into(),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((out.status, out.body.as_str()), (200, body), "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_get_against_servers_of_the_previous_release_fails_clearly_and_leaves_them_serving()
 {
@@ -272,15 +285,7 @@ async fn context_get_against_servers_of_the_previous_release_fails_clearly_and_l
     assert!(!ok);
     assert!(stderr.contains("before `keelson context get`"), "{stderr}");
     // The old server still serves.
-    let out = support::mesh::post(
-        &support::http(),
-        mesh.url(0, "echo"),
-        "[2]".into(),
-        None,
-        None,
-    )
-    .await;
-    assert_eq!((out.status, out.body.as_str()), (200, "[2]"), "{out:?}");
+    assert_echoes(&mesh, "[2]").await;
 
     // With a current server beside it, the queue exists: the old one never takes
     // operator requests, and the new one answers.
@@ -304,13 +309,5 @@ async fn context_get_against_servers_of_the_previous_release_fails_clearly_and_l
         "{stderr}"
     );
     assert!(started.elapsed() >= Duration::from_millis(1500));
-    let out = support::mesh::post(
-        &support::http(),
-        mesh.url(0, "echo"),
-        "[3]".into(),
-        None,
-        None,
-    )
-    .await;
-    assert_eq!((out.status, out.body.as_str()), (200, "[3]"), "{out:?}");
+    assert_echoes(&mesh, "[3]").await;
 }

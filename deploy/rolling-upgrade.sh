@@ -4,6 +4,14 @@
 #
 #   deploy/rolling-upgrade.sh [--bin NEW_LOGIC_SERVER] [--config NEW_CONFIG] [--ready-timeout SECONDS]
 #
+# or of the logic-server@N units of deploy/systemd (install the new binary first):
+#
+#   deploy/rolling-upgrade.sh --systemd "1 2 3"
+#
+# The units are Type=notify: `systemctl restart` drains the old server and returns
+# once the new one sent READY=1 (joined the context channel, consuming), or fails
+# when it does not within the unit's TimeoutStartSec. No polling.
+#
 # For each logic server in turn: SIGTERM (it stops taking requests, finishes and
 # answers what it holds, announces that it leaves, exits 0); wait for the exit;
 # start the new binary or configuration; wait until the cluster status (heartbeats
@@ -24,9 +32,23 @@ while [ $# -gt 0 ]; do
         --bin) BIN=$2; shift 2 ;;
         --config) CONFIG=$2; shift 2 ;;
         --ready-timeout) READY_TIMEOUT_S=$2; shift 2 ;;
-        *) echo "usage: $0 [--bin PATH] [--config FILE] [--ready-timeout SECONDS]" >&2; exit 2 ;;
+        --systemd) SYSTEMD_INSTANCES=$2; shift 2 ;;
+        *) echo "usage: $0 [--bin PATH] [--config FILE] [--ready-timeout SECONDS] | --systemd \"1 2 3\"" >&2; exit 2 ;;
     esac
 done
+
+if [ -n "${SYSTEMD_INSTANCES:-}" ]; then
+    for i in $SYSTEMD_INSTANCES; do
+        echo "rolling-upgrade: logic-server@$i: restarting"
+        if ! systemctl restart "logic-server@$i"; then
+            echo "rolling-upgrade: logic-server@$i did not become ready; stopping the upgrade (journalctl -u logic-server@$i)" >&2
+            exit 1
+        fi
+        echo "rolling-upgrade: logic-server@$i: ready"
+    done
+    echo "rolling-upgrade: all logic servers upgraded"
+    exit 0
+fi
 
 [ -x "$BIN" ] || { echo "rolling-upgrade: $BIN is not an executable" >&2; exit 1; }
 STATUS_BIN=target/release/keelson

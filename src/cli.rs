@@ -84,6 +84,23 @@ enum Command {
         #[arg(long, value_name = "NODE")]
         expect_up: Option<String>,
     },
+    /// Validate the configuration completely without connecting to anything: keys,
+    /// types, log level, the handler list against the handlers linked into this
+    /// binary, handlers' and plugins' settings. Exit status 1 when it has problems.
+    Check,
+    /// Call a handler and print the status and the body: through a gateway
+    /// (--gateway URL), or straight over the configuration's transport. Exit status
+    /// 1 on an error status.
+    Call(crate::call::CallArgs),
+    /// Read users' replicated contexts (answered by any logic server).
+    Context(crate::context_get::ContextArgs),
+    /// Print a shell completion script for SHELL to standard output.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output, e.g. `keelson man | man -l -`.
+    Man,
 }
 
 /// The `keelson` command line: parse the arguments, run the subcommand, and turn an
@@ -189,6 +206,38 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         (_, explicit) => Source::resolve(explicit),
     };
     match command {
+        Command::Check => {
+            if !crate::check::run(&source) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Call(args) => {
+            let config = settings::load(&source)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            let answer = runtime.block_on(crate::call::run(&config, &args))?;
+            println!("{}", answer.render());
+            if !answer.is_success() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Context(args) => {
+            let config = settings::load(&source)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            println!(
+                "{}",
+                runtime.block_on(crate::context_get::run(&config, &args))?
+            );
+        }
+        Command::Completions { shell } => {
+            let name = binary_name();
+            let mut command = Cli::command().bin_name(name.clone());
+            clap_complete::generate(shell, &mut command, name, &mut std::io::stdout());
+        }
+        Command::Man => {
+            let name = binary_name();
+            let command = Cli::command().display_name(name.clone()).bin_name(name);
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+        }
         Command::New(args) => println!("{}", crate::scaffold::create(&args)?),
         Command::Run => serve(Role::Embedded, &source)?,
         Command::UiGateway => serve(Role::Gateway, &source)?,

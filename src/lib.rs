@@ -16,7 +16,10 @@
 //! feature off (`default-features = false, features = ["tls"]`).
 
 pub mod admin;
+pub mod call;
+pub mod check;
 pub mod cli;
+pub mod context_get;
 pub mod dlq;
 pub mod handler_list;
 pub mod metrics;
@@ -24,6 +27,7 @@ pub mod run;
 pub mod scaffold;
 pub mod settings;
 pub mod status;
+pub mod systemd;
 pub mod telemetry;
 pub mod topology;
 

@@ -4,7 +4,7 @@ use crate::admin::AdminListener;
 use crate::settings::KeelsonConfig;
 use anyhow::Context as _;
 use keelson_logic_server::{
-    Lifecycle, LogicServer, Phase, Registry, ReplicatedContextStore, RunningServer,
+    Lifecycle, LogicServer, OperatorService, Phase, Registry, ReplicatedContextStore, RunningServer,
 };
 use keelson_protocol::Transport;
 use keelson_ui_gateway::{Gateway, TokenVerifier};
@@ -86,6 +86,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot start the {} transport", config.transport.kind()))?;
     tracing::info!(node = %node_id, transport = config.transport.kind(), role = role.name(), "starting");
+    crate::systemd::spawn_watchdog();
     let lifecycle = Lifecycle::new();
     let closing = transport.clone();
     lifecycle.on_shutdown(Phase::Close, "transport", async move {
@@ -113,7 +114,7 @@ pub async fn run(
         if let Some(addr) = admin_addr {
             tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
         }
-        let server = start_logic_server(&config, &node_id, transport.clone()).await?;
+        let (server, operator) = start_logic_server(&config, &node_id, transport.clone()).await?;
         if let Some(readiness) = readiness {
             let _ = readiness.set(server.stats().clone());
         }
@@ -130,6 +131,7 @@ pub async fn run(
             println!("Keelson admin endpoints (/metrics, /healthz, /readyz): admin=http://{addr}");
         }
         lifecycle.on_shutdown(Phase::Drain, "logic server", async move {
+            drop(operator);
             // A second signal during the drain stops at once: what has not finished
             // goes back to the queue for a peer.
             server
@@ -167,7 +169,11 @@ pub async fn run(
         });
     }
 
+    // Everything this role runs has started: the logic server consumes (after its
+    // context join), the gateway listens.
+    crate::systemd::ready(&format!("{} {node_id} ready", role.name()));
     shutdown.await;
+    crate::systemd::stopping();
     lifecycle.shutdown().await;
     tracing::info!("stopped");
     Ok(())
@@ -177,19 +183,34 @@ async fn start_logic_server(
     config: &KeelsonConfig,
     node_id: &str,
     transport: Arc<dyn Transport>,
-) -> anyhow::Result<RunningServer> {
+) -> anyhow::Result<(RunningServer, Option<OperatorService>)> {
     let ls = &config.logic_server;
     let registry = Registry::build(&ls.handlers, &ls.handler_settings, &ls.plugins).await?;
     // Not ready before every context the peers hold is here.
     let store = ReplicatedContextStore::start(transport.clone(), node_id, ls.context.clone())
         .await
         .context("cannot join the context channel")?;
-    Ok(
-        LogicServer::new(ls.clone(), node_id, transport, registry, store)
-            .with_version(crate::VERSION)
-            .start()
-            .await?,
+    let server = LogicServer::new(
+        ls.clone(),
+        node_id,
+        transport.clone(),
+        registry,
+        store.clone(),
     )
+    .with_version(crate::VERSION)
+    .start()
+    .await?;
+    // Operator requests (`keelson context get`) are an aid, not the server's job: a
+    // broker that refuses their queue (a topology declared by an older `keelson
+    // topology declare`) leaves the server serving without them.
+    let operator = match OperatorService::start(ls, node_id, transport, store).await {
+        Ok(operator) => Some(operator),
+        Err(e) => {
+            tracing::warn!(error = %e, "operator requests (keelson context get) are not answered by this server");
+            None
+        }
+    };
+    Ok((server, operator))
 }
 
 /// The first lines of the embedded mesh: where it listens, then requests to try

@@ -49,6 +49,7 @@ pub async fn run(config: &KeelsonConfig, args: TopologyArgs) -> anyhow::Result<(
     let mut services = vec![config.logic_server.service.clone()];
     services.extend(extra);
     services.push(SNAPSHOT_SERVICE.to_owned());
+    services.push(keelson_protocol::operator::OPERATOR_SERVICE.to_owned());
     let mut seen = std::collections::BTreeSet::new();
     services.retain(|s| seen.insert(s.clone()));
     // Declaring is the point, whatever the processes' setting.

@@ -36,7 +36,8 @@ pub struct LogicServerConfig {
     /// The load governor (self-throttling).
     pub governor: GovernorConfig,
     /// Broker users whose requests may carry a `user` (the gateways, and the
-    /// operator's `keelson dlq replay`): a request naming a user from any other
+    /// operator's `keelson dlq replay`, `keelson call` and `keelson context get`,
+    /// which only these may send): a request naming a user from any other
     /// publisher is dead-lettered and refused (403). The broker validates a
     /// request's publisher (AMQP `user_id`). Unset: this server's own broker user
     /// only, which is right when every process shares one broker user (the default

@@ -614,7 +614,7 @@ impl Dispatcher {
 
 /// Publish `reply` to the requester, if it awaits one; a failure is logged (the
 /// requester times out).
-async fn send(delivery: &Delivery, reply: &Reply) {
+pub(crate) async fn send(delivery: &Delivery, reply: &Reply) {
     match encode(reply) {
         Ok(bytes) => {
             if let Err(e) = delivery.reply(bytes).await {

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+mod check;
+
 /// A handler offered by a linked plugin crate.
 pub struct HandlerPlugin {
     /// The name requests use (`POST /api/{name}`) and configuration enables.

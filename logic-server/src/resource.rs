@@ -69,6 +69,7 @@ pub struct PluginDecl {
     pub name: &'static str,
     type_id: fn() -> TypeId,
     setup: fn(serde_json::Value) -> BoxFuture<'static, Result<Shared, PluginError>>,
+    check: fn(serde_json::Value) -> Result<(), PluginError>,
     shutdown: fn(Shared) -> BoxFuture<'static, ()>,
 }
 
@@ -87,25 +88,36 @@ impl PluginDecl {
             name: P::NAME,
             type_id: TypeId::of::<P>,
             setup: setup_erased::<P>,
+            check: |value| settings_of::<P>(value).map(drop),
             shutdown: shutdown_erased::<P>,
         }
     }
+
+    /// Read `value` (its section of `[logic_server.plugins]`, `null` when absent) as
+    /// the plugin's settings, without setting it up: what `keelson check` does.
+    pub fn check_settings(&self, value: serde_json::Value) -> Result<(), PluginError> {
+        (self.check)(value)
+    }
+}
+
+/// `value` as `P`'s settings; an absent section reads as an empty table.
+fn settings_of<P: Plugin>(value: serde_json::Value) -> Result<P::Settings, PluginError> {
+    let value = match value {
+        serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+        v => v,
+    };
+    serde_path_to_error::deserialize(value).map_err(|e| PluginError::PluginSettings {
+        plugin: P::NAME.to_owned(),
+        key: e.path().to_string(),
+        reason: e.into_inner().to_string(),
+    })
 }
 
 fn setup_erased<P: Plugin>(
     value: serde_json::Value,
 ) -> BoxFuture<'static, Result<Shared, PluginError>> {
     Box::pin(async move {
-        let value = match value {
-            serde_json::Value::Null => serde_json::Value::Object(Default::default()),
-            v => v,
-        };
-        let settings: P::Settings =
-            serde_path_to_error::deserialize(value).map_err(|e| PluginError::PluginSettings {
-                plugin: P::NAME.to_owned(),
-                key: e.path().to_string(),
-                reason: e.into_inner().to_string(),
-            })?;
+        let settings = settings_of::<P>(value)?;
         let plugin = P::setup(settings).await.map_err(|e| PluginError::Setup {
             plugin: P::NAME.to_owned(),
             cause: e.into_handler_error().to_string(),

@@ -18,6 +18,7 @@ pub mod context;
 pub mod control;
 pub mod envelope;
 pub mod idempotency;
+pub mod operator;
 pub mod topic;
 pub mod transport;
 pub mod version;

@@ -192,6 +192,13 @@ pub trait ContextStore: Send + Sync + fmt::Debug + 'static {
         0
     }
 
+    /// The context of `user` as JSON, `{"user", "values": {key: JSON}, "counters":
+    /// {key: integer}}`, for an operator (`keelson context get`); `None` when this
+    /// store holds none for that user or cannot list it.
+    fn user_view(&self, _user: &str) -> Option<serde_json::Value> {
+        None
+    }
+
     /// [`ContextStore::set_in`], committed at once.
     async fn set(&self, user: &str, key: &str, value: Bytes) -> Result<(), ContextError> {
         let effects = Effects::default();

@@ -200,6 +200,13 @@ type Records = HashMap<Box<str>, Record>;
 /// A counter: its key and one share per node that counted.
 type Counter = (Key, Vec<Share>);
 
+/// What [`State::view`] shows of one user: live values (JSON bytes) and counters.
+#[derive(Debug)]
+pub(crate) struct UserView<'a> {
+    pub(crate) values: Vec<(&'a str, &'a [u8])>,
+    pub(crate) counters: Vec<(&'a str, i64)>,
+}
+
 /// One user's replicated context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UserState {
@@ -516,6 +523,26 @@ impl State {
             .map_or(0, |(_, shares)| {
                 shares.iter().fold(0i64, |acc, s| acc.wrapping_add(s.sum))
             })
+    }
+
+    /// A user's live values and counters (their sums), for an operator; `None` when
+    /// the user has no context. Outcome records are not included.
+    pub(crate) fn view(&self, user: &str) -> Option<UserView<'_>> {
+        let u = self.users.get(user)?;
+        let values = u
+            .values
+            .iter()
+            .filter_map(|(k, r)| r.value.as_deref().map(|v| (&**k, v)))
+            .collect();
+        let counters = u
+            .counter_entries()
+            .iter()
+            .map(|(k, shares)| {
+                let sum = shares.iter().fold(0i64, |acc, s| acc.wrapping_add(s.sum));
+                (&**k, sum)
+            })
+            .collect();
+        Some(UserView { values, counters })
     }
 
     /// This node's share of a counter: `(seq, sum)`.

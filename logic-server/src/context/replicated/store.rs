@@ -842,6 +842,29 @@ impl ContextStore for ReplicatedContextStore {
         Some(self.lock().state.total_size() as u64)
     }
 
+    fn user_view(&self, user: &str) -> Option<serde_json::Value> {
+        let inner = self.lock();
+        let view = inner.state.view(user)?;
+        // Values are JSON as handlers wrote them; one that is not (impossible
+        // through the handler API) is shown as a string rather than dropped.
+        let values: serde_json::Map<_, _> = view
+            .values
+            .iter()
+            .map(|(k, v)| {
+                let value = serde_json::from_slice(v).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(v).into_owned())
+                });
+                ((*k).to_owned(), value)
+            })
+            .collect();
+        let counters: serde_json::Map<_, _> = view
+            .counters
+            .iter()
+            .map(|(k, n)| ((*k).to_owned(), serde_json::Value::from(*n)))
+            .collect();
+        Some(serde_json::json!({ "user": user, "values": values, "counters": counters }))
+    }
+
     fn mark(&self) -> Option<ContextMark> {
         Some(ContextMark {
             origin: self.node.to_string(),

@@ -1,0 +1,313 @@
+//! The operator's command line, run as an operator runs it: `keelson check`,
+//! `keelson call` (through a gateway and over the transport), `keelson context
+//! get`, `keelson completions` and `keelson man`, against real processes on a real
+//! RabbitMQ.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::broker::{Vhost, amqp_transport};
+use support::mesh::{Mesh, ServerSpec};
+use support::{SECRET, Scratch, keelson};
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `keelson args... --config config`: exit success, standard output, standard error.
+fn run(args: &[&str], config: &Path) -> (bool, String, String) {
+    let mut all: Vec<&str> = args.to_vec();
+    let config = config.to_str().unwrap();
+    all.extend(["--config", config]);
+    let out = keelson(&all, None);
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn check_refuses_each_kind_of_mistake_naming_the_file_and_the_key() {
+    let scratch = Scratch::new();
+    let cases = [
+        (
+            "unknown-key.toml",
+            "[gateway]\nlisten_port = 8080\n",
+            "listen_port",
+        ),
+        (
+            "bad-type.toml",
+            "[gateway]\nmax_body_bytes = \"big\"\n",
+            "gateway.max_body_bytes",
+        ),
+        (
+            "bad-level.toml",
+            "[log]\nlevel = \"warning\"\n",
+            "log.level",
+        ),
+        (
+            "unknown-handler.toml",
+            "[logic_server]\nhandlers = [\"echo\", \"ecoh\"]\n",
+            "`ecoh` in logic_server.handlers",
+        ),
+        (
+            "bad-handler-settings.toml",
+            "[logic_server]\nhandlers = [\"test.quota\"]\n\n[logic_server.handler_settings.\"test.quota\"]\nlimit = \"three\"\n",
+            "logic_server.handler_settings.\"test.quota\"",
+        ),
+        (
+            "bad-plugin-settings.toml",
+            "[logic_server]\nhandlers = [\"cart.add\"]\n\n[logic_server.plugins.cart]\nmax_items = -1\n",
+            "logic_server.plugins.cart.max_items",
+        ),
+    ];
+    for (file, toml, key) in cases {
+        let path = scratch.write(file, toml);
+        let out = keelson(&["check", "--config", path.to_str().unwrap()], None);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "{file}: no file name in {stderr}"
+        );
+        assert!(stderr.contains(key), "{file}: no `{key}` in {stderr}");
+    }
+    // Every problem at once, not the first only.
+    let path = scratch.write(
+        "two.toml",
+        "[logic_server]\nhandlers = [\"ecoh\", \"cart.add\"]\n\n[logic_server.plugins.cart]\nmax_items = \"x\"\n",
+    );
+    let (ok, _, stderr) = run(&["check"], &path);
+    assert!(!ok);
+    assert!(
+        stderr.contains("`ecoh`") && stderr.contains("plugins.cart.max_items"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 problems"), "{stderr}");
+}
+
+#[test]
+fn check_accepts_every_shipped_configuration() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (ok, stdout, stderr) = run(&["check"], &path);
+            assert!(ok, "{}: {stderr}", path.display());
+            assert!(stdout.ends_with(": ok\n"), "{stdout}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} files in {}", dir.display());
+}
+
+#[test]
+fn completions_and_the_man_page_name_the_subcommands() {
+    let out = keelson(&["completions", "bash"], None);
+    assert!(out.status.success());
+    let bash = text(&out.stdout);
+    let out = keelson(&["man"], None);
+    assert!(out.status.success());
+    let man = text(&out.stdout);
+    assert!(
+        man.starts_with(".ie") && man.contains(".SH SUBCOMMANDS"),
+        "{man}"
+    );
+    for sub in ["check", "call", "context", "status", "dlq", "completions"] {
+        assert!(
+            bash.contains(&format!("keelson__subcmd__{sub}")),
+            "bash: no {sub}"
+        );
+        assert!(
+            man.contains(&format!("keelson\\-{sub}(1)")),
+            "man: no {sub}"
+        );
+    }
+    let out = keelson(&["completions", "tcsh"], None);
+    assert!(!out.status.success(), "an unknown shell is refused");
+}
+
+/// The context `keelson context get` prints for `user`, once it satisfies `done`
+/// (replication between servers is asynchronous); fails the test after 10 s.
+fn context_until(config: &Path, user: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, stdout, stderr) = run(&["context", "get", "--user", user], config);
+        if ok {
+            let view: Value = serde_json::from_str(&stdout).unwrap();
+            if done(&view) {
+                return view;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "context get never showed it: {stdout}{stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_and_context_get_on_a_mesh_over_rabbitmq() {
+    let vhost = Vhost::create("operator-cli");
+    let transport = amqp_transport(&[vhost.url()]);
+    let mesh = Mesh::start(transport.clone(), 2, 1, 8).await;
+    let operator = mesh.scratch.write(
+        "operator.toml",
+        &format!("{transport}\n[auth]\nsecret = \"{SECRET}\"\n"),
+    );
+    let gateway = mesh.gateways[0].base_url.clone().unwrap();
+
+    // Through the gateway, with a token minted for --user.
+    let (ok, stdout, stderr) = run(
+        &[
+            "call",
+            "cart.add",
+            r#"{"item":"apple"}"#,
+            "--user",
+            "alice",
+            "--gateway",
+            &gateway,
+        ],
+        &operator,
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let (status, body) = stdout.split_once('\n').unwrap();
+    assert_eq!(status, "200 OK");
+    assert_eq!(
+        serde_json::from_str::<Value>(body).unwrap(),
+        json!({"items": [{"item": "apple", "quantity": 1}]})
+    );
+
+    // Straight over the transport, as a gateway would: the same user's cart.
+    let (ok, stdout, stderr) = run(
+        &[
+            "call",
+            "cart.add",
+            r#"{"item":"pear","quantity":2}"#,
+            "--user",
+            "alice",
+        ],
+        &operator,
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let (status, body) = stdout.split_once('\n').unwrap();
+    assert_eq!(status, "200 ok");
+    let items = json!([{"item": "apple", "quantity": 1}, {"item": "pear", "quantity": 2}]);
+    assert_eq!(serde_json::from_str::<Value>(body).unwrap()["items"], items);
+
+    // Error statuses: printed, exit status 1, both ways.
+    let (ok, stdout, _) = run(&["call", "nope"], &operator);
+    assert!(!ok);
+    assert!(
+        stdout.starts_with("404 not_found\n") && stdout.contains("unknown_handler"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = run(&["call", "cart.add", "--gateway", &gateway], &operator);
+    assert!(!ok);
+    assert!(stdout.starts_with("401 Unauthorized\n"), "{stdout}");
+    let (ok, _, stderr) = run(&["call", "echo", "{not json"], &operator);
+    assert!(!ok);
+    assert!(stderr.contains("not JSON"), "{stderr}");
+
+    // What the handler wrote for alice, from whichever server answers.
+    let view = context_until(&operator, "alice", |v| v["values"]["cart"]["pear"] == 2);
+    assert_eq!(view["user"], "alice");
+    assert_eq!(view["values"]["cart"], json!({"apple": 1, "pear": 2}));
+    let (ok, _, stderr) = run(&["context", "get", "--user", "nobody"], &operator);
+    assert!(!ok);
+    assert!(
+        stderr.contains("no context is held for the user `nobody`"),
+        "{stderr}"
+    );
+
+    // No HTTP client reaches the operator route through a gateway.
+    let (ok, stdout, _) = run(
+        &[
+            "call",
+            "_keelson.context.get",
+            "--user",
+            "alice",
+            "--gateway",
+            &gateway,
+        ],
+        &operator,
+    );
+    assert!(!ok);
+    assert!(stdout.starts_with("404 "), "{stdout}");
+    assert!(!stdout.contains("apple"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_get_is_refused_to_a_publisher_the_servers_do_not_trust() {
+    let vhost = Vhost::create("operator-untrusted");
+    let transport = amqp_transport(&[vhost.url()]);
+    let mut mesh = Mesh::new(transport.clone());
+    mesh.add_server(
+        ServerSpec::new("strict").logic("trusted_publishers = [\"keelson-gateway\"]\n"),
+    )
+    .await;
+    let operator = mesh.scratch.write("operator.toml", &transport);
+    let (ok, _, stderr) = run(&["context", "get", "--user", "alice"], &operator);
+    assert!(!ok);
+    assert!(stderr.contains("trusted_publishers"), "{stderr}");
+}
+
+/// The mesh's first gateway answers `echo` with `body`: its servers serve.
+async fn assert_echoes(mesh: &Mesh, body: &str) {
+    let out = support::mesh::post(
+        &support::http(),
+        mesh.url(0, "echo"),
+        body.into(),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((out.status, out.body.as_str()), (200, body), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_get_against_servers_of_the_previous_release_fails_clearly_and_leaves_them_serving()
+{
+    let vhost = Vhost::create("operator-previous");
+    let transport = amqp_transport(&[vhost.url()]);
+    let mut mesh = Mesh::new(transport.clone());
+    mesh.add_server(ServerSpec::new("old").previous_version())
+        .await;
+    mesh.add_gateway().await;
+    let operator = mesh.scratch.write("operator.toml", &transport);
+    let (ok, _, stderr) = run(
+        &["context", "get", "--user", "alice", "--timeout-ms", "1500"],
+        &operator,
+    );
+    assert!(!ok);
+    assert!(stderr.contains("before `keelson context get`"), "{stderr}");
+    // The old server still serves.
+    assert_echoes(&mesh, "[2]").await;
+
+    // With a current server beside it, the queue exists: the old one never takes
+    // operator requests, and the new one answers.
+    let new = mesh.add_server(ServerSpec::new("new")).await;
+    let (ok, stdout, stderr) = run(&["context", "get", "--user", "alice"], &operator);
+    assert!(!ok);
+    assert!(stderr.contains("no context is held"), "{stdout}{stderr}");
+
+    // The current server gone, its queue stays and nobody consumes it: the command
+    // times out with the reason, and the old server still serves.
+    mesh.stop_server(new).await;
+    let started = Instant::now();
+    let (ok, _, stderr) = run(
+        &["context", "get", "--user", "alice", "--timeout-ms", "1500"],
+        &operator,
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("no logic server answered within 1500 ms")
+            && stderr.contains("before `keelson context get`"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_echoes(&mesh, "[3]").await;
+}

@@ -119,10 +119,17 @@ impl Dispatcher {
             }
             return Handled::Recounted;
         }
-        let request: Request = match decode(&delivery.payload) {
+        let mut request: Request = match decode(&delivery.payload) {
             Ok(r) => r,
             Err(e) => return self.undecodable(delivery, e).await,
         };
+        // Tracing: the rest runs in the request's `process` span (see crate::trace).
+        let span = crate::trace::process_span(&mut request, &delivery.headers);
+        tracing::Instrument::instrument(self.handle_request(delivery, request), span).await
+    }
+
+    /// [`Dispatcher::handle`] of a decoded request.
+    async fn handle_request(&self, delivery: Delivery, request: Request) -> Handled {
         if let Err(refusal) = self.check_origin(&delivery, &request) {
             return self.refuse_origin(delivery, &request.id, refusal).await;
         }
@@ -555,7 +562,9 @@ impl Dispatcher {
             deadline_unix_ms,
             caller: std::sync::OnceLock::new(),
         };
-        let call = AssertUnwindSafe(crate::panic::Catching(h.call(ctx))).catch_unwind();
+        let call =
+            tracing::Instrument::instrument(h.call(ctx), crate::trace::handler_span(&handler, &id));
+        let call = AssertUnwindSafe(crate::panic::Catching(call)).catch_unwind();
         match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(Ok(response))) => {
                 let (body, status, headers) = response.into_parts();

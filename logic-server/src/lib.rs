@@ -81,6 +81,7 @@ mod dispatch;
 mod failpoint;
 mod monitor;
 mod stats;
+mod trace;
 
 pub use async_trait::async_trait;
 pub use call::Caller;

@@ -97,6 +97,11 @@ pub struct ContextDelta {
     /// it at once. Since protocol 1.1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// The W3C `traceparent` of the span that made the changes, when its server
+    /// exports traces: a receiver's span applying them is linked to it. Optional
+    /// (absent from the wire when `None`); older readers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// How far a server's context deltas have gone: carried in its heartbeats, so that a

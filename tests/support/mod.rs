@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod cluster;
 pub mod mesh;
+pub mod otlp;
 pub mod tls;
 
 #[cfg(not(feature = "test-handlers"))]

@@ -109,7 +109,7 @@ fn fingerprint(handler: &str, body: &[u8]) -> String {
 }
 
 /// The trace-context headers to propagate; malformed or oversized ones are dropped.
-fn propagated(headers: &HeaderMap) -> BTreeMap<String, String> {
+pub(crate) fn propagated(headers: &HeaderMap) -> BTreeMap<String, String> {
     PROPAGATED_HEADERS
         .iter()
         .filter_map(|&name| {
@@ -153,7 +153,10 @@ pub(crate) async fn call(
     let headers = request.headers();
     let user = auth::user_from_headers(&state.verifier, headers)?;
     let timeout = timeout(headers, state.config.request_timeout())?;
-    let trace_headers = propagated(headers);
+    let trace_headers = match request.extensions().get::<trace::TraceContext>() {
+        Some(context) => context.0.clone(),
+        None => propagated(headers),
+    };
     let key = idempotency_key(headers)?;
     let id = request
         .extensions()
@@ -192,12 +195,17 @@ pub(crate) async fn call(
         envelope.idempotency_fingerprint = Some(fingerprint(&handler, &envelope.body));
         envelope.idempotency_key = Some(key);
     }
+    // Tracing: the publish span, whose context the envelope and the message carry.
+    let publish = trace::publish_span(&handler, &mut envelope.headers);
     let payload = encode(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut message = Message::new(payload);
+    message.headers = envelope.headers;
 
-    let reply_bytes = state
-        .transport
-        .request(&handler, Message::new(payload), deadline)
-        .await?;
+    let reply_bytes = tracing::Instrument::instrument(
+        state.transport.request(&handler, message, deadline),
+        publish,
+    )
+    .await?;
     let reply: Reply = decode(&reply_bytes).map_err(|e| ApiError::BadReply(e.to_string()))?;
     if reply.id != envelope.id {
         return Err(ApiError::BadReply(format!(

@@ -308,6 +308,9 @@ impl ReplicatedContextStore {
             }
             return;
         }
+        // Tracing: a span linked to the write's (export on, see crate::trace).
+        let span = crate::trace::apply_span(&delta.origin, delta.trace.as_deref());
+        let _entered = span.as_ref().map(tracing::Span::enter);
         let mut inner = self.lock();
         for op in &delta.ops {
             if let ContextOp::Set { ts, .. } | ContextOp::Touch { ts, .. } = op {
@@ -381,6 +384,11 @@ impl ReplicatedContextStore {
             ops,
             marker,
             seq,
+            // Tracing: the writer's span, for the receivers' link (see crate::trace).
+            trace: marker
+                .is_none()
+                .then(keelson_protocol::trace::current_traceparent)
+                .flatten(),
         };
         CONTEXT_DELTAS
             .encode(&delta)

@@ -20,6 +20,8 @@ use support::{Bin, Process, Scratch, embedded_config, http, token};
 const SERVER: i32 = 2;
 const PRODUCER: i32 = 4;
 const CONSUMER: i32 = 5;
+/// OTLP's `STATUS_CODE_ERROR`.
+const ERROR: i32 = 2;
 
 /// How long spans may take to arrive (the exporter batches every 200 ms here).
 const SPANS_WITHIN: Duration = Duration::from_secs(20);
@@ -56,6 +58,19 @@ fn child_of<'a>(
         "{name} is in its parent's trace"
     );
     child
+}
+
+/// Wait for the gateway's server span of the request `request_id`; returns every
+/// span received and that one.
+async fn server_span(receiver: &Receiver, request_id: &str) -> (Vec<ReceivedSpan>, ReceivedSpan) {
+    let is_it =
+        |s: &ReceivedSpan| s.kind == SERVER && s.attribute("request_id") == Some(request_id);
+    let what = format!("the server span of {request_id}");
+    let spans = receiver
+        .wait_for(SPANS_WITHIN, &what, |spans| spans.iter().any(is_it))
+        .await;
+    let span = find(&spans, &what, is_it).clone();
+    (spans, span)
 }
 
 /// POST `body` to `url` as the token's user, with a request id and maybe a
@@ -195,6 +210,10 @@ async fn one_trace_spans_gateway_publish_process_handler_and_calls_across_proces
     let callee_handler = child_of(&trace, callee, "test.meta", 1);
     assert_eq!(callee_handler.service, "keelson-logic-server");
     assert_eq!(trace.len(), 7, "nothing else in the trace: {trace:#?}");
+    assert!(
+        trace.iter().all(|s| s.status != ERROR),
+        "a success has no error: {trace:#?}"
+    );
 
     // 2. A request without a trace context starts one; a failing callee makes log
     // lines: the gateway's (text) and the server's (JSON) show the trace id and the
@@ -202,19 +221,19 @@ async fn one_trace_spans_gateway_publish_process_handler_and_calls_across_proces
     let relay_fail = json!({"handler": "test.fail"}).to_string();
     let response = send(&client, relay, &token, "traced-request-2", None, relay_fail).await;
     assert_eq!(response.status(), 500);
-    let spans = receiver
-        .wait_for(SPANS_WITHIN, "the second request's server span", |spans| {
-            spans
-                .iter()
-                .any(|s| s.kind == SERVER && s.attribute("request_id") == Some("traced-request-2"))
-        })
-        .await;
-    let started = find(&spans, "second server span", |s| {
-        s.kind == SERVER && s.attribute("request_id") == Some("traced-request-2")
-    });
+    let (spans, started) = server_span(&receiver, "traced-request-2").await;
+    let started = &started;
     assert!(
         started.parent_span_id.is_empty(),
         "a new trace: {started:#?}"
+    );
+    assert_eq!(started.status, ERROR, "a 500 is an error: {started:#?}");
+    let relay = find(&spans, "failed relay process", |s| {
+        s.kind == CONSUMER && s.attribute("request_id") == Some("traced-request-2")
+    });
+    assert_eq!(
+        relay.status, ERROR,
+        "a failed handler's process span: {relay:#?}"
     );
     let trace_id = started.trace_id.clone();
     assert_ne!(trace_id, client_trace);
@@ -317,4 +336,33 @@ async fn without_export_log_lines_carry_the_clients_trace_id_and_the_request_id(
         assert_eq!(line["span"]["request_id"], "untraced-request-1", "{line}");
     }
     mesh.terminate(Duration::from_secs(10)).await;
+}
+
+/// A process that stops sends the spans it still holds: with batches every minute,
+/// the spans of a request reach the receiver only because SIGTERM flushes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_process_sends_the_spans_it_holds() {
+    let receiver = Receiver::start().await;
+    let scratch = Scratch::new();
+    let config = embedded_config(&telemetry(&receiver.endpoint));
+    let config = scratch.write("keelson.toml", &config);
+    let log = scratch.path().join("k.log");
+    let slow_batches = [("OTEL_BSP_SCHEDULE_DELAY", "60000")];
+    let mesh = Process::start(Bin::Keelson, &config, &log, &slow_batches).await;
+    let bob = token(&config, "bob");
+    let url = mesh.url("echo");
+    let response = send(&http(), url, &bob, "flushed-request-1", None, "{}".into()).await;
+    assert_eq!(response.status(), 200);
+    assert!(receiver.spans().is_empty(), "nothing sent before the stop");
+    let status = mesh.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+    let (spans, server) = server_span(&receiver, "flushed-request-1").await;
+    let server = &server;
+    assert_eq!(
+        server.service, "keelson",
+        "the embedded mesh's default service name"
+    );
+    let publish = child_of(&spans, server, "echo publish", PRODUCER);
+    let process = child_of(&spans, publish, "echo process", CONSUMER);
+    child_of(&spans, process, "echo", 1);
 }

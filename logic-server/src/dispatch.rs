@@ -194,6 +194,7 @@ impl Dispatcher {
         let id = request.id.clone();
         let deadline_ms = request.deadline_unix_ms;
         let mut reply = self.run(handler, request, deadline, effects.clone()).await;
+        crate::trace::record_status(reply.status);
         // A timeout that wrote nothing may simply run again; any other outcome of a
         // keyed request, and any request that wrote, is recorded with its effects.
         let wrote = !effects.is_empty();

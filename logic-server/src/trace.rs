@@ -12,8 +12,8 @@
 //! `handler`, so every log line of the request shows them. The others are
 //! [`Span::none`] then, which costs nothing.
 
-use keelson_protocol::Request;
 use keelson_protocol::trace;
+use keelson_protocol::{ReplyStatus, Request};
 use std::collections::BTreeMap;
 use tracing::Span;
 use tracing::field::Empty;
@@ -33,6 +33,7 @@ pub(crate) fn process_span(
         handler = %request.handler,
         otel.name = Empty,
         otel.kind = Empty,
+        otel.status_code = Empty,
     );
     if trace::enabled() {
         // Name and kind before `adopt`, which starts the OpenTelemetry span.
@@ -62,6 +63,14 @@ pub(crate) fn process_span(
     }
     trace::adopt(&span, &mut request.headers);
     span
+}
+
+/// Mark the current `process` span failed when the handler's outcome is a server
+/// error (500, 503, 504), with export on.
+pub(crate) fn record_status(status: ReplyStatus) {
+    if trace::enabled() && status.http_status() >= 500 {
+        Span::current().record("otel.status_code", "ERROR");
+    }
 }
 
 /// The span of the handler's own run, child of `process`; it carries the request's

@@ -27,6 +27,8 @@ pub struct ReceivedSpan {
     pub links: Vec<(String, String)>,
     /// String forms of the span's attributes.
     pub attributes: Vec<(String, String)>,
+    /// The status code: 0 unset, 1 ok, 2 error.
+    pub status: i32,
 }
 
 impl ReceivedSpan {
@@ -95,6 +97,7 @@ fn flatten(request: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
                             )
                         })
                         .collect(),
+                    status: span.status.as_ref().map_or(0, |s| s.code),
                 });
             }
         }

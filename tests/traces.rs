@@ -327,15 +327,51 @@ async fn without_export_log_lines_carry_the_clients_trace_id_and_the_request_id(
     )
     .await;
     assert_eq!(response.status(), 500);
-    mesh.wait_for_log("untraced-request-1").await;
-    let log = mesh.log_text();
-    let lines = lines_with(&log, "untraced-request-1");
-    for line in &lines {
-        let line: Value = serde_json::from_str(line).expect("a JSON log line");
+    for line in json_lines_of_both_roles(&mesh, "untraced-request-1").await {
         assert_eq!(line["span"]["trace_id"], trace_id, "{line}");
         assert_eq!(line["span"]["request_id"], "untraced-request-1", "{line}");
     }
+    // Without a client trace, the gateway starts one that the server's lines share.
+    let url = mesh.url("test.fail");
+    let response = send(&http(), url, &bob, "untraced-request-2", None, "{}".into()).await;
+    assert_eq!(response.status(), 500);
+    let lines = json_lines_of_both_roles(&mesh, "untraced-request-2").await;
+    let started = lines[0]["span"]["trace_id"].as_str().unwrap().to_owned();
+    assert!(
+        started.len() == 32
+            && started.bytes().all(|b| b.is_ascii_hexdigit())
+            && started != trace_id,
+        "a new trace id: {started}"
+    );
+    for line in &lines {
+        assert_eq!(line["span"]["trace_id"], started.as_str(), "{line}");
+    }
     mesh.terminate(Duration::from_secs(10)).await;
+}
+
+/// The JSON log lines of `request_id`, once both the gateway and the logic server
+/// logged one (polled, bounded).
+async fn json_lines_of_both_roles(process: &Process, request_id: &str) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + SPANS_WITHIN;
+    loop {
+        let lines: Vec<Value> = lines_with(&process.log_text(), request_id)
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+            .collect();
+        let from = |target: &str| {
+            lines
+                .iter()
+                .any(|l| l["target"].as_str().is_some_and(|t| t.starts_with(target)))
+        };
+        if from("keelson_ui_gateway") && from("keelson_logic_server") {
+            return lines;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no line of {request_id} from both the gateway and the server: {lines:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A process that stops sends the spans it still holds: with batches every minute,

@@ -26,32 +26,44 @@ pub(crate) fn process_span(
     request: &mut Request,
     message_headers: &BTreeMap<String, String>,
 ) -> Span {
+    take_message_trace(request, message_headers);
+    if !trace::enabled() {
+        // The trace id is a field from the start: one formatting of the fields.
+        let carried = trace::carried(&mut request.headers);
+        return tracing::info_span!(
+            "process",
+            request_id = %request.id,
+            handler = %request.handler,
+            trace_id = %trace::TraceIdHex(carried.trace_id),
+        );
+    }
     let span = tracing::info_span!(
         "process",
         request_id = %request.id,
-        trace_id = Empty,
         handler = %request.handler,
-        otel.name = Empty,
-        otel.kind = Empty,
+        trace_id = Empty,
+        otel.name = %format_args!("{} process", request.handler),
+        otel.kind = "consumer",
         otel.status_code = Empty,
     );
-    if trace::enabled() {
-        // Name and kind before `adopt`, which starts the OpenTelemetry span.
-        span.record("otel.name", format!("{} process", request.handler));
-        span.record("otel.kind", "consumer");
-        trace::set_attribute(&span, "messaging.operation.type", "process");
-        trace::set_attribute(
-            &span,
-            "messaging.destination.name",
-            request.handler.as_str(),
-        );
-        trace::set_attribute(&span, "messaging.message.id", request.id.as_str());
-        trace::set_attribute(&span, "keelson.attempt", request.attempt.to_string());
-    }
+    trace::set_attribute(&span, "messaging.operation.type", "process");
+    trace::set_attribute(
+        &span,
+        "messaging.destination.name",
+        request.handler.as_str(),
+    );
+    trace::set_attribute(&span, "messaging.message.id", request.id.as_str());
+    trace::set_attribute(&span, "keelson.attempt", request.attempt.to_string());
+    trace::adopt(&span, &mut request.headers);
+    span
+}
+
+/// A request that carries no trace context in its envelope takes the message's: a
+/// peer in another language may set only the message headers.
+fn take_message_trace(request: &mut Request, message_headers: &BTreeMap<String, String>) {
     if !request.headers.contains_key(trace::TRACEPARENT)
         && let Some(parent) = message_headers.get(trace::TRACEPARENT)
     {
-        // A peer in another language may set only the message headers.
         request
             .headers
             .insert(trace::TRACEPARENT.to_owned(), parent.clone());
@@ -61,8 +73,6 @@ pub(crate) fn process_span(
                 .insert(trace::TRACESTATE.to_owned(), state.clone());
         }
     }
-    trace::adopt(&span, &mut request.headers);
-    span
 }
 
 /// Mark the current `process` span failed when the handler's outcome is a server

@@ -150,12 +150,31 @@ impl fmt::Display for TraceParent {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use fmt::Write as _;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
     s
+}
+
+/// A trace id shown as 32 lower-case hex digits, formatted without allocating (a
+/// span field on every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIdHex(pub [u8; 16]);
+
+impl fmt::Display for TraceIdHex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (pair, b) in out.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        // Hex digits are ASCII.
+        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
+    }
 }
 
 /// `N` bytes from exactly `2 * N` lower-case hex digits.
@@ -196,18 +215,36 @@ pub fn adopt(span: &Span, headers: &mut BTreeMap<String, String>) {
         }
         let context = span.context();
         if let Some(own) = TraceParent::of(context.span().span_context()) {
-            span.record("trace_id", tracing::field::display(own.trace_id_hex()));
+            span.record(
+                "trace_id",
+                tracing::field::display(TraceIdHex(own.trace_id)),
+            );
             return;
         }
         // The span is disabled (filtered out): fall through, logs still get an id.
     }
-    let parent = parent.unwrap_or_else(|| {
-        let fresh = TraceParent::random();
-        headers.insert(TRACEPARENT.to_owned(), fresh.to_string());
-        headers.remove(TRACESTATE);
-        fresh
-    });
-    span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
+    let parent = parent.unwrap_or_else(|| fresh(headers));
+    span.record(
+        "trace_id",
+        tracing::field::display(TraceIdHex(parent.trace_id)),
+    );
+}
+
+/// With export off, the trace `headers` carry, or a new unsampled one written into
+/// them (see [`adopt`]); a span can then take the trace id as a field when it is
+/// created, which costs less than recording it afterwards.
+pub fn carried(headers: &mut BTreeMap<String, String>) -> TraceParent {
+    headers
+        .get(TRACEPARENT)
+        .and_then(|v| TraceParent::parse(v))
+        .unwrap_or_else(|| fresh(headers))
+}
+
+fn fresh(headers: &mut BTreeMap<String, String>) -> TraceParent {
+    let fresh = TraceParent::random();
+    headers.insert(TRACEPARENT.to_owned(), fresh.to_string());
+    headers.remove(TRACESTATE);
+    fresh
 }
 
 /// Write `span`'s own trace context into `headers` (`traceparent`, and `tracestate`
@@ -239,7 +276,10 @@ pub fn record_trace_id(span: &Span) {
     }
     let context = span.context();
     if let Some(own) = TraceParent::of(context.span().span_context()) {
-        span.record("trace_id", tracing::field::display(own.trace_id_hex()));
+        span.record(
+            "trace_id",
+            tracing::field::display(TraceIdHex(own.trace_id)),
+        );
     }
 }
 
@@ -292,6 +332,17 @@ mod tests {
         // A later version with more fields is read as 00.
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
         assert!(TraceParent::parse(later).is_some());
+    }
+
+    #[test]
+    fn trace_ids_show_as_hex() {
+        let tp =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(
+            TraceIdHex(tp.trace_id).to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(tp.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     #[test]

@@ -142,7 +142,7 @@ fn unix_ms_after(timeout: Duration) -> u64 {
 pub(crate) async fn call(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-    request: Request,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
     let handler = match path {
         Ok(Path(name)) if valid_handler_name(&name) => name,
@@ -150,13 +150,13 @@ pub(crate) async fn call(
     };
     trace::record_handler(&handler);
 
+    let trace_headers = match request.extensions_mut().remove::<trace::TraceContext>() {
+        Some(context) => context.0,
+        None => propagated(request.headers()),
+    };
     let headers = request.headers();
     let user = auth::user_from_headers(&state.verifier, headers)?;
     let timeout = timeout(headers, state.config.request_timeout())?;
-    let trace_headers = match request.extensions().get::<trace::TraceContext>() {
-        Some(context) => context.0.clone(),
-        None => propagated(headers),
-    };
     let key = idempotency_key(headers)?;
     let id = request
         .extensions()

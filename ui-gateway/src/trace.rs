@@ -15,28 +15,24 @@ use crate::request_id::RequestId;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response};
-use axum::middleware::Next;
-use keelson_protocol::trace::{TRACEPARENT, TraceParent};
+use keelson_protocol::trace::{TRACEPARENT, TraceIdHex, TraceParent};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 use tracing::field::Empty;
 
-/// Wrap `router` in the per-request span layer, and that in the layer that reads the
-/// client's trace context.
+/// Wrap `router` in the per-request span layer.
 pub(crate) fn instrument(router: Router) -> Router {
-    router
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(make_span)
-                .on_request(())
-                .on_response(on_response)
-                .on_body_chunk(())
-                .on_eos(())
-                .on_failure(()),
-        )
-        .layer(axum::middleware::from_fn(trace_context))
+    router.layer(
+        TraceLayer::new_for_http()
+            .make_span_with(make_span)
+            .on_request(())
+            .on_response(on_response)
+            .on_body_chunk(())
+            .on_eos(())
+            .on_failure(()),
+    )
 }
 
 /// The trace context a request carries on: the client's `traceparent` and
@@ -46,11 +42,13 @@ pub(crate) fn instrument(router: Router) -> Router {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TraceContext(pub(crate) BTreeMap<String, String>);
 
-async fn trace_context(mut request: Request<Body>, next: Next) -> axum::response::Response {
+/// Place the request's [`TraceContext`] in its extensions; run by the request-id
+/// middleware, before the span is made.
+pub(crate) fn attach_context(request: &mut Request<Body>) {
     let mut headers = crate::api::propagated(request.headers());
     if !keelson_protocol::trace::enabled() {
         // Fills in a new trace when the client's is missing or malformed.
-        keelson_protocol::trace::adopt(&Span::none(), &mut headers);
+        keelson_protocol::trace::carried(&mut headers);
     } else if headers
         .get(TRACEPARENT)
         .and_then(|v| TraceParent::parse(v))
@@ -60,7 +58,6 @@ async fn trace_context(mut request: Request<Body>, next: Next) -> axum::response
         headers.clear();
     }
     request.extensions_mut().insert(TraceContext(headers));
-    next.run(request).await
 }
 
 fn make_span(request: &Request<Body>) -> Span {
@@ -69,6 +66,31 @@ fn make_span(request: &Request<Body>) -> Span {
         .get::<RequestId>()
         .map(RequestId::as_str)
         .unwrap_or_default();
+    let context = request.extensions().get::<TraceContext>();
+    if !keelson_protocol::trace::enabled() {
+        // The trace id is a field from the start: one formatting of the fields.
+        let trace_id = context
+            .and_then(|c| c.0.get(TRACEPARENT))
+            .and_then(|v| TraceParent::parse(v))
+            .map(|tp| TraceIdHex(tp.trace_id));
+        return tracing::info_span!(
+            "request",
+            request_id = %id,
+            trace_id = trace_id.map(tracing::field::display),
+            method = %request.method(),
+            path = %request.uri().path(),
+            handler = Empty,
+            status = Empty,
+            latency_ms = Empty,
+        );
+    }
+    // The span's name is its route (low cardinality); the path is an attribute.
+    let route = match request.uri().path() {
+        p if p.starts_with("/api/") => "/api/{handler}",
+        p @ ("/healthz" | "/readyz" | "/cluster") => p,
+        _ => "",
+    };
+    let name = format!("{} {route}", request.method());
     let span = tracing::info_span!(
         "request",
         request_id = %id,
@@ -78,26 +100,11 @@ fn make_span(request: &Request<Body>) -> Span {
         handler = Empty,
         status = Empty,
         latency_ms = Empty,
-        otel.name = Empty,
-        otel.kind = Empty,
+        otel.name = name.trim_end(),
+        otel.kind = "server",
         otel.status_code = Empty,
     );
-    let context = request
-        .extensions()
-        .get::<TraceContext>()
-        .map(|c| c.0.clone());
-    let mut headers = context.unwrap_or_default();
-    if keelson_protocol::trace::enabled() {
-        // The span's name is its route (low cardinality); the path is an attribute.
-        let route = match request.uri().path() {
-            p if p.starts_with("/api/") => "/api/{handler}",
-            p @ ("/healthz" | "/readyz" | "/cluster") => p,
-            _ => "",
-        };
-        let name = format!("{} {route}", request.method());
-        span.record("otel.name", name.trim_end());
-        span.record("otel.kind", "server");
-    }
+    let mut headers = context.map(|c| c.0.clone()).unwrap_or_default();
     keelson_protocol::trace::adopt(&span, &mut headers);
     span
 }

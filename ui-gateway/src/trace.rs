@@ -40,24 +40,30 @@ pub(crate) fn instrument(router: Router) -> Router {
 /// when the client sent none, so that the logs of every process the request
 /// reaches share one trace id. Placed in the request's extensions.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct TraceContext(pub(crate) BTreeMap<String, String>);
+pub(crate) struct TraceContext(
+    pub(crate) BTreeMap<String, String>,
+    /// Its `traceparent`, parsed (once per request).
+    pub(crate) Option<TraceParent>,
+);
 
 /// Place the request's [`TraceContext`] in its extensions; run by the request-id
 /// middleware, before the span is made.
 pub(crate) fn attach_context(request: &mut Request<Body>) {
     let mut headers = crate::api::propagated(request.headers());
-    if !keelson_protocol::trace::enabled() {
+    let parent = if keelson_protocol::trace::enabled() {
+        let parent = headers.get(TRACEPARENT).and_then(|v| TraceParent::parse(v));
+        if parent.is_none() {
+            // The server span starts the trace (the sampler decides).
+            headers.clear();
+        }
+        parent
+    } else {
         // Fills in a new trace when the client's is missing or malformed.
-        keelson_protocol::trace::carried(&mut headers);
-    } else if headers
-        .get(TRACEPARENT)
-        .and_then(|v| TraceParent::parse(v))
-        .is_none()
-    {
-        // The server span starts the trace (the sampler decides).
-        headers.clear();
-    }
-    request.extensions_mut().insert(TraceContext(headers));
+        Some(keelson_protocol::trace::carried(&mut headers))
+    };
+    request
+        .extensions_mut()
+        .insert(TraceContext(headers, parent));
 }
 
 fn make_span(request: &Request<Body>) -> Span {
@@ -69,10 +75,7 @@ fn make_span(request: &Request<Body>) -> Span {
     let context = request.extensions().get::<TraceContext>();
     if !keelson_protocol::trace::enabled() {
         // The trace id is a field from the start: one formatting of the fields.
-        let trace_id = context
-            .and_then(|c| c.0.get(TRACEPARENT))
-            .and_then(|v| TraceParent::parse(v))
-            .map(|tp| TraceIdHex(tp.trace_id));
+        let trace_id = context.and_then(|c| c.1).map(|tp| TraceIdHex(tp.trace_id));
         return tracing::info_span!(
             "request",
             request_id = %id,

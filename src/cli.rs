@@ -311,7 +311,18 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Load the configuration, set up logging, and run `role` until SIGINT or SIGTERM.
 fn serve(role: Role, source: &Source) -> anyhow::Result<()> {
     let config: KeelsonConfig = settings::load(source)?;
-    crate::telemetry::init(&config.log);
+    let runtime = tokio::runtime::Runtime::new()?;
+    // Inside the runtime: a trace exporter runs on it.
+    let traces = {
+        let _runtime = runtime.enter();
+        let service = match role {
+            Role::Embedded => "keelson",
+            Role::Gateway => "keelson-gateway",
+            Role::LogicServer => "keelson-logic-server",
+        };
+        crate::telemetry::init_with_traces(&config.log, &config.telemetry, service)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", source.describe()))?
+    };
     match source {
         Source::File(path) => tracing::info!("configuration: {}", path.display()),
         Source::Builtin => tracing::info!(
@@ -325,24 +336,24 @@ fn serve(role: Role, source: &Source) -> anyhow::Result<()> {
             settings::DEFAULT_CONFIG
         ),
     }
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime
+    let outcome = runtime
         // The signal handlers are installed first thing, before the transport
         // connects: a SIGTERM during start-up stops the process gracefully.
         .block_on(async {
             let stop = shutdown_signal();
             run(config, role, stop).await
-        })
-        .map_err(|e| {
-            // Handlers and plugins read their settings at start, after the file
-            // loaded: a mistake there names the file too.
-            let settings = e
-                .downcast_ref::<keelson_logic_server::PluginError>()
-                .is_some_and(|p| !matches!(p, keelson_logic_server::PluginError::Setup { .. }));
-            if settings {
-                e.context(source.describe())
-            } else {
-                e
-            }
-        })
+        });
+    traces.shutdown();
+    outcome.map_err(|e| {
+        // Handlers and plugins read their settings at start, after the file
+        // loaded: a mistake there names the file too.
+        let settings = e
+            .downcast_ref::<keelson_logic_server::PluginError>()
+            .is_some_and(|p| !matches!(p, keelson_logic_server::PluginError::Setup { .. }));
+        if settings {
+            e.context(source.describe())
+        } else {
+            e
+        }
+    })
 }

@@ -19,6 +19,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub mod handler_env;
+pub mod telemetry;
+
+pub use telemetry::TelemetryConfig;
 
 /// The configuration file of an application made by `keelson new`, looked for first
 /// in the working directory.
@@ -52,6 +55,8 @@ pub struct KeelsonConfig {
     pub gateway: GatewayConfig,
     /// The logic server.
     pub logic_server: LogicServerConfig,
+    /// Trace export (OpenTelemetry); off by default.
+    pub telemetry: TelemetryConfig,
 }
 
 /// The `[node]` section.
@@ -263,6 +268,10 @@ pub fn load_with_env(
         .map_err(|e| ConfigError::new(&origin, e.to_string()))?;
     config
         .log
+        .validate()
+        .map_err(|e| ConfigError::new(&origin, e))?;
+    config
+        .telemetry
         .validate()
         .map_err(|e| ConfigError::new(&origin, e))?;
     Ok(config)

@@ -159,6 +159,15 @@ fn contradicting_auth_and_cors_settings_are_refused_naming_the_keys() {
             "[gateway.cors]\nallowed_origins = [\"https://app.example.com/\"]\n",
             "gateway.cors.allowed_origins",
         ),
+        (
+            "[telemetry]\notlp_endpoint = \"collector:4318\"\n",
+            "at key `telemetry.otlp_endpoint`: `collector:4318` is not supported: expected an http:// URL",
+        ),
+        (
+            "[telemetry]\nsampling_ratio = 2.0\n",
+            "at key `telemetry.sampling_ratio`: 2 is out of range: expected a number from 0.0 to 1.0",
+        ),
+        ("[telemetry]\notlp_endpiont = \"x\"\n", "otlp_endpiont"),
     ] {
         let path = scratch.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();

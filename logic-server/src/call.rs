@@ -102,7 +102,11 @@ impl Caller {
         );
         request.user = inner.user.clone();
         request.headers = inner.headers.clone();
-        let reply = match inner.client.send(&request, inner.deadline).await {
+        // Tracing: the call's span is the callee's parent (see crate::trace).
+        let span = crate::trace::call_span(handler);
+        keelson_protocol::trace::inject(&span, &mut request.headers);
+        let sent = inner.client.send(&request, inner.deadline);
+        let reply = match tracing::Instrument::instrument(sent, span).await {
             Ok(reply) => reply,
             Err(CallError::Request(RequestError::Timeout)) => {
                 return Err(HandlerError::Timeout(format!(

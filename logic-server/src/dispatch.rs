@@ -128,10 +128,17 @@ impl Dispatcher {
             }
             return Handled::Recounted;
         }
-        let request: Request = match decode(&delivery.payload) {
+        let mut request: Request = match decode(&delivery.payload) {
             Ok(r) => r,
             Err(e) => return self.undecodable(delivery, e).await,
         };
+        // Tracing: the rest runs in the request's `process` span (see crate::trace).
+        let span = crate::trace::process_span(&mut request, &delivery.headers);
+        tracing::Instrument::instrument(self.handle_request(delivery, request), span).await
+    }
+
+    /// [`Dispatcher::handle`] of a decoded request.
+    async fn handle_request(&self, delivery: Delivery, request: Request) -> Handled {
         if let Err(refusal) = self.check_origin(&delivery, &request) {
             return self.refuse_origin(delivery, &request.id, refusal).await;
         }
@@ -196,6 +203,7 @@ impl Dispatcher {
         let id = request.id.clone();
         let deadline_ms = request.deadline_unix_ms;
         let mut reply = self.run(handler, request, deadline, effects.clone()).await;
+        crate::trace::record_status(reply.status);
         // A timeout that wrote nothing may simply run again; any other outcome of a
         // keyed request, and any request that wrote, is recorded with its effects.
         let wrote = !effects.is_empty();
@@ -564,7 +572,9 @@ impl Dispatcher {
             deadline_unix_ms,
             caller: std::sync::OnceLock::new(),
         };
-        let call = AssertUnwindSafe(crate::panic::Catching(h.call(ctx))).catch_unwind();
+        let call =
+            tracing::Instrument::instrument(h.call(ctx), crate::trace::handler_span(&handler, &id));
+        let call = AssertUnwindSafe(crate::panic::Catching(call)).catch_unwind();
         let started = Instant::now();
         let result = tokio::time::timeout_at(deadline, call).await;
         self.metrics

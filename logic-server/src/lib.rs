@@ -83,6 +83,7 @@ mod failpoint;
 mod metrics;
 mod monitor;
 mod stats;
+mod trace;
 
 pub use async_trait::async_trait;
 pub use call::Caller;

@@ -206,6 +206,7 @@ async fn settled_stores_have_equal_digests_and_a_persistent_difference_is_counte
         }],
         marker: None,
         seq: None,
+        trace: None,
     };
     transport
         .broadcast(

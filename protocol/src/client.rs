@@ -92,8 +92,24 @@ impl Client {
         let payload = encode(request)?;
         let bytes = self
             .transport
-            .request(&request.handler, Message::new(payload), deadline)
+            .request(
+                &request.handler,
+                message_with_trace(payload, request),
+                deadline,
+            )
             .await?;
         Ok(decode(&bytes)?)
     }
+}
+
+/// The message of `request`: its trace context (`traceparent`, `tracestate`) in the
+/// message headers too, as OpenTelemetry's messaging conventions place it.
+fn message_with_trace(payload: Vec<u8>, request: &Request) -> Message {
+    let mut message = Message::new(payload);
+    for name in ["traceparent", "tracestate"] {
+        if let Some(value) = request.headers.get(name) {
+            message.headers.insert(name.to_owned(), value.clone());
+        }
+    }
+    message
 }

@@ -97,6 +97,11 @@ pub struct ContextDelta {
     /// it at once. Since protocol 1.1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// The W3C `traceparent` of the span that made the changes, when its server
+    /// exports traces: a receiver's span applying them is linked to it. Optional
+    /// (absent from the wire when `None`); older readers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// How far a server's context deltas have gone: carried in its heartbeats, so that a
@@ -212,5 +217,57 @@ impl Envelope for SnapshotChunk {
     const KIND: &'static str = "snapshot chunk";
     fn version(&self) -> ProtocolVersion {
         self.v
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A 1.2 reader's delta, before `trace`.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct DeltaWithoutTrace {
+        v: ProtocolVersion,
+        origin: String,
+        ops: Vec<ContextOp>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        marker: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+    }
+
+    fn delta(trace: Option<&str>) -> ContextDelta {
+        ContextDelta {
+            v: ProtocolVersion::CURRENT,
+            origin: "a/1".into(),
+            ops: vec![ContextOp::Count {
+                user: "u".into(),
+                key: "k".into(),
+                node: "a".into(),
+                seq: 3,
+                sum: 5,
+            }],
+            marker: None,
+            seq: Some(9),
+            trace: trace.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_trace_of_a_delta_is_invisible_to_older_readers_and_absent_when_off() {
+        let traced = delta(Some(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ));
+        let bytes = crate::encode(&traced).unwrap();
+        let old: DeltaWithoutTrace = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!((old.origin.as_str(), old.seq), ("a/1", Some(9)));
+        assert_eq!(old.ops, traced.ops);
+        // Without a trace, the bytes are what a 1.2 writer sends.
+        let untraced = crate::encode(&delta(None)).unwrap();
+        let old_bytes = rmp_serde::to_vec_named(&old).unwrap();
+        assert_eq!(untraced, old_bytes);
+        let back: ContextDelta = crate::decode(&old_bytes).unwrap();
+        assert_eq!(back, delta(None));
     }
 }

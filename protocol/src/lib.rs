@@ -7,7 +7,9 @@
 //! * [`codec`]: the one [`encode`]/[`decode`] pair (MessagePack with named fields),
 //!   bounded so that untrusted bytes can never panic or exhaust the decoder;
 //! * [`transport`]: the [`Transport`] trait family for the messaging patterns the
-//!   mesh uses, and its implementations.
+//!   mesh uses, and its implementations;
+//! * [`trace`] (feature `trace`): the W3C trace context requests carry, and the
+//!   OpenTelemetry spans continued from it.
 //!
 //! This crate never depends on HTTP or on the handler API: it is what handler
 //! authors and peers written in other languages read.
@@ -20,6 +22,8 @@ pub mod envelope;
 pub mod idempotency;
 pub mod operator;
 pub mod topic;
+#[cfg(feature = "trace")]
+pub mod trace;
 pub mod transport;
 pub mod version;
 

@@ -159,6 +159,7 @@ mod tests {
             ops: Vec::new(),
             marker: None,
             seq: Some(7),
+            trace: None,
         };
         CONTEXT_DELTAS.publish(&t, &delta).await.unwrap();
         assert_eq!(sub.next().await, Some(delta));

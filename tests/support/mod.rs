@@ -7,6 +7,7 @@ pub mod broker;
 pub mod browser;
 pub mod cluster;
 pub mod mesh;
+pub mod otlp;
 pub mod tls;
 
 #[cfg(not(feature = "test-handlers"))]

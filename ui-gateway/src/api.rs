@@ -109,7 +109,7 @@ fn fingerprint(handler: &str, body: &[u8]) -> String {
 }
 
 /// The trace-context headers to propagate; malformed or oversized ones are dropped.
-fn propagated(headers: &HeaderMap) -> BTreeMap<String, String> {
+pub(crate) fn propagated(headers: &HeaderMap) -> BTreeMap<String, String> {
     PROPAGATED_HEADERS
         .iter()
         .filter_map(|&name| {
@@ -142,7 +142,7 @@ fn unix_ms_after(timeout: Duration) -> u64 {
 pub(crate) async fn call(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-    request: Request,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
     let handler = match path {
         Ok(Path(name)) if valid_handler_name(&name) => name,
@@ -150,10 +150,13 @@ pub(crate) async fn call(
     };
     trace::record_handler(&handler);
 
+    let trace_headers = match request.extensions_mut().remove::<trace::TraceContext>() {
+        Some(context) => context.0,
+        None => propagated(request.headers()),
+    };
     let headers = request.headers();
     let user = auth::user_from_headers(&state.verifier, headers)?;
     let timeout = timeout(headers, state.config.request_timeout())?;
-    let trace_headers = propagated(headers);
     let key = idempotency_key(headers)?;
     let id = request
         .extensions()
@@ -192,12 +195,17 @@ pub(crate) async fn call(
         envelope.idempotency_fingerprint = Some(fingerprint(&handler, &envelope.body));
         envelope.idempotency_key = Some(key);
     }
+    // Tracing: the publish span, whose context the envelope and the message carry.
+    let publish = trace::publish_span(&handler, &mut envelope.headers);
     let payload = encode(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut message = Message::new(payload);
+    message.headers = envelope.headers;
 
-    let reply_bytes = state
-        .transport
-        .request(&handler, Message::new(payload), deadline)
-        .await?;
+    let reply_bytes = tracing::Instrument::instrument(
+        state.transport.request(&handler, message, deadline),
+        publish,
+    )
+    .await?;
     let reply: Reply = decode(&reply_bytes).map_err(|e| ApiError::BadReply(e.to_string()))?;
     if reply.id != envelope.id {
         return Err(ApiError::BadReply(format!(

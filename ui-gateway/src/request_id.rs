@@ -68,6 +68,8 @@ pub(crate) async fn middleware(mut request: Request, next: Next) -> Response {
             .insert(REQUEST_ID_HEADER, value.clone());
     }
     request.extensions_mut().insert(id);
+    // The trace context, read here too: one middleware fewer per request.
+    crate::trace::attach_context(&mut request);
     let mut response = next.run(request).await;
     if let Some(value) = value {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);

@@ -311,6 +311,9 @@ impl ReplicatedContextStore {
             }
             return;
         }
+        // Tracing: a span linked to the write's (export on, see crate::trace).
+        let span = crate::trace::apply_span(&delta.origin, delta.trace.as_deref());
+        let _entered = span.as_ref().map(tracing::Span::enter);
         let mut inner = self.lock();
         let mut written_ms = None;
         for op in &delta.ops {
@@ -390,6 +393,11 @@ impl ReplicatedContextStore {
             ops,
             marker,
             seq,
+            // Tracing: the writer's span, for the receivers' link (see crate::trace).
+            trace: marker
+                .is_none()
+                .then(keelson_protocol::trace::current_traceparent)
+                .flatten(),
         };
         CONTEXT_DELTAS
             .encode(&delta)

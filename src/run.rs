@@ -187,9 +187,14 @@ async fn start_logic_server(
     let ls = &config.logic_server;
     let registry = Registry::build(&ls.handlers, &ls.handler_settings, &ls.plugins).await?;
     // Not ready before every context the peers hold is here.
-    let store = ReplicatedContextStore::start(transport.clone(), node_id, ls.context.clone())
-        .await
-        .context("cannot join the context channel")?;
+    let store = ReplicatedContextStore::start_with(
+        transport.clone(),
+        node_id,
+        ls.context.clone(),
+        ls.trust_unstamped_requests,
+    )
+    .await
+    .context("cannot join the context channel")?;
     let server = LogicServer::new(
         ls.clone(),
         node_id,

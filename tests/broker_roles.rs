@@ -98,6 +98,50 @@ async fn role_users_run_the_mesh_on_a_topology_the_operator_declared() {
     let table = mesh.cluster(&client).await;
     assert_eq!(table["dead_letters"]["waiting"], 0, "{table}");
 
+    // A snapshot holds every user's context: the gateway's broker user, which may
+    // publish requests, asks the logic server for one and is refused (dead-lettered,
+    // no chunk sent), where a peer's request is answered.
+    let gateway_config = scratch.write(
+        "gateway-transport.toml",
+        &users.passive_transport(&vhost, NS, "gateway"),
+    );
+    let gateway_transport = keelson::settings::load_with_env(
+        &keelson::settings::Source::File(gateway_config),
+        Some(Default::default()),
+    )
+    .expect("the gateway's transport section loads")
+    .transport
+    .build("snooper")
+    .await
+    .expect("the gateway user's transport connects");
+    let ask = keelson_protocol::encode(&keelson_protocol::context::SnapshotRequest {
+        v: keelson_protocol::ProtocolVersion::CURRENT,
+        requester: "snooper".into(),
+        after: None,
+        max_users: 100,
+    })
+    .unwrap();
+    let snapshot = gateway_transport.request(
+        keelson_protocol::context::SNAPSHOT_ROUTE,
+        keelson_protocol::transport::Message::new(ask),
+        tokio::time::Instant::now() + Duration::from_secs(30),
+    );
+    let dead_lettered = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while vhost.messages(|q| q == "roles.dead-letter") == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the snapshot request was not dead-lettered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        answer = snapshot => panic!("the gateway's broker user got a context snapshot: {:?}", answer.map(|chunk| chunk.len())),
+        () = dead_lettered => {}
+    }
+    gateway_transport.close().await;
+
     // What the gateway's broker user may not do.
     let gateway = Connection::connect(
         &users.url(&vhost, "gateway"),

@@ -16,7 +16,7 @@ use keelson_protocol::context::{
 };
 use keelson_protocol::idempotency::OutcomeRecord;
 use keelson_protocol::topic::CONTEXT_DELTAS;
-use keelson_protocol::transport::{Message, RequestError, ServiceSpec};
+use keelson_protocol::transport::{Message, Publisher, RequestError, ServiceSpec};
 use keelson_protocol::{ProtocolVersion, Transport, decode, encode};
 use std::collections::HashMap;
 use std::fmt;
@@ -143,10 +143,28 @@ impl ReplicatedContextStore {
     /// Subscribe to the context channel, pull the peers' state (or conclude this
     /// server is alone), and start answering peers' snapshot requests. Returns once
     /// this server holds every context its peers have: only then may it serve.
+    ///
+    /// It answers snapshot requests only from its peers: the same broker user as its
+    /// own (logic servers of a namespace share one), or this process on an in-process
+    /// transport. Anyone else who may publish requests (a gateway's user, say) is
+    /// refused and the request dead-lettered: a snapshot holds every user's context.
     pub async fn start(
         transport: Arc<dyn Transport>,
         node_id: &str,
         config: ContextConfig,
+    ) -> Result<Arc<Self>, ContextError> {
+        Self::start_with(transport, node_id, config, false).await
+    }
+
+    /// [`start`](Self::start), also answering snapshot requests that carry no
+    /// publisher the broker vouches for when `trust_unstamped` (the logic server's
+    /// `trust_unstamped_requests`: only while upgrading from a release whose servers
+    /// did not stamp their requests).
+    pub async fn start_with(
+        transport: Arc<dyn Transport>,
+        node_id: &str,
+        config: ContextConfig,
+        trust_unstamped: bool,
     ) -> Result<Arc<Self>, ContextError> {
         // Each process is its own writer: a server restarted under the same node id
         // must not continue (and possibly contradict) its predecessor's counter
@@ -205,9 +223,26 @@ impl ReplicatedContextStore {
             .await
             .map_err(unavailable)?;
         let weak = Arc::downgrade(&store);
+        let own = transport.publisher();
         store.spawn(async move {
             while let Some(Ok(delivery)) = requests.next().await {
                 let Some(store) = weak.upgrade() else { break };
+                let peer = match delivery.publisher() {
+                    Publisher::Unknown => trust_unstamped,
+                    publisher => *publisher == own,
+                };
+                if !peer {
+                    tracing::warn!(
+                        publisher = %delivery.publisher(),
+                        "dead-lettering a snapshot request from a publisher that is not a peer"
+                    );
+                    let reason = format!(
+                        "untrusted publisher: a snapshot request from {}, which is not this server's broker user",
+                        delivery.publisher()
+                    );
+                    let _ = delivery.reject(reason).await;
+                    continue;
+                }
                 if !delivery.redelivered && store.is_own_request(&delivery.payload) {
                     // Hand its own request back once: a peer's consumer, free while
                     // this one is busy with it, takes it. Only if it comes back

@@ -88,6 +88,8 @@ async fn the_dashboard_shows_both_servers_a_pause_and_the_dead_letters() {
     assert_eq!(text_of(&dom, "sum-dead-letters"), "1");
     // Per-handler figures, from the gateway's /metrics.
     assert!(dom.contains(r#"<tr data-handler="echo">"#), "{dom}");
+    // Handlers the servers offer but nobody called get no row.
+    assert!(!dom.contains(r#"data-handler="cart.add""#), "{dom}");
     assert!(
         text_of(&dom, "status-text").starts_with("live"),
         "{}",

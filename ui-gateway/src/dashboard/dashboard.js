@@ -132,6 +132,8 @@
     for (const handler of Object.keys(cur).sort()) {
       const c = cur[handler];
       const total = Object.values(c.codes).reduce((a, b) => a + b, 0);
+      // Handlers this gateway knows of but never served: no row.
+      if (total === 0) continue;
       const row = { handler: handler, total: total, rate: null, serverErrors: null, clientErrors: null, p99: null };
       if (prev && seconds > 0) {
         const p = prev[handler] || { codes: {}, buckets: {} };

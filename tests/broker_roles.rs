@@ -225,3 +225,48 @@ async fn role_users_run_the_mesh_on_a_topology_the_operator_declared() {
     );
     drop(mesh);
 }
+
+/// A topology declared without the operator queue (as a `keelson topology declare`
+/// older than `keelson context get` leaves it): the logic server serves without
+/// operator requests, and after the broker drops its connection it comes back and
+/// serves again (the refused queue is not declared again on every reconnection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_the_operator_queue_reconnects_after_an_outage() {
+    let vhost = Vhost::create("roles-no-operator");
+    let secrets = Scratch::new();
+    let users = RoleUsers::set_up(&vhost, NS, &secrets.path().join("secrets"));
+    let scratch = Scratch::new();
+    let operator = scratch.write(
+        "operator.toml",
+        &users.passive_transport(&vhost, NS, "operator"),
+    );
+    declare_topology(&operator);
+    vhost.delete_queue("roles.svc._keelson.operator");
+
+    let mut mesh = Mesh::new(users.passive_transport(&vhost, NS, "logic"));
+    mesh.add_server(ServerSpec::new("logic").logic(&format!(
+        "trusted_publishers = [\"{}\"]\n",
+        users.name("gateway")
+    )))
+    .await;
+    mesh.transport = users.passive_transport(&vhost, NS, "gateway");
+    mesh.add_gateway().await;
+    let client = http();
+    let echo = || post(&client, mesh.url(0, "echo"), "{}".into(), None, None);
+    assert_eq!(echo().await.status, 200);
+
+    vhost.close_all_connections();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let outcome = echo().await;
+        if outcome.status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer 30 s after the outage: {outcome:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(mesh);
+}

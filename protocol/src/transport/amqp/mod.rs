@@ -267,11 +267,12 @@ impl Transport for AmqpTransport {
         for route in &service.routes {
             topology::short("route", route.clone())?;
         }
-        let routes = {
+        let (before, routes) = {
             let mut registry = lock(&shared.registry);
+            let before = registry.services.get(&service.name).cloned();
             let routes = registry.services.entry(service.name.clone()).or_default();
             routes.extend(service.routes.iter().cloned());
-            routes.clone()
+            (before, routes.clone())
         };
         // Remembered: declared again on every connection, this one included once up.
         let link = shared
@@ -283,14 +284,24 @@ impl Transport for AmqpTransport {
                     service.name
                 ))
             })?;
-        topology::declare_service(
+        let declared = topology::declare_service(
             &link.connection,
             &shared.names,
             &shared.config,
             &service.name,
             &routes,
         )
-        .await
+        .await;
+        if let Err(TransportError::Refused(_)) = &declared {
+            // Refused (no right, or missing where only checked): forgotten again,
+            // or every reconnection would fail on it and never come up.
+            let mut registry = lock(&shared.registry);
+            match before {
+                Some(before) => registry.services.insert(service.name.clone(), before),
+                None => registry.services.remove(&service.name),
+            };
+        }
+        declared
     }
 
     async fn request(

@@ -86,7 +86,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot start the {} transport", config.transport.kind()))?;
     tracing::info!(node = %node_id, transport = config.transport.kind(), role = role.name(), "starting");
-    crate::systemd::spawn_watchdog();
+    let watchdog = crate::systemd::spawn_watchdog();
     let lifecycle = Lifecycle::new();
     let closing = transport.clone();
     lifecycle.on_shutdown(Phase::Close, "transport", async move {
@@ -175,6 +175,8 @@ pub async fn run(
     shutdown.await;
     crate::systemd::stopping();
     lifecycle.shutdown().await;
+    // The mesh stopped: no more "alive" for the service manager.
+    drop(watchdog);
     tracing::info!("stopped");
     Ok(())
 }

@@ -31,18 +31,16 @@ pub fn stopping() {
 /// When the service manager asks for a watchdog (`WATCHDOG_USEC`, for this process
 /// if `WATCHDOG_PID` is set), ping it at half the interval from a task of the
 /// current runtime, for as long as the runtime runs. Must be called inside the
-/// runtime.
-pub fn spawn_watchdog() {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
-        return;
-    };
+/// runtime. The pings stop when the returned [`Watchdog`] is dropped.
+pub fn spawn_watchdog() -> Option<Watchdog> {
+    let interval = sd_notify::watchdog_enabled()?;
     // systemd's own advice (sd_watchdog_enabled(3)): ping at half the interval.
     let every = (interval / 2).max(Duration::from_millis(1));
     tracing::info!(
         interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
         "systemd watchdog on"
     );
-    tokio::spawn(async move {
+    Some(Watchdog(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         // A runtime that fell behind pings once, not in a burst: the pings say it
         // runs now, not that it ran then.
@@ -51,7 +49,18 @@ pub fn spawn_watchdog() {
             tick.tick().await;
             send(&[NotifyState::Watchdog]);
         }
-    });
+    })))
+}
+
+/// The watchdog's ping task, stopped when dropped (the mesh stopped, or failed to
+/// start): a process that no longer serves must not tell systemd it is alive.
+#[derive(Debug)]
+pub struct Watchdog(tokio::task::JoinHandle<()>);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn send(states: &[NotifyState<'_>]) {

@@ -197,26 +197,23 @@ async fn start_logic_server(
     )
     .await
     .context("cannot join the context channel")?;
-    let server = LogicServer::new(
-        ls.clone(),
-        node_id,
-        transport.clone(),
-        registry,
-        store.clone(),
-    )
-    .with_version(crate::VERSION)
-    .start()
-    .await?;
     // Operator requests (`keelson context get`) are an aid, not the server's job: a
     // broker that refuses their queue (a topology declared by an older `keelson
-    // topology declare`) leaves the server serving without them.
-    let operator = match OperatorService::start(ls, node_id, transport, store).await {
+    // topology declare`) leaves the server serving without them. Started before the
+    // server consumes, so that nothing stands between consuming and the ready line
+    // (a request that kills the server may arrive at once).
+    let operator = match OperatorService::start(ls, node_id, transport.clone(), store.clone()).await
+    {
         Ok(operator) => Some(operator),
         Err(e) => {
             tracing::warn!(error = %e, "operator requests (keelson context get) are not answered by this server");
             None
         }
     };
+    let server = LogicServer::new(ls.clone(), node_id, transport.clone(), registry, store)
+        .with_version(crate::VERSION)
+        .start()
+        .await?;
     Ok((server, operator))
 }
 

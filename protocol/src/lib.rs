@@ -20,6 +20,7 @@ pub mod context;
 pub mod control;
 pub mod envelope;
 pub mod idempotency;
+pub mod job;
 pub mod operator;
 pub mod topic;
 #[cfg(feature = "trace")]

@@ -112,6 +112,33 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         deadline: Instant,
     ) -> Result<Bytes, RequestError>;
 
+    /// Put `message` on the queue bound to `route` for a consumer to take later; no
+    /// reply is awaited (background jobs). The message is persistent and confirmed:
+    /// once this returns `Ok`, the broker holds it, and it waits on its queue while no
+    /// consumer runs (on AMQP, durable queues keep it across a broker restart). It
+    /// carries this transport's [`Transport::publisher`] and no expiry.
+    ///
+    /// With a non-zero `delay`, the message reaches the queue of `route` only after
+    /// about `delay` (on AMQP: parked in a delay queue whose expiry dead-letters it to
+    /// `route`; see `TOPOLOGY.md` for the granularity). The route is checked when the
+    /// message reaches it: a delayed message whose route has no queue then is lost.
+    ///
+    /// * [`RequestError::Unroutable`] when `delay` is zero and no queue is bound for
+    ///   `route`;
+    /// * [`RequestError::Unavailable`] when the transport cannot carry it now (the
+    ///   broker did not confirm it: it may or may not be queued).
+    async fn enqueue(
+        &self,
+        route: &str,
+        message: Message,
+        delay: std::time::Duration,
+    ) -> Result<(), RequestError> {
+        let _ = (route, message, delay);
+        Err(RequestError::Unavailable(
+            "this transport cannot queue background work".to_owned(),
+        ))
+    }
+
     /// Start consuming the queue of `service`, holding at most `prefetch` unsettled
     /// deliveries at a time (`prefetch` is at least 1).
     ///

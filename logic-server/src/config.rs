@@ -59,6 +59,8 @@ pub struct LogicServerConfig {
     /// port 0 picks a free one, printed at start), serving `/metrics`, `/healthz`
     /// and `/readyz`. Unset: no listener.
     pub admin_listen: Option<String>,
+    /// Background jobs (`[logic_server.jobs]`).
+    pub jobs: JobsConfig,
 }
 
 impl Default for LogicServerConfig {
@@ -79,6 +81,7 @@ impl Default for LogicServerConfig {
             handler_settings: BTreeMap::new(),
             plugins: BTreeMap::new(),
             admin_listen: None,
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -147,6 +150,66 @@ impl Default for ContextConfig {
             join_timeout_ms: 2000,
             snapshot_chunk_users: 2000,
             resync_interval_s: 60,
+        }
+    }
+}
+
+/// Background jobs (the `[logic_server.jobs]` section): how many this server runs at
+/// once, and the defaults and bounds of each job. A submitter may choose
+/// `max_attempts`, `timeout_ms` and `result_ttl_s` per job, up to the `max_` bounds.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs this server runs at once, apart from its `concurrency` for requests (so
+    /// neither starves the other). 0: this server runs no jobs (it still accepts
+    /// them and answers their status).
+    pub concurrency: u16,
+    /// Runs of a failing job, the first included.
+    pub max_attempts: u32,
+    /// The most a submitter may ask for.
+    pub max_attempts_limit: u32,
+    /// One run is cancelled after this long and counts as a failed attempt.
+    pub timeout_ms: u64,
+    /// The most a submitter may ask for.
+    pub timeout_ms_limit: u64,
+    /// A finished job's record (and result) is kept this long, then gone (404).
+    pub result_ttl_s: u64,
+    /// The most a submitter may ask for.
+    pub result_ttl_s_limit: u64,
+    /// A result (the handler's reply body) larger than this fails the job.
+    pub max_result_bytes: u64,
+    /// The first retry waits this long; each next one twice as long (with jitter of
+    /// up to a quarter either way), up to `backoff_max_ms`.
+    pub backoff_base_ms: u64,
+    /// The longest wait before a retry.
+    pub backoff_max_ms: u64,
+    /// How often the cluster checks that the server running a job is alive; a job
+    /// whose server is gone (no heartbeat for three intervals) runs again elsewhere
+    /// within about this long.
+    pub lease_check_ms: u64,
+    /// Attempts lost with their server (killed, frozen) on top of `max_attempts`
+    /// before the job fails (a job that kills every server it runs on).
+    pub max_lost_attempts: u32,
+    /// The longest `?wait=` a status request may hold.
+    pub max_wait_s: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            max_attempts: 3,
+            max_attempts_limit: 25,
+            timeout_ms: 30 * 60 * 1000,
+            timeout_ms_limit: 7 * 24 * 3600 * 1000,
+            result_ttl_s: 24 * 3600,
+            result_ttl_s_limit: 30 * 24 * 3600,
+            max_result_bytes: 1024 * 1024,
+            backoff_base_ms: 1000,
+            backoff_max_ms: 10 * 60 * 1000,
+            lease_check_ms: 5000,
+            max_lost_attempts: 5,
+            max_wait_s: 60,
         }
     }
 }

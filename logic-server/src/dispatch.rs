@@ -4,7 +4,7 @@
 //! reply, then settle.
 
 use crate::config::IdempotencyConfig;
-use crate::context::{ContextStore, Effects, RecordWrite, UserContext};
+use crate::context::{ContextStore, Effects, RecordValue, RecordWrite, UserContext};
 use crate::handler::{Handler, HandlerError, RequestCtx};
 use crate::plugin::Registry;
 use crate::stats::ServerStats;
@@ -202,7 +202,9 @@ impl Dispatcher {
         let fingerprint = request.idempotency_fingerprint.clone();
         let id = request.id.clone();
         let deadline_ms = request.deadline_unix_ms;
-        let mut reply = self.run(handler, request, deadline, effects.clone()).await;
+        let mut reply = self
+            .run(handler, request, deadline, effects.clone(), None)
+            .await;
         crate::trace::record_status(reply.status);
         // A timeout that wrote nothing may simply run again; any other outcome of a
         // keyed request, and any request that wrote, is recorded with its effects.
@@ -288,7 +290,7 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn trusts(&self, publisher: &Publisher) -> bool {
+    pub(crate) fn trusts(&self, publisher: &Publisher) -> bool {
         match publisher {
             Publisher::Local => true,
             Publisher::User(user) => self.trusted_publishers.contains(user),
@@ -359,7 +361,7 @@ impl Dispatcher {
         RecordWrite {
             scope: keyed.scope,
             key: keyed.key,
-            record: OutcomeRecord {
+            record: RecordValue::Outcome(OutcomeRecord {
                 v: ProtocolVersion::CURRENT,
                 request_id: id.to_owned(),
                 fingerprint,
@@ -372,7 +374,7 @@ impl Dispatcher {
                     http_status: reply.http_status,
                     headers: reply.headers.clone(),
                 },
-            },
+            }),
         }
     }
 
@@ -495,7 +497,7 @@ impl Dispatcher {
         let record = RecordWrite {
             scope: keyed.scope.clone(),
             key: keyed.key.clone(),
-            record: OutcomeRecord {
+            record: RecordValue::Outcome(OutcomeRecord {
                 v: ProtocolVersion::CURRENT,
                 request_id: request.id.clone(),
                 fingerprint: request.idempotency_fingerprint.clone(),
@@ -503,7 +505,7 @@ impl Dispatcher {
                 phase: RecordPhase::Running {
                     until_unix_ms: request.deadline_unix_ms,
                 },
-            },
+            }),
         };
         // Best effort: if it cannot be replicated, a concurrent retry elsewhere is
         // not refused, and the outcome record still settles which reply counts.
@@ -528,12 +530,15 @@ impl Dispatcher {
         })
     }
 
-    async fn run(
+    /// Run handler `h` on `request` (as job `job`, if any) under `deadline` and a
+    /// panic guard; its context writes go to `effects`.
+    pub(crate) async fn run(
         &self,
         h: Option<Arc<dyn Handler>>,
         request: Request,
         deadline: Instant,
         effects: Arc<Effects>,
+        job: Option<crate::job_ctx::JobCtx>,
     ) -> Reply {
         let Request {
             id,
@@ -571,6 +576,7 @@ impl Dispatcher {
             shared: self.shared.clone(),
             deadline_unix_ms,
             caller: std::sync::OnceLock::new(),
+            job,
         };
         let call =
             tracing::Instrument::instrument(h.call(ctx), crate::trace::handler_span(&handler, &id));

@@ -13,6 +13,7 @@
 //! | [`Res<P>`] | plugin `P`'s resources ([`Plugin`]) | never (set up at start) |
 //! | [`Meta`] | request id, deadline, attempt, idempotency key, headers | never fails |
 //! | [`Caller`] | calls to other handlers, as this request's user | never fails |
+//! | `Option<JobCtx>` | the job this request runs as ([`JobCtx`]), or `None` | never fails |
 //!
 //! When several fail, the caller hears about the one that matters first whatever
 //! the argument order: a missing user (401) before a bad body (400).
@@ -20,12 +21,21 @@
 use crate::call::Caller;
 use crate::context::UserContext;
 use crate::handler::{HandlerError, RequestCtx};
+#[cfg(doc)]
+use crate::job_ctx::JobCtx;
 use crate::resource::{Plugin, PluginDecl};
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::sync::Arc;
 use tokio::time::Instant;
+
+/// The job a request runs as, or `None` for an interactive request.
+impl FromRequest for Option<crate::job_ctx::JobCtx> {
+    fn from_request(req: &RequestCtx) -> Result<Self, HandlerError> {
+        Ok(req.job().cloned())
+    }
+}
 
 /// Something a handler function takes as an argument, built from the request.
 pub trait FromRequest: Sized + Send + 'static {

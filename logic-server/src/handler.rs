@@ -241,6 +241,8 @@ pub struct RequestCtx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) deadline_unix_ms: u64,
     pub(crate) caller: std::sync::OnceLock<Caller>,
+    /// Set when the request runs as a background job.
+    pub(crate) job: Option<crate::job_ctx::JobCtx>,
 }
 
 impl RequestCtx {
@@ -269,6 +271,12 @@ impl RequestCtx {
     /// When the caller stops waiting. The server abandons the call at that instant.
     pub fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    /// The job this request runs as (`POST /api/{handler}` with `Prefer:
+    /// respond-async`), or `None` for an interactive request.
+    pub fn job(&self) -> Option<&crate::job_ctx::JobCtx> {
+        self.job.as_ref()
     }
 
     /// 1 for a first attempt; more when the caller retried.

@@ -68,6 +68,8 @@ pub mod extract;
 pub mod governor;
 pub mod handler;
 pub mod handler_fn;
+pub mod job_ctx;
+pub mod jobs;
 pub mod lifecycle;
 pub mod operator;
 pub mod panic;
@@ -89,13 +91,14 @@ pub use async_trait::async_trait;
 pub use call::Caller;
 pub use config::{ContextConfig, GovernorConfig, IdempotencyConfig, LogicServerConfig};
 pub use context::{
-    ContextError, ContextStore, Effects, RecordWrite, ReplicatedContextStore, UserContext,
+    ContextError, ContextStore, Effects, RecordValue, RecordWrite, ReplicatedContextStore, UserContext,
 };
 pub use dispatch::{ROUTE_MISMATCH, UNTRUSTED_PUBLISHER};
 pub use error::Error;
 pub use extract::{Body, Context, FromRequest, Json, Meta, Res, User};
 pub use handler::{Handler, HandlerError, RequestCtx, Response};
 pub use handler_fn::IntoReply;
+pub use job_ctx::JobCtx;
 pub use lifecycle::{Lifecycle, Phase};
 pub use metrics::describe_metrics;
 pub use operator::OperatorService;

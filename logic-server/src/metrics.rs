@@ -35,7 +35,23 @@ pub(crate) struct ServerMetrics {
     contexts: Gauge,
     context_bytes: Gauge,
     peers: Gauge,
+    jobs: JobMetrics,
 }
+
+/// The job series of one server.
+#[derive(Debug)]
+struct JobMetrics {
+    submitted: Counter,
+    /// Attempts ended, by outcome.
+    ended: HashMap<&'static str, Counter>,
+    running: Gauge,
+    durations: HashMap<String, Histogram>,
+    /// Job records held, by state (every server holds them all).
+    by_state: HashMap<&'static str, Gauge>,
+}
+
+/// How a job attempt can end, as `keelson_job_attempts_total{outcome}` counts it.
+const JOB_OUTCOMES: [&str; 6] = ["succeeded", "failed", "retried", "cancelled", "lost", "fenced"];
 
 impl ServerMetrics {
     pub(crate) fn new(node: &str, handlers: &[String]) -> Self {
@@ -71,6 +87,61 @@ impl ServerMetrics {
             contexts: gauge("keelson_contexts"),
             context_bytes: gauge("keelson_context_bytes"),
             peers: gauge("keelson_peers"),
+            jobs: JobMetrics {
+                submitted: metrics::counter!("keelson_jobs_submitted_total", "node" => node.clone()),
+                ended: JOB_OUTCOMES
+                    .iter()
+                    .map(|o| (*o, metrics::counter!("keelson_job_attempts_total", "node" => node.clone(), "outcome" => *o)))
+                    .collect(),
+                running: gauge("keelson_jobs_running"),
+                durations: handlers
+                    .iter()
+                    .map(|h| {
+                        let histogram = metrics::histogram!(
+                            "keelson_job_duration_seconds",
+                            "node" => node.clone(),
+                            "handler" => h.clone()
+                        );
+                        (h.clone(), histogram)
+                    })
+                    .collect(),
+                by_state: ["queued", "running", "succeeded", "failed", "cancelled"]
+                    .iter()
+                    .map(|s| (*s, metrics::gauge!("keelson_jobs", "node" => node.clone(), "state" => *s)))
+                    .collect(),
+            },
+        }
+    }
+
+    /// A job was accepted here.
+    pub(crate) fn job_submitted(&self) {
+        self.jobs.submitted.increment(1);
+    }
+
+    /// A job attempt started here.
+    pub(crate) fn job_started(&self) {
+        self.jobs.running.increment(1.0);
+    }
+
+    /// A job attempt of `handler` ran this long here.
+    pub(crate) fn job_ran(&self, handler: &str, seconds: f64) {
+        self.jobs.running.decrement(1.0);
+        if let Some(histogram) = self.jobs.durations.get(handler) {
+            histogram.record(seconds);
+        }
+    }
+
+    /// A job attempt ended with `outcome` (one of [`JOB_OUTCOMES`]).
+    pub(crate) fn job_ended(&self, outcome: &str) {
+        if let Some(counter) = self.jobs.ended.get(outcome) {
+            counter.increment(1);
+        }
+    }
+
+    /// Set the job-record gauges: how many jobs each state holds.
+    pub(crate) fn job_states(&self, counts: &HashMap<&'static str, usize>) {
+        for (state, gauge) in &self.jobs.by_state {
+            gauge.set(counts.get(state).copied().unwrap_or(0) as f64);
         }
     }
 
@@ -153,6 +224,24 @@ pub fn describe_metrics() {
     describe_gauge!(
         "keelson_peers",
         "Other logic servers heard on the control channel and not gone"
+    );
+    describe_counter!(
+        "keelson_jobs_submitted_total",
+        "Background jobs accepted by this server (answered 202)"
+    );
+    describe_counter!(
+        "keelson_job_attempts_total",
+        "Job attempts run here, by how they ended: succeeded, failed (for good), retried (failed, another attempt queued), cancelled, lost (interrupted by a drain; run again), fenced (outcome dropped: this server lost its lease while it ran)"
+    );
+    describe_gauge!("keelson_jobs_running", "Job attempts running here now");
+    describe_histogram!(
+        "keelson_job_duration_seconds",
+        Unit::Seconds,
+        "Time a job attempt ran, by handler"
+    );
+    describe_gauge!(
+        "keelson_jobs",
+        "Job records held (the same on every server), by state: queued, running, succeeded, failed, cancelled"
     );
     crate::context::describe_metrics();
 }

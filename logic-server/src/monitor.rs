@@ -27,6 +27,8 @@ pub(crate) struct Monitor {
     pub(crate) concurrency: u16,
     pub(crate) intake_paused: watch::Sender<bool>,
     pub(crate) peers: Arc<Mutex<ClusterView>>,
+    /// Told of every heartbeat that went out (the jobs' liveness lease).
+    pub(crate) liveness: Arc<crate::jobs::Liveness>,
 }
 
 impl Monitor {
@@ -84,8 +86,9 @@ impl Monitor {
     }
 
     pub(crate) async fn publish(&self, heartbeat: &Heartbeat) {
-        if let Err(e) = HEARTBEATS.publish(self.transport.as_ref(), heartbeat).await {
-            tracing::debug!(error = %e, "heartbeat not sent");
+        match HEARTBEATS.publish(self.transport.as_ref(), heartbeat).await {
+            Ok(()) => self.liveness.beat(),
+            Err(e) => tracing::debug!(error = %e, "heartbeat not sent"),
         }
     }
 
@@ -117,6 +120,11 @@ impl Monitor {
         self.dispatcher
             .metrics
             .contexts(store.user_count(), store.context_bytes());
+        let mut states = std::collections::HashMap::new();
+        for job in store.jobs() {
+            *states.entry(job.state.as_str()).or_insert(0) += 1;
+        }
+        self.dispatcher.metrics.job_states(&states);
     }
 
     fn sample(&self, governor: &mut Governor, sampler: &mut CpuSampler) {

@@ -58,6 +58,9 @@ pub struct RunningServer {
     monitor: Arc<Monitor>,
     stats: Arc<ServerStats>,
     resources: Arc<Resources>,
+    jobs: crate::jobs::JobsHandle,
+    /// Stops the heartbeats, which go on while jobs drain.
+    beats_stop: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -151,6 +154,19 @@ impl LogicServer {
             .consume(&service, concurrency)
             .await
             .map_err(err)?;
+        let liveness = Arc::new(crate::jobs::Liveness::new(Duration::from_millis(
+            self.config.heartbeat_interval_ms.max(1),
+        )));
+        let jobs = crate::jobs::JobsHandle::start(
+            self.dispatcher.clone(),
+            self.transport.clone(),
+            self.config.jobs.clone(),
+            &service,
+            liveness.clone(),
+            Duration::from_millis(self.config.drain_timeout_ms),
+        )
+        .await
+        .map_err(err)?;
         let stats = self.dispatcher.stats.clone();
         let resources = self.dispatcher.registry.resources().clone();
         stats.set_ready(true);
@@ -177,13 +193,15 @@ impl LogicServer {
             concurrency,
             intake_paused: intake_tx,
             peers: peers.clone(),
+            liveness,
         });
         let listener_task = tokio::spawn(Monitor::listen(
             self.transport.clone(),
             peers,
             self.dispatcher.store.clone(),
         ));
-        let monitor_task = tokio::spawn(monitor.clone().run(stopped.clone()));
+        let (beats_stop, beats_stopped) = watch::channel(false);
+        let monitor_task = tokio::spawn(monitor.clone().run(beats_stopped));
         let task = tokio::spawn(
             ConsumeLoop {
                 consumer,
@@ -216,6 +234,8 @@ impl LogicServer {
             monitor,
             stats,
             resources,
+            jobs,
+            beats_stop,
         })
     }
 }
@@ -246,13 +266,29 @@ impl RunningServer {
         self.monitor.publish(&self.monitor.heartbeat(true)).await;
         let _ = self.stop.send(true);
         let mut task = self.task;
-        tokio::select! {
-            _ = &mut task => {}
-            () = abort => {
-                let _ = self.abort.send(true);
-                let _ = (&mut task).await;
+        // Jobs drain beside the requests; heartbeats go on until both are done, so
+        // peers do not take this server's running jobs for lost meanwhile.
+        let jobs = self.jobs.drain();
+        tokio::pin!(jobs);
+        let (mut jobs_done, mut task_done) = (false, false);
+        tokio::pin!(abort);
+        while !(jobs_done && task_done) {
+            tokio::select! {
+                _ = &mut task, if !task_done => task_done = true,
+                () = &mut jobs, if !jobs_done => jobs_done = true,
+                () = &mut abort => {
+                    let _ = self.abort.send(true);
+                    if !task_done {
+                        let _ = (&mut task).await;
+                    }
+                    if !jobs_done {
+                        (&mut jobs).await;
+                    }
+                    break;
+                }
             }
         }
+        let _ = self.beats_stop.send(true);
         let _ = self.monitor_task.await;
         self.listener_task.abort();
         self.monitor.publish(&self.monitor.heartbeat(true)).await;

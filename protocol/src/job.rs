@@ -60,6 +60,9 @@ pub fn jobs_service(service: &str) -> String {
 /// jobs.
 pub const RECORD_SHARDS: usize = 256;
 
+/// Every shard scope of job records starts with this (a user id no token can carry).
+pub const JOB_SCOPE_PREFIX: &str = "\u{0}keelson.jobs/";
+
 /// The scope (pseudo user) and the record key of job `id`.
 ///
 /// ```
@@ -70,7 +73,7 @@ pub const RECORD_SHARDS: usize = 256;
 pub fn record_location(id: &str) -> (String, String) {
     let shard = id.get(..2).unwrap_or("00");
     (
-        format!("\u{0}keelson.jobs/{shard}"),
+        format!("{JOB_SCOPE_PREFIX}{shard}"),
         format!("{RECORD_KEY_PREFIX}j/{id}"),
     )
 }
@@ -174,6 +177,10 @@ pub struct JobRecord {
     pub state: JobState,
     /// The attempt this record is about (1 for the first run).
     pub attempt: u32,
+    /// How many attempts ended with their server lost (killed, frozen, drained), not
+    /// with a failure: they do not count against `max_attempts`.
+    #[serde(default)]
+    pub lost: u32,
     /// The bounds it runs under.
     pub options: JobOptions,
     /// When it was accepted (Unix ms).
@@ -297,6 +304,9 @@ pub struct JobMessage {
     pub kind: JobKind,
     /// The attempt it is about.
     pub attempt: u32,
+    /// Attempts before it that ended with their server lost (see [`JobRecord::lost`]).
+    #[serde(default)]
+    pub lost: u32,
     /// The job.
     pub job: JobSpec,
 }
@@ -421,6 +431,7 @@ mod tests {
             user: None,
             state,
             attempt,
+            lost: 0,
             options: JobOptions {
                 max_attempts: 3,
                 timeout_ms: 1000,

@@ -15,6 +15,9 @@ use tokio::sync::OwnedMutexGuard;
 #[derive(Default)]
 pub struct Effects {
     inner: Mutex<Inner>,
+    /// Writes are kept here, not applied, until the commit (a job's run: see
+    /// [`Effects::deferred`]).
+    deferred: bool,
 }
 
 #[derive(Default)]
@@ -22,6 +25,30 @@ struct Inner {
     ops: Vec<ContextOp>,
     turn: Option<OwnedMutexGuard<()>>,
     ended: bool,
+    pending: Vec<Pending>,
+}
+
+/// A deferred write (see [`Effects::deferred`]).
+#[derive(Debug, Clone)]
+pub enum Pending {
+    /// Set (`Some`) or delete (`None`) a value.
+    Set {
+        /// The user.
+        user: String,
+        /// The key.
+        key: String,
+        /// JSON bytes.
+        value: Option<bytes::Bytes>,
+    },
+    /// Add to a counter.
+    Add {
+        /// The user.
+        user: String,
+        /// The counter.
+        key: String,
+        /// How much.
+        by: i64,
+    },
 }
 
 impl fmt::Debug for Effects {
@@ -35,6 +62,59 @@ impl fmt::Debug for Effects {
 }
 
 impl Effects {
+    /// Effects whose writes are neither applied nor replicated until the commit, and
+    /// vanish if it never comes: a background job's run, which holds no write turn of
+    /// its user for its whole length, and whose writes must not stand if its server
+    /// loses its lease to a peer that runs it again. The run reads its own writes
+    /// back through [`Effects::pending_value`] and [`Effects::pending_sum`].
+    pub fn deferred() -> Self {
+        Self {
+            deferred: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether writes wait for the commit.
+    pub fn is_deferred(&self) -> bool {
+        self.deferred
+    }
+
+    /// Keep a deferred write; [`ContextError::Ended`] after [`Effects::end`].
+    pub fn defer(&self, write: Pending) -> Result<(), ContextError> {
+        let mut inner = self.lock();
+        if inner.ended {
+            return Err(ContextError::Ended);
+        }
+        inner.pending.push(write);
+        Ok(())
+    }
+
+    /// The last deferred write of `key`: `Some(Some(value))`, `Some(None)` for a
+    /// deletion, `None` when not written.
+    pub fn pending_value(&self, user: &str, key: &str) -> Option<Option<bytes::Bytes>> {
+        self.lock().pending.iter().rev().find_map(|p| match p {
+            Pending::Set { user: u, key: k, value } if u == user && k == key => Some(value.clone()),
+            _ => None,
+        })
+    }
+
+    /// The sum of the deferred additions to counter `key`.
+    pub fn pending_sum(&self, user: &str, key: &str) -> i64 {
+        self.lock()
+            .pending
+            .iter()
+            .map(|p| match p {
+                Pending::Add { user: u, key: k, by } if u == user && k == key => *by,
+                _ => 0,
+            })
+            .fold(0i64, i64::saturating_add)
+    }
+
+    /// Take the deferred writes (to apply them at the commit).
+    pub fn take_pending(&self) -> Vec<Pending> {
+        std::mem::take(&mut self.lock().pending)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Only pushes and takes: a poisoned lock still holds a valid list.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -42,7 +122,8 @@ impl Effects {
 
     /// Whether no write was made.
     pub fn is_empty(&self) -> bool {
-        self.lock().ops.is_empty()
+        let inner = self.lock();
+        inner.ops.is_empty() && inner.pending.is_empty()
     }
 
     /// Whether the request holds its user's write turn.

@@ -29,13 +29,14 @@
 mod effects;
 mod replicated;
 
-pub use effects::Effects;
+pub use effects::{Effects, Pending};
 pub use replicated::{ReplicatedContextStore, describe_metrics};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use keelson_protocol::context::{ContextDigest, ContextMark};
 use keelson_protocol::idempotency::OutcomeRecord;
+use keelson_protocol::job::JobRecord;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
@@ -97,7 +98,30 @@ pub struct RecordWrite {
     /// [`keelson_protocol::idempotency::record_key`].
     pub key: String,
     /// The record.
-    pub record: OutcomeRecord,
+    pub record: RecordValue,
+}
+
+/// What a [`RecordWrite`] records.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RecordValue {
+    /// A keyed request's outcome (the later write wins).
+    Outcome(OutcomeRecord),
+    /// A background job's record (the one that got further wins).
+    Job(Box<JobRecord>),
+}
+
+impl RecordWrite {
+    /// The write of a job's record, at its place (see
+    /// [`keelson_protocol::job::record_location`]).
+    pub fn job(record: JobRecord) -> Self {
+        let (scope, key) = keelson_protocol::job::record_location(&record.id);
+        Self {
+            scope,
+            key,
+            record: RecordValue::Job(Box::new(record)),
+        }
+    }
 }
 
 /// Storage of per-user contexts, shared by all requests of a server.
@@ -151,6 +175,19 @@ pub trait ContextStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<(), ContextError>;
     /// The outcome recorded under `key` in `scope`, unless expired.
     fn record(&self, scope: &str, key: &str) -> Option<OutcomeRecord>;
+    /// The record of job `id`, unless expired or unknown here.
+    fn job(&self, _id: &str) -> Option<JobRecord> {
+        None
+    }
+    /// Every live job record held here.
+    fn jobs(&self) -> Vec<JobRecord> {
+        Vec::new()
+    }
+    /// The ids of job records as they are written here or arrive from peers; `None`
+    /// when the store cannot tell (then watchers poll).
+    fn job_changes(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<str>>> {
+        None
+    }
     /// How many client idempotency keys `scope` holds records of.
     fn client_keys(&self, scope: &str) -> usize;
     /// Wait until every delta that any server published before this call has been
@@ -254,7 +291,12 @@ impl UserContext {
 
     /// The value under `key`, deserialized as `T`.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ContextError> {
-        match self.store.get(&self.user, own(key)?).await? {
+        let key = own(key)?;
+        let value = match self.effects.pending_value(&self.user, key) {
+            Some(pending) => pending,
+            None => self.store.get(&self.user, key).await?,
+        };
+        match value {
             None => Ok(None),
             Some(bytes) => {
                 serde_json::from_slice(&bytes)
@@ -277,28 +319,58 @@ impl UserContext {
             key: key.to_owned(),
             reason: e.to_string(),
         })?;
+        let key = own(key)?;
+        if self.effects.is_deferred() {
+            return self.effects.defer(Pending::Set {
+                user: self.user.clone(),
+                key: key.to_owned(),
+                value: Some(bytes.into()),
+            });
+        }
         self.store
-            .set_in(&self.effects, &self.user, own(key)?, bytes.into())
+            .set_in(&self.effects, &self.user, key, bytes.into())
             .await
     }
 
     /// Remove `key`; whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, ContextError> {
-        self.store
-            .delete_in(&self.effects, &self.user, own(key)?)
-            .await
+        let key = own(key)?;
+        if self.effects.is_deferred() {
+            let existed = match self.effects.pending_value(&self.user, key) {
+                Some(pending) => pending.is_some(),
+                None => self.store.get(&self.user, key).await?.is_some(),
+            };
+            self.effects.defer(Pending::Set {
+                user: self.user.clone(),
+                key: key.to_owned(),
+                value: None,
+            })?;
+            return Ok(existed);
+        }
+        self.store.delete_in(&self.effects, &self.user, key).await
     }
 
     /// Add `by` to the counter `key`; concurrent increments all count.
     pub async fn increment(&self, key: &str, by: i64) -> Result<i64, ContextError> {
+        let key = own(key)?;
+        if self.effects.is_deferred() {
+            self.effects.defer(Pending::Add {
+                user: self.user.clone(),
+                key: key.to_owned(),
+                by,
+            })?;
+            return self.counter(key).await;
+        }
         self.store
-            .increment_in(&self.effects, &self.user, own(key)?, by)
+            .increment_in(&self.effects, &self.user, key, by)
             .await
     }
 
     /// The current value of the counter `key` (0 when never incremented).
     pub async fn counter(&self, key: &str) -> Result<i64, ContextError> {
-        self.store.counter(&self.user, own(key)?).await
+        let key = own(key)?;
+        let stored = self.store.counter(&self.user, key).await?;
+        Ok(stored.saturating_add(self.effects.pending_sum(&self.user, key)))
     }
 }
 

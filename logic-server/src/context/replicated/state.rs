@@ -19,6 +19,7 @@
 
 use keelson_protocol::context::{ContextOp, CounterEntry, Hlc, UserSnapshot, ValueEntry};
 use keelson_protocol::idempotency::{RECORD_KEY_PREFIX, is_client_key};
+use keelson_protocol::job::{JOB_SCOPE_PREFIX, JobRecord, is_job_key};
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -207,6 +208,18 @@ pub(crate) struct UserView<'a> {
     pub(crate) counters: Vec<(&'a str, i64)>,
 }
 
+/// Of two records of one job, which got further: by [`JobRecord::rank`], then by
+/// stamp. Both decode (they were checked on the way in); an undecodable one ranks
+/// lowest.
+fn job_order(a: &Record, b: &Record) -> std::cmp::Ordering {
+    let rank = |r: &Record| {
+        keelson_protocol::decode::<JobRecord>(&r.value)
+            .ok()
+            .map(|j| j.rank())
+    };
+    rank(a).cmp(&rank(b)).then_with(|| a.ts.cmp(&b.ts))
+}
+
 /// One user's replicated context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UserState {
@@ -247,8 +260,16 @@ impl UserState {
     ) -> u64 {
         // A record is never deleted, only replaced or expired.
         let Some(value) = value else { return 0 };
-        let Some(expires_ms) = keelson_protocol::idempotency::expiry_of(value) else {
-            tracing::debug!("ignoring an undecodable outcome record");
+        let job = is_job_key(key);
+        let expires_ms = if job {
+            keelson_protocol::decode::<JobRecord>(value)
+                .ok()
+                .map(|r| r.expires_unix_ms)
+        } else {
+            keelson_protocol::idempotency::expiry_of(value)
+        };
+        let Some(expires_ms) = expires_ms else {
+            tracing::debug!("ignoring an undecodable record");
             return 0;
         };
         if expires_ms <= swept_ms {
@@ -261,7 +282,10 @@ impl UserState {
             expires_ms,
         };
         match records.get_mut(key) {
-            Some(r) if new.ts <= r.ts => 0,
+            // A job's record keeps the one that got further, whatever the order of
+            // the writes (see `JobRecord::rank`); the later write only among equals.
+            Some(r) if job && job_order(&new, r) != std::cmp::Ordering::Greater => 0,
+            Some(r) if !job && new.ts <= r.ts => 0,
             Some(r) => {
                 let change = record_hash(user, key, r) ^ record_hash(user, key, &new);
                 *r = new;
@@ -273,6 +297,13 @@ impl UserState {
                 change
             }
         }
+    }
+
+    /// The job records of this user (a shard scope of jobs), undecodable ones skipped.
+    fn jobs(&self) -> impl Iterator<Item = JobRecord> + '_ {
+        self.record_entries()
+            .filter(|(k, _)| is_job_key(k))
+            .filter_map(|(_, r)| keelson_protocol::decode::<JobRecord>(&r.value).ok())
     }
 
     /// The XOR of the hashes of every live entry of this user.
@@ -506,6 +537,17 @@ impl State {
     pub(crate) fn record(&self, user: &str, key: &str, now_ms: u64) -> Option<&[u8]> {
         let r = self.users.get(user)?.records.as_ref()?.get(key)?;
         (r.expires_ms > now_ms).then_some(&*r.value)
+    }
+
+    /// Every live job record at `now_ms`, of every shard scope.
+    pub(crate) fn jobs(&self, now_ms: u64) -> Vec<JobRecord> {
+        let shard = |u: &str| u.starts_with(JOB_SCOPE_PREFIX);
+        self.users
+            .iter()
+            .filter(|(name, _)| shard(name))
+            .flat_map(|(_, u)| u.jobs())
+            .filter(|j| j.expires_unix_ms > now_ms)
+            .collect()
     }
 
     /// How many records of client idempotency keys `user` holds.

@@ -7,14 +7,15 @@ use super::gaps::Gaps;
 use super::metrics::ReplicationMetrics;
 use super::state::{Node, Stamp, State};
 use crate::config::ContextConfig;
-use crate::context::{ContextError, ContextStore, Effects, RecordWrite};
+use crate::context::{ContextError, ContextStore, Effects, Pending, RecordValue, RecordWrite};
 use async_trait::async_trait;
 use bytes::Bytes;
 use keelson_protocol::context::{
     ContextDelta, ContextDigest, ContextMark, ContextOp, Hlc, SNAPSHOT_ROUTE, SNAPSHOT_SERVICE,
     SnapshotChunk, SnapshotRequest,
 };
-use keelson_protocol::idempotency::OutcomeRecord;
+use keelson_protocol::idempotency::{OutcomeRecord, RECORD_KEY_PREFIX};
+use keelson_protocol::job::{JobRecord, record_location};
 use keelson_protocol::topic::CONTEXT_DELTAS;
 use keelson_protocol::transport::{Message, Publisher, RequestError, ServiceSpec};
 use keelson_protocol::{ProtocolVersion, Transport, decode, encode};
@@ -47,6 +48,9 @@ const CHUNK_ATTEMPTS: u32 = 4;
 /// to 540 ms in all), so a peer's consumer gets the next request. Counted per chunk.
 const OWN_ANSWERS_BEFORE_ALONE: u32 = 16;
 
+/// Job ids changed but not yet seen by a slow watcher before it lags (and rechecks all).
+const JOB_CHANGES_BUFFER: usize = 4096;
+
 /// Per-user contexts replicated between all logic servers of a mesh.
 pub struct ReplicatedContextStore {
     node: Node,
@@ -68,6 +72,8 @@ pub struct ReplicatedContextStore {
     /// How this store's digest compared with its peers'.
     divergence: Mutex<Divergence>,
     metrics: ReplicationMetrics,
+    /// The ids of job records written (here or by a peer), for those who wait on them.
+    job_changes: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 struct Inner {
@@ -111,6 +117,11 @@ async fn broadcast_until(
             Err(_) => tokio::time::sleep(REPUBLISH_EVERY).await,
         }
     }
+}
+
+/// The job id a record key holds the record of, if it is a job's.
+fn job_id_of(key: &str) -> Option<&str> {
+    key.strip_prefix(RECORD_KEY_PREFIX)?.strip_prefix("j/")
 }
 
 fn now_ms() -> u64 {
@@ -183,6 +194,7 @@ impl ReplicatedContextStore {
             turns: Mutex::new(HashMap::new()),
             markers_sent: AtomicU64::new(0),
             markers_back: watch::channel(0).0,
+            job_changes: tokio::sync::broadcast::channel(JOB_CHANGES_BUFFER).0,
             published: AtomicU64::new(0),
             gaps: Mutex::new(Gaps::default()),
             repairing: AtomicBool::new(false),
@@ -358,12 +370,27 @@ impl ReplicatedContextStore {
             }
             inner.state.apply(op);
         }
+        self.announce_jobs(&delta.ops);
         if let Some(written_ms) = written_ms {
             self.metrics.applied(written_ms, now_ms());
         }
         // Under the state's lock, so a digest never sees the ops without their number.
         if let Some(seq) = delta.seq {
             self.lock_gaps().applied(&delta.origin, seq, Instant::now());
+        }
+    }
+
+    /// Tell job watchers which job records `ops` wrote.
+    fn announce_jobs(&self, ops: &[ContextOp]) {
+        if self.job_changes.receiver_count() == 0 {
+            return;
+        }
+        for op in ops {
+            if let ContextOp::Set { key, .. } = op
+                && let Some(id) = job_id_of(key)
+            {
+                let _ = self.job_changes.send(Arc::from(id));
+            }
         }
     }
 
@@ -826,37 +853,53 @@ impl ContextStore for ReplicatedContextStore {
         record: Option<RecordWrite>,
         deadline: Instant,
     ) -> Result<(), ContextError> {
-        // The user's turn is held until the delta is out: a later request's delta
-        // must not overtake this one's running sums.
-        let (mut ops, _turn) = effects.end();
-        let payload = match record {
-            Some(RecordWrite { scope, key, record }) => {
-                let value =
-                    encode(&record).map_err(|e| ContextError::Unavailable(e.to_string()))?;
-                let mut inner = self.lock();
-                let ts = inner.clock.tick();
-                let op = ContextOp::Set {
-                    user: scope,
-                    key,
-                    value: Some(value),
-                    ts: to_hlc(&ts),
-                };
-                inner.state.apply(&op);
-                ops.push(op);
-                // Numbered under the state's lock (a record may be written without a
-                // write turn): a digest never sees the record without its number.
-                self.delta(ops, None)?
+        if effects.is_deferred() {
+            // A job's run: its writes are applied now, as one request's would be.
+            let now = Effects::default();
+            for write in effects.take_pending() {
+                match write {
+                    Pending::Set {
+                        user,
+                        key,
+                        value: Some(value),
+                    } => self.set_in(&now, &user, &key, value).await?,
+                    Pending::Set {
+                        user,
+                        key,
+                        value: None,
+                    } => {
+                        self.delete_in(&now, &user, &key).await?;
+                    }
+                    Pending::Add { user, key, by } => {
+                        self.increment_in(&now, &user, &key, by).await?;
+                    }
+                }
             }
-            None if ops.is_empty() => return Ok(()),
-            None => self.delta(ops, None)?,
-        };
-        self.publish(payload, deadline).await
+            effects.end();
+            return self.commit_applied(&now, record, deadline).await;
+        }
+        self.commit_applied(effects, record, deadline).await
     }
 
     fn record(&self, scope: &str, key: &str) -> Option<OutcomeRecord> {
         let inner = self.lock();
         let bytes = inner.state.record(scope, key, now_ms())?;
         decode(bytes).ok()
+    }
+
+    fn job(&self, id: &str) -> Option<JobRecord> {
+        let (scope, key) = record_location(id);
+        let inner = self.lock();
+        let bytes = inner.state.record(&scope, &key, now_ms())?;
+        decode(bytes).ok()
+    }
+
+    fn jobs(&self) -> Vec<JobRecord> {
+        self.lock().state.jobs(now_ms())
+    }
+
+    fn job_changes(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<str>>> {
+        Some(self.job_changes.subscribe())
     }
 
     fn client_keys(&self, scope: &str) -> usize {
@@ -973,5 +1016,45 @@ impl ContextStore for ReplicatedContextStore {
 impl Drop for ReplicatedContextStore {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl ReplicatedContextStore {
+    /// [`ContextStore::commit`] of writes already applied here.
+    async fn commit_applied(
+        &self,
+        effects: &Effects,
+        record: Option<RecordWrite>,
+        deadline: Instant,
+    ) -> Result<(), ContextError> {
+        // The user's turn is held until the delta is out: a later request's delta
+        // must not overtake this one's running sums.
+        let (mut ops, _turn) = effects.end();
+        let payload = match record {
+            Some(RecordWrite { scope, key, record }) => {
+                let value = match &record {
+                    RecordValue::Outcome(r) => encode(r),
+                    RecordValue::Job(r) => encode(r.as_ref()),
+                }
+                .map_err(|e| ContextError::Unavailable(e.to_string()))?;
+                let mut inner = self.lock();
+                let ts = inner.clock.tick();
+                let op = ContextOp::Set {
+                    user: scope,
+                    key,
+                    value: Some(value),
+                    ts: to_hlc(&ts),
+                };
+                inner.state.apply(&op);
+                ops.push(op);
+                self.announce_jobs(&ops[ops.len() - 1..]);
+                // Numbered under the state's lock (a record may be written without a
+                // write turn): a digest never sees the record without its number.
+                self.delta(ops, None)?
+            }
+            None if ops.is_empty() => return Ok(()),
+            None => self.delta(ops, None)?,
+        };
+        self.publish(payload, deadline).await
     }
 }

@@ -91,7 +91,8 @@ pub use async_trait::async_trait;
 pub use call::Caller;
 pub use config::{ContextConfig, GovernorConfig, IdempotencyConfig, LogicServerConfig};
 pub use context::{
-    ContextError, ContextStore, Effects, RecordValue, RecordWrite, ReplicatedContextStore, UserContext,
+    ContextError, ContextStore, Effects, RecordValue, RecordWrite, ReplicatedContextStore,
+    UserContext,
 };
 pub use dispatch::{ROUTE_MISMATCH, UNTRUSTED_PUBLISHER};
 pub use error::Error;

@@ -51,7 +51,14 @@ struct JobMetrics {
 }
 
 /// How a job attempt can end, as `keelson_job_attempts_total{outcome}` counts it.
-const JOB_OUTCOMES: [&str; 6] = ["succeeded", "failed", "retried", "cancelled", "lost", "fenced"];
+const JOB_OUTCOMES: [&str; 6] = [
+    "succeeded",
+    "failed",
+    "retried",
+    "cancelled",
+    "lost",
+    "fenced",
+];
 
 impl ServerMetrics {
     pub(crate) fn new(node: &str, handlers: &[String]) -> Self {

@@ -131,7 +131,7 @@ fn json_body(body: Bytes) -> Result<Vec<u8>, ApiError> {
     Ok(body.to_vec())
 }
 
-fn unix_ms_after(timeout: Duration) -> u64 {
+pub(crate) fn unix_ms_after(timeout: Duration) -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -158,6 +158,9 @@ pub(crate) async fn call(
     let user = auth::user_from_headers(&state.verifier, headers)?;
     let timeout = timeout(headers, state.config.request_timeout())?;
     let key = idempotency_key(headers)?;
+    let job = crate::jobs::wants_job(headers)
+        .then(|| crate::jobs::JobOptions::from_query(request.uri()))
+        .transpose()?;
     let id = request
         .extensions()
         .get::<RequestId>()
@@ -186,9 +189,17 @@ pub(crate) async fn call(
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded)?;
     let body = json_body(body)?;
+    // A job: the request asks a logic server to accept it (`keelson_protocol::job`).
+    let (route, body) = match &job {
+        Some(options) => (
+            keelson_protocol::job::SUBMIT_ROUTE.to_owned(),
+            options.submission(&handler, &body)?,
+        ),
+        None => (handler.clone(), body),
+    };
 
     let deadline = Instant::now() + timeout;
-    let mut envelope = Envelope::new(id.as_str(), handler.as_str(), body, unix_ms_after(timeout));
+    let mut envelope = Envelope::new(id.as_str(), route.as_str(), body, unix_ms_after(timeout));
     envelope.user = user;
     envelope.headers = trace_headers;
     if let Some(key) = key {
@@ -197,15 +208,31 @@ pub(crate) async fn call(
     }
     // Tracing: the publish span, whose context the envelope and the message carry.
     let publish = trace::publish_span(&handler, &mut envelope.headers);
+    let reply =
+        tracing::Instrument::instrument(exchange(&state, envelope, deadline), publish).await?;
+    let mut response = respond(reply);
+    if job.is_some() && response.status() == StatusCode::ACCEPTED {
+        response.headers_mut().insert(
+            "preference-applied",
+            HeaderValue::from_static("respond-async"),
+        );
+    }
+    Ok(response)
+}
+
+/// Send `envelope` on its handler's route and await its reply until `deadline`.
+pub(crate) async fn exchange(
+    state: &AppState,
+    envelope: Envelope,
+    deadline: Instant,
+) -> Result<Reply, ApiError> {
     let payload = encode(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
     let mut message = Message::new(payload);
     message.headers = envelope.headers;
-
-    let reply_bytes = tracing::Instrument::instrument(
-        state.transport.request(&handler, message, deadline),
-        publish,
-    )
-    .await?;
+    let reply_bytes = state
+        .transport
+        .request(&envelope.handler, message, deadline)
+        .await?;
     let reply: Reply = decode(&reply_bytes).map_err(|e| ApiError::BadReply(e.to_string()))?;
     if reply.id != envelope.id {
         return Err(ApiError::BadReply(format!(
@@ -213,6 +240,11 @@ pub(crate) async fn call(
             reply.id, envelope.id
         )));
     }
+    Ok(reply)
+}
+
+/// The HTTP response to a logic server's reply.
+pub(crate) fn respond(reply: Reply) -> Response {
     let replayed = reply.replayed;
     // A server that took the request but hosts no such handler does not make the
     // name a handler's (metrics label it `unknown`).
@@ -245,7 +277,7 @@ pub(crate) async fn call(
             .extensions_mut()
             .insert(crate::metrics::HandlerAnswered);
     }
-    Ok(response)
+    response
 }
 
 /// How much of an over-limit body is read and dropped so that the client receives the

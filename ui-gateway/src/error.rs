@@ -27,6 +27,9 @@ pub enum ApiError {
     /// not printable ASCII.
     #[error("Idempotency-Key must be 1 to 255 printable ASCII characters")]
     BadIdempotencyKey,
+    /// 400 `bad_query`: the query string has an unknown or malformed parameter.
+    #[error("{0}")]
+    BadQuery(String),
     /// 400 `bad_timeout`: the `x-keelson-timeout-ms` header is not a positive integer.
     #[error("x-keelson-timeout-ms must be a positive integer of milliseconds")]
     BadTimeout,
@@ -112,6 +115,7 @@ impl ApiError {
             E::MalformedJson(_) => own(StatusCode::BAD_REQUEST, "malformed_json"),
             E::BadBody(_) => own(StatusCode::BAD_REQUEST, "bad_request"),
             E::BadTimeout => own(StatusCode::BAD_REQUEST, "bad_timeout"),
+            E::BadQuery(_) => own(StatusCode::BAD_REQUEST, "bad_query"),
             E::BadIdempotencyKey => own(StatusCode::BAD_REQUEST, "bad_idempotency_key"),
             E::InvalidToken(_) => own(StatusCode::UNAUTHORIZED, "invalid_token"),
             E::UnknownHandler(_) | E::InvalidHandlerName => {

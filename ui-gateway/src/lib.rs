@@ -41,6 +41,7 @@ mod cors;
 mod dashboard;
 mod dead_letters;
 mod error;
+mod jobs;
 mod metrics;
 mod request_id;
 mod routes;

@@ -105,6 +105,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/cluster", get(crate::cluster::cluster))
+        .route(
+            "/jobs/{id}",
+            get(crate::jobs::status).delete(crate::jobs::cancel),
+        )
         .merge(crate::dashboard::routes(config.dashboard))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

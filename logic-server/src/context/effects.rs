@@ -93,7 +93,11 @@ impl Effects {
     /// deletion, `None` when not written.
     pub fn pending_value(&self, user: &str, key: &str) -> Option<Option<bytes::Bytes>> {
         self.lock().pending.iter().rev().find_map(|p| match p {
-            Pending::Set { user: u, key: k, value } if u == user && k == key => Some(value.clone()),
+            Pending::Set {
+                user: u,
+                key: k,
+                value,
+            } if u == user && k == key => Some(value.clone()),
             _ => None,
         })
     }
@@ -104,7 +108,11 @@ impl Effects {
             .pending
             .iter()
             .map(|p| match p {
-                Pending::Add { user: u, key: k, by } if u == user && k == key => *by,
+                Pending::Add {
+                    user: u,
+                    key: k,
+                    by,
+                } if u == user && k == key => *by,
                 _ => 0,
             })
             .fold(0i64, i64::saturating_add)

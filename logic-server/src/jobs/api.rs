@@ -53,7 +53,9 @@ async fn answer(jobs: &Jobs, delivery: Delivery) {
         Ok(request) => request,
         Err(e) => {
             tracing::warn!(error = %e, "dead-lettering an undecodable job request");
-            let _ = delivery.reject(format!("undecodable job request: {e}")).await;
+            let _ = delivery
+                .reject(format!("undecodable job request: {e}"))
+                .await;
             return;
         }
     };
@@ -61,7 +63,11 @@ async fn answer(jobs: &Jobs, delivery: Delivery) {
     let refusal = if delivery.route().is_some_and(|r| r != request.handler)
         || !ROUTES.contains(&request.handler.as_str())
     {
-        Some((ReplyStatus::BadRequest, "route_mismatch", "not a job request of this route"))
+        Some((
+            ReplyStatus::BadRequest,
+            "route_mismatch",
+            "not a job request of this route",
+        ))
     } else if (request.user.is_some() || request.handler == LIST_ROUTE)
         && !jobs.dispatcher.trusts(delivery.publisher())
     {
@@ -153,7 +159,12 @@ fn options(jobs: &Jobs, submit: &Submit) -> Result<JobOptions, Refused> {
             u64::from(c.max_attempts),
             u64::from(c.max_attempts_limit),
         )? as u32,
-        timeout_ms: within("timeout_ms", submit.timeout_ms, c.timeout_ms, c.timeout_ms_limit)?,
+        timeout_ms: within(
+            "timeout_ms",
+            submit.timeout_ms,
+            c.timeout_ms,
+            c.timeout_ms_limit,
+        )?,
         result_ttl_s: within(
             "result_ttl_s",
             submit.result_ttl_s,
@@ -260,7 +271,11 @@ async fn submit(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
     if let Err(e) = jobs
         .dispatcher
         .store
-        .commit(&Effects::default(), Some(RecordWrite::job(record.clone())), deadline)
+        .commit(
+            &Effects::default(),
+            Some(RecordWrite::job(record.clone())),
+            deadline,
+        )
         .await
     {
         // The job is queued and runs; its record stands here and goes out when the
@@ -348,7 +363,8 @@ async fn cancel(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
             next.state = JobState::Cancelled;
             next.finished_ms = Some(now);
             next.error = Some(cancelled_error());
-            next.expires_unix_ms = now.saturating_add(next.options.result_ttl_s.saturating_mul(1000));
+            next.expires_unix_ms =
+                now.saturating_add(next.options.result_ttl_s.saturating_mul(1000));
             (next, 200)
         }
         _ => {
@@ -360,7 +376,11 @@ async fn cancel(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
     let deadline = Instant::now() + Duration::from_secs(5);
     jobs.dispatcher
         .store
-        .commit(&Effects::default(), Some(RecordWrite::job(next.clone())), deadline)
+        .commit(
+            &Effects::default(),
+            Some(RecordWrite::job(next.clone())),
+            deadline,
+        )
         .await
         .map_err(|e| {
             (
@@ -386,7 +406,8 @@ fn list(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
     let q: ListQuery = if request.body.is_empty() {
         ListQuery::default()
     } else {
-        serde_json::from_slice(&request.body).map_err(|e| bad("invalid_job_query", e.to_string()))?
+        serde_json::from_slice(&request.body)
+            .map_err(|e| bad("invalid_job_query", e.to_string()))?
     };
     let mut records = jobs.dispatcher.store.jobs();
     records.retain(|r| q.state.is_none_or(|s| r.state == s));

@@ -47,7 +47,6 @@ impl RunnerHandle {
     }
 }
 
-
 pub(super) async fn start(jobs: Arc<Jobs>, service: &str) -> Result<RunnerHandle, TransportError> {
     let name = jobs_service(service);
     let routes = jobs
@@ -63,13 +62,20 @@ pub(super) async fn start(jobs: Arc<Jobs>, service: &str) -> Result<RunnerHandle
             routes,
         })
         .await?;
-    let consumer = jobs.transport.consume(&name, jobs.config.concurrency).await?;
+    let consumer = jobs
+        .transport
+        .consume(&name, jobs.config.concurrency)
+        .await?;
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run_loop(jobs, consumer, stopped));
     Ok(RunnerHandle { stop, task })
 }
 
-async fn run_loop(jobs: Arc<Jobs>, mut consumer: Box<dyn Consumer>, mut stopped: watch::Receiver<bool>) {
+async fn run_loop(
+    jobs: Arc<Jobs>,
+    mut consumer: Box<dyn Consumer>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(usize::from(jobs.config.concurrency)));
     let interrupt = CancellationToken::new();
     let mut runs = JoinSet::new();
@@ -144,7 +150,11 @@ async fn accept(jobs: &Jobs, delivery: Delivery) -> Option<(Delivery, JobMessage
             "untrusted publisher: a job message from {}, not a logic server",
             delivery.publisher()
         ),
-        Ok(m) if delivery.route().is_some_and(|r| r != job_route(&m.job.handler)) => {
+        Ok(m)
+            if delivery
+                .route()
+                .is_some_and(|r| r != job_route(&m.job.handler)) =>
+        {
             "route mismatch: a job message on the route of another handler".to_owned()
         }
         Ok(m) if !keelson_protocol::job::is_job_id(&m.job.id) => {
@@ -183,10 +193,18 @@ fn record_of(spec: &JobSpec, before: Option<&JobRecord>) -> JobRecord {
     }
 }
 
-async fn write(jobs: &Jobs, effects: &Effects, record: JobRecord) -> Result<(), crate::context::ContextError> {
+async fn write(
+    jobs: &Jobs,
+    effects: &Effects,
+    record: JobRecord,
+) -> Result<(), crate::context::ContextError> {
     jobs.dispatcher
         .store
-        .commit(effects, Some(RecordWrite::job(record)), Instant::now() + WRITE_WITHIN)
+        .commit(
+            effects,
+            Some(RecordWrite::job(record)),
+            Instant::now() + WRITE_WITHIN,
+        )
         .await
 }
 
@@ -199,7 +217,12 @@ fn finish(mut record: JobRecord, state: JobState) -> JobRecord {
     record
 }
 
-async fn start_run(jobs: &Jobs, delivery: Delivery, message: JobMessage, interrupt: CancellationToken) {
+async fn start_run(
+    jobs: &Jobs,
+    delivery: Delivery,
+    message: JobMessage,
+    interrupt: CancellationToken,
+) {
     let spec = &message.job;
     let n = message.attempt;
     let before = jobs.fresh_record(&spec.id).await;
@@ -288,9 +311,13 @@ async fn run(
     let deadline = Instant::now() + Duration::from_millis(spec.options.timeout_ms);
     let handler = jobs.dispatcher.registry.get(&spec.handler).cloned();
     let effects = Arc::new(Effects::deferred());
-    let call = jobs
-        .dispatcher
-        .run(handler, request, deadline, effects.clone(), Some(ctx.clone()));
+    let call = jobs.dispatcher.run(
+        handler,
+        request,
+        deadline,
+        effects.clone(),
+        Some(ctx.clone()),
+    );
     tokio::pin!(call);
     let waiting = jobs.waiters.register(&spec.id);
     let mut last_progress = Instant::now() - PROGRESS_EVERY;
@@ -364,12 +391,24 @@ fn backoff(jobs: &Jobs, failures: u32) -> Duration {
     Duration::from_millis(ms - quarter + jitter)
 }
 
-async fn conclude(jobs: &Jobs, message: &JobMessage, record: JobRecord, epoch: u64, outcome: Outcome) {
+async fn conclude(
+    jobs: &Jobs,
+    message: &JobMessage,
+    record: JobRecord,
+    epoch: u64,
+    outcome: Outcome,
+) {
     let spec = &message.job;
     let n = message.attempt;
     let (reply, effects, cancelled) = match outcome {
         Outcome::Interrupted => {
-            requeue_lost(jobs, message, "interrupted", "the server running it shut down").await;
+            requeue_lost(
+                jobs,
+                message,
+                "interrupted",
+                "the server running it shut down",
+            )
+            .await;
             return;
         }
         Outcome::Returned(reply, effects, cancelled) => (reply, effects, cancelled),
@@ -381,7 +420,13 @@ async fn conclude(jobs: &Jobs, message: &JobMessage, record: JobRecord, epoch: u
         jobs.dispatcher.metrics.job_ended("fenced");
         let current = jobs.dispatcher.store.job(&spec.id);
         if current.is_none_or(|c| c.attempt == n && !c.state.is_terminal()) {
-            requeue_lost(jobs, message, "server_lost", "the server running it stopped answering").await;
+            requeue_lost(
+                jobs,
+                message,
+                "server_lost",
+                "the server running it stopped answering",
+            )
+            .await;
         }
         return;
     }
@@ -514,7 +559,13 @@ async fn watch_run(jobs: Arc<Jobs>, delivery: Delivery, message: JobMessage) {
     };
     if rerun {
         tracing::info!(id = %message.job.id, attempt = n, "a job's server is gone; running it again");
-        requeue_lost(&jobs, &message, "server_lost", "the server running it stopped answering").await;
+        requeue_lost(
+            &jobs,
+            &message,
+            "server_lost",
+            "the server running it stopped answering",
+        )
+        .await;
         let _ = delivery.ack().await;
         return;
     }
@@ -536,7 +587,11 @@ fn alive(jobs: &Jobs, node: &str) -> bool {
     if node == jobs.node() {
         return jobs.liveness.lease().is_some();
     }
-    let view = jobs.dispatcher.peers.lock().unwrap_or_else(|p| p.into_inner());
+    let view = jobs
+        .dispatcher
+        .peers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     view.nodes(Instant::now()).iter().any(|n| {
         n.heartbeat.node == node
             && n.age_ms

@@ -14,4 +14,5 @@ mod cart;
 mod counter;
 mod echo;
 mod hello;
+mod report;
 pub mod shop;

@@ -19,6 +19,8 @@
 //! * `test.meta`: answers `{"user", "id", "left_ms"}` of the request;
 //! * `test.fragile`: takes the plugin `fragile`, whose set-up fails with
 //!   `[logic_server.plugins.fragile] fail = true`;
+//! * `test.job`: a job's test work (counts `job:{id}` for the user, waits `{"ms"}`,
+//!   fails its first `{"fail_first"}` attempts, answers `{"attempt", "count", "pad"}`);
 //! * `test.next` (feature `next`): exists only in the "next version" build of the
 //!   rolling-upgrade test.
 //!
@@ -267,3 +269,51 @@ keelson_logic_server::register_handler!("test.quota", "answers its settings' lim
     let s: QuotaSettings = settings.parse()?;
     Ok(Quota { limit: s.limit })
 });
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct JobBody {
+    /// Work this long (observing cancellation).
+    ms: u64,
+    /// Fail the first this many attempts.
+    fail_first: u32,
+    /// Answer this many bytes of result (a JSON string).
+    result_bytes: usize,
+}
+
+/// A job's test work (a signed-in user's): adds 1 to the user's counter `job:{id}` (the job's effect,
+/// which must count once), reports progress, waits `{"ms"}` (stopping early when
+/// cancelled), fails its first `{"fail_first"}` attempts, and answers `{"attempt",
+/// "count", "pad"}` (`pad`: `{"result_bytes"}` characters).
+async fn job(
+    job: Option<keelson_logic_server::JobCtx>,
+    cx: keelson_logic_server::Context,
+    keelson_logic_server::Json(body): keelson_logic_server::Json<JobBody>,
+) -> Result<keelson_logic_server::Json<serde_json::Value>, HandlerError> {
+    let Some(job) = job else {
+        return Err(HandlerError::bad_request("test.job runs only as a job"));
+    };
+    let count = cx.increment(&format!("job:{}", job.id()), 1).await?;
+    job.progress(0.5, "half way");
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(body.ms)) => {}
+        () = job.cancelled() => return Err(HandlerError::Conflict("cancelled".to_owned())),
+    }
+    if job.attempt() <= body.fail_first {
+        return Err(HandlerError::Internal(format!(
+            "attempt {} fails on purpose",
+            job.attempt()
+        )));
+    }
+    Ok(keelson_logic_server::Json(json!({
+        "attempt": job.attempt(),
+        "count": count,
+        "pad": "x".repeat(body.result_bytes),
+    })))
+}
+
+keelson_logic_server::handler!(
+    "test.job",
+    "a job's test work: counts job:{id}, waits {\"ms\"}, fails {\"fail_first\"} attempts",
+    job
+);

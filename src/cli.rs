@@ -94,6 +94,8 @@ enum Command {
     Call(crate::call::CallArgs),
     /// Read users' replicated contexts (answered by any logic server).
     Context(crate::context_get::ContextArgs),
+    /// List, show or cancel background jobs (answered by any logic server).
+    Jobs(crate::jobs_cli::JobsArgs),
     /// Print a shell completion script for SHELL to standard output.
     Completions {
         /// The shell.
@@ -227,6 +229,14 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 "{}",
                 runtime.block_on(crate::context_get::run(&config, &args))?
             );
+        }
+        Command::Jobs(args) => {
+            let config = settings::load(&source)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            let out = runtime.block_on(crate::jobs_cli::run(&config, &args))?;
+            if !out.is_empty() {
+                println!("{out}");
+            }
         }
         Command::Completions { shell } => {
             let name = binary_name();

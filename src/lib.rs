@@ -22,6 +22,7 @@ pub mod cli;
 pub mod context_get;
 pub mod dlq;
 pub mod handler_list;
+pub mod jobs_cli;
 pub mod metrics;
 pub mod run;
 pub mod scaffold;

@@ -68,7 +68,9 @@ async fn answer(jobs: &Jobs, delivery: Delivery) {
             "route_mismatch",
             "not a job request of this route",
         ))
-    } else if (request.user.is_some() || request.handler == LIST_ROUTE)
+    } else if (request.user.is_some()
+        || request.handler == LIST_ROUTE
+        || request.headers.contains_key(OPERATOR_HEADER))
         && !jobs.dispatcher.trusts(delivery.publisher())
     {
         Some((

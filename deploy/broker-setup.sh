@@ -78,7 +78,7 @@ roles=(
 
   "keelson-logic"
   "^${GEN}\$"
-  "^(${N}(requests|dead-letter|control|context|svc\\..*)|${GEN}|${DEFAULT})\$"
+  "^(${N}(requests|dead-letter|delay|control|context|svc\\..*)|${GEN}|${DEFAULT})\$"
   "^(${N}(requests|control|context|svc\\..*)|${GEN})\$"
 
   "keelson-operator"

@@ -3,7 +3,7 @@
 //! creates the role users (with a prefix of this test's own), the operator declares
 //! the topology with `keelson topology declare`, and a logic server and a gateway
 //! with `declare_topology = false` serve an authenticated request with no configure
-//! right on the namespace. The gateway-role user can neither declare nor delete the
+//! right on the namespace; the logic server's user may delay background work. The gateway-role user can neither declare nor delete the
 //! request exchange, nor read the dead-letter queue. A logic server that only checks
 //! the topology, on a vhost where nobody declared it, stops at start and says what is
 //! missing and what to run.
@@ -12,6 +12,7 @@
 
 mod support;
 
+use keelson_protocol::transport::{Message, Publisher, ServiceSpec};
 use lapin::options::{BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
@@ -141,6 +142,47 @@ async fn role_users_run_the_mesh_on_a_topology_the_operator_declared() {
         () = dead_lettered => {}
     }
     gateway_transport.close().await;
+
+    // A logic server's broker user puts delayed background work on a queue (write on
+    // the delay exchange), and it arrives from that user on the route's queue.
+    let logic_config = scratch.write(
+        "logic-transport.toml",
+        &users.passive_transport(&vhost, NS, "logic"),
+    );
+    let logic_transport = keelson::settings::load_with_env(
+        &keelson::settings::Source::File(logic_config),
+        Some(Default::default()),
+    )
+    .expect("the logic server's transport section loads")
+    .transport
+    .build("jobs")
+    .await
+    .expect("the logic user's transport connects");
+    logic_transport
+        .declare_service(&ServiceSpec {
+            name: "extra".into(),
+            routes: vec!["_job.roles".into()],
+        })
+        .await
+        .expect("the logic user binds a route to the declared queue");
+    let mut jobs = logic_transport.consume("extra", 1).await.unwrap();
+    logic_transport
+        .enqueue(
+            "_job.roles",
+            Message::new(&b"later"[..]),
+            Duration::from_millis(200),
+        )
+        .await
+        .expect("the logic user may publish delayed work");
+    let job = tokio::time::timeout(Duration::from_secs(10), jobs.next())
+        .await
+        .expect("the delayed job did not arrive within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.payload, &b"later"[..]);
+    assert_eq!(job.publisher(), &Publisher::User(users.name("logic")));
+    job.ack().await.unwrap();
+    logic_transport.close().await;
 
     // What the gateway's broker user may not do.
     let gateway = Connection::connect(

@@ -45,9 +45,10 @@ keelson_protocol::transport_conformance_tests!(amqp_transport().await, cleanup =
 mod amqp_specific {
     use super::{broker_url, delete_topology};
     use bytes::Bytes;
+    use futures_util::StreamExt;
     use keelson_protocol::transport::amqp::{AmqpConfig, AmqpTransport, QueueType};
     use keelson_protocol::transport::{
-        DEAD_LETTER_REASON_HEADER, Message, RequestError, ServiceSpec, Transport,
+        DEAD_LETTER_REASON_HEADER, Message, Publisher, RequestError, ServiceSpec, Transport,
     };
     use lapin::uri::AMQPUri;
     use std::future::Future;
@@ -608,7 +609,12 @@ mod amqp_specific {
             lapin::Connection::connect(&broker_url(), lapin::ConnectionProperties::default())
                 .await
                 .unwrap();
-        for queue in [format!("{ns}.svc.gone"), format!("{ns}.dead-letter")] {
+        for queue in [
+            format!("{ns}.svc.gone"),
+            format!("{ns}.dead-letter"),
+            format!("{ns}.delay.1"),
+            format!("{ns}.delay.4096"),
+        ] {
             let ch = conn.create_channel().await.unwrap();
             let passive = lapin::options::QueueDeclareOptions {
                 passive: true,
@@ -619,7 +625,13 @@ mod amqp_specific {
                 .await;
             assert!(found.is_err(), "queue {queue} survived");
         }
-        for exchange in ["requests", "dead-letter", "dead-letter.broker", "events"] {
+        for exchange in [
+            "requests",
+            "dead-letter",
+            "dead-letter.broker",
+            "delay",
+            "events",
+        ] {
             let ch = conn.create_channel().await.unwrap();
             let passive = lapin::options::ExchangeDeclareOptions {
                 passive: true,
@@ -633,6 +645,183 @@ mod amqp_specific {
             assert!(found.is_err(), "exchange {name} survived");
         }
         let _ = conn.close(200, "OK".into()).await;
+    }
+
+    /// The broker user every message of `t` carries as `user_id`.
+    fn broker_user(t: &AmqpTransport) -> String {
+        match t.publisher() {
+            Publisher::User(user) => user,
+            other => panic!("an AMQP transport publishes as {other}"),
+        }
+    }
+
+    /// The next message of a plain lapin consumer, within 5 s.
+    async fn next_raw(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+        tokio::time::timeout(Duration::from_secs(5), consumer.next())
+            .await
+            .expect("no message within 5 s")
+            .unwrap()
+            .unwrap()
+    }
+
+    /// What a peer in another language reads off the wire (TOPOLOGY.md, "Background
+    /// work"): an enqueued message, sent now or after a delay, comes through the
+    /// request exchange with its route as routing key, persistent, with the
+    /// publisher's `user_id`, no expiry and no reply address; a server's copy of one
+    /// (hand-back) stays persistent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enqueued_messages_are_persistent_and_stamped_on_the_wire() {
+        with_transport(test_config(vec![broker_url()]), |t| async move {
+            t.declare_service(&service("_jobs.raw", &["_job.raw"]))
+                .await
+                .unwrap();
+            let user = broker_user(&t);
+            let queue = format!("{}.svc._jobs.raw", t.namespace());
+            let requests = format!("{}.requests", t.namespace());
+            let conn = lapin::Connection::connect(&broker_url(), Default::default())
+                .await
+                .unwrap();
+            let raw_consumer = || async {
+                let ch = conn.create_channel().await.unwrap();
+                let consumer = ch
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        Default::default(),
+                        Default::default(),
+                    )
+                    .await
+                    .unwrap();
+                (ch, consumer)
+            };
+            let (ch, mut raw) = raw_consumer().await;
+            t.enqueue("_job.raw", Message::new(&b"now"[..]), Duration::ZERO)
+                .await
+                .unwrap();
+            t.enqueue(
+                "_job.raw",
+                Message::new(&b"later"[..]),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap();
+            for expected in [&b"now"[..], &b"later"[..]] {
+                let d = next_raw(&mut raw).await;
+                assert_eq!(d.data, expected);
+                assert_eq!(d.exchange.as_str(), requests);
+                assert_eq!(d.routing_key.as_str(), "_job.raw");
+                assert_eq!(*d.properties.delivery_mode(), Some(2));
+                assert_eq!(
+                    d.properties.user_id().as_ref().map(|u| u.as_str()),
+                    Some(user.as_str())
+                );
+                assert_eq!(d.properties.expiration(), &None);
+                assert_eq!(d.properties.reply_to(), &None);
+                d.acker.ack(Default::default()).await.unwrap();
+            }
+            ch.close(200, "OK".into()).await.unwrap();
+
+            // A server takes one, pauses and hands it back: the copy is persistent too.
+            let mut c = t.consume("_jobs.raw", 1).await.unwrap();
+            t.enqueue("_job.raw", Message::new(&b"copied"[..]), Duration::ZERO)
+                .await
+                .unwrap();
+            let d = tokio::time::timeout(Duration::from_secs(5), c.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            c.pause().await.unwrap();
+            d.hand_back().await.unwrap();
+            let (_ch, mut raw) = raw_consumer().await;
+            let copy = next_raw(&mut raw).await;
+            assert_eq!(copy.data, b"copied");
+            assert_eq!(*copy.properties.delivery_mode(), Some(2));
+            copy.acker.ack(Default::default()).await.unwrap();
+            let _ = conn.close(200, "OK".into()).await;
+        })
+        .await;
+    }
+
+    /// A delayed message that a quorum service queue dead-letters later (over its
+    /// delivery limit) reaches the dead-letter queue with that reason, although the
+    /// broker's `x-first-death-reason` is its expiry in the delay queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delayed_message_over_the_delivery_limit_is_dead_lettered() {
+        let mut config = test_config(vec![broker_url()]);
+        config.queue_type = QueueType::Quorum;
+        config.delivery_limit = Some(1);
+        with_transport(config, |t| async move {
+            t.declare_service(&service("_jobs.ql", &["_job.ql"]))
+                .await
+                .unwrap();
+            let mut dead = t.consume_dead_letters(4).await.unwrap();
+            let mut c = t.consume("_jobs.ql", 1).await.unwrap();
+            t.enqueue(
+                "_job.ql",
+                Message::new(&b"crashy job"[..]),
+                Duration::from_millis(100),
+            )
+            .await
+            .unwrap();
+            // A consumer that never finishes it: requeued until over the limit.
+            tokio::spawn(async move {
+                while let Some(Ok(d)) = c.next().await {
+                    let _ = d.requeue().await;
+                }
+            });
+            let dl = tokio::time::timeout(Duration::from_secs(5), dead.next())
+                .await
+                .expect("no dead letter within 5 s")
+                .unwrap()
+                .unwrap();
+            assert_eq!(dl.payload, Bytes::from_static(b"crashy job"));
+            assert_eq!(
+                dl.headers
+                    .get(DEAD_LETTER_REASON_HEADER)
+                    .map(String::as_str),
+                Some("broker: delivery_limit")
+            );
+            dl.ack().await.unwrap();
+        })
+        .await;
+    }
+
+    /// With `declare_topology = false` a process checks that the delay queues exist,
+    /// and names the one missing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_passive_transport_names_a_missing_delay_queue() {
+        let config = test_config(vec![broker_url()]);
+        let passive = AmqpConfig {
+            declare_topology: false,
+            ..config.clone()
+        };
+        with_transport(config, |t| async move {
+            // The whole topology is there: a passive transport starts and delays work.
+            let checked = AmqpTransport::connect(passive.clone(), "passive-test")
+                .await
+                .expect("a passive transport on a declared topology");
+            checked.close().await;
+            let missing = format!("{}.delay.8", t.namespace());
+            let conn = lapin::Connection::connect(&broker_url(), Default::default())
+                .await
+                .unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            ch.queue_delete(missing.as_str().into(), Default::default())
+                .await
+                .unwrap();
+            let _ = conn.close(200, "OK".into()).await;
+            let err = AmqpTransport::connect(passive, "passive-test")
+                .await
+                .expect_err("a passive transport started without a delay queue");
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("queue {missing}"))
+                    && message.contains("keelson topology declare"),
+                "{message}"
+            );
+        })
+        .await;
     }
 
     #[derive(Debug, serde::Deserialize)]

@@ -10,7 +10,8 @@
 //!
 //! The suite asserts what a user of the mesh observes: that a request gets its one
 //! reply, that each message reaches one consumer, that settling works, that pausing
-//! hands work to peers, and that broadcasts reach every subscriber.
+//! hands work to peers, that broadcasts reach every subscriber, and that background
+//! work (`enqueue`) waits on its queue, now or after its delay.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -527,6 +528,164 @@ pub async fn closed_transport_ends_consumers(t: Arc<dyn Transport>) {
     assert!(matches!(err, RequestError::Unavailable(_)), "got {err:?}");
 }
 
+/// A job message as a logic server would enqueue it: a payload and a header.
+fn job(payload: &'static [u8]) -> Message {
+    let mut m = Message::new(payload);
+    m.headers
+        .insert("traceparent".into(), "00-abc-def-01".into());
+    m
+}
+
+pub async fn enqueued_message_reaches_a_consumer_of_its_route(t: Arc<dyn Transport>) {
+    t.declare_service(&service("_jobs.svc", &["_job.report.build"]))
+        .await
+        .unwrap();
+    let mut c = t.consume("_jobs.svc", 4).await.unwrap();
+    let sent = job(b"build it");
+    t.enqueue("_job.report.build", sent.clone(), Duration::ZERO)
+        .await
+        .unwrap();
+    let d = within("the enqueued message", c.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.payload, sent.payload);
+    assert_eq!(d.headers, sent.headers);
+    assert_eq!(d.route(), Some("_job.report.build"));
+    assert_eq!(d.publisher(), &t.publisher());
+    assert!(!d.redelivered);
+    assert!(!d.expects_reply, "nobody awaits a reply to background work");
+    assert_eq!(d.deliveries(), 1);
+    d.ack().await.unwrap();
+}
+
+pub async fn enqueue_to_an_unbound_route_is_unroutable(t: Arc<dyn Transport>) {
+    t.declare_service(&service("_jobs.svc", &["_job.a"]))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = t
+        .enqueue("_job.nobody", job(b"x"), Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RequestError::Unroutable(_)), "got {err:?}");
+    assert!(
+        started.elapsed() < PROMPT / 2,
+        "unroutable took {:?}",
+        started.elapsed()
+    );
+    // A delayed message is routed when its delay is over: accepted now (and lost
+    // then, as nothing binds the route).
+    t.enqueue("_job.nobody", job(b"x"), Duration::from_millis(100))
+        .await
+        .unwrap();
+}
+
+pub async fn enqueued_message_waits_for_a_consumer(t: Arc<dyn Transport>) {
+    t.declare_service(&service("_jobs.svc", &["_job.a"]))
+        .await
+        .unwrap();
+    for body in [&b"first"[..], &b"second"[..]] {
+        t.enqueue("_job.a", Message::new(body), Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    // Nobody consumed while they were enqueued: a consumer started later gets both.
+    let mut c = t.consume("_jobs.svc", 4).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = within("a waiting message", c.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!d.redelivered);
+        got.push(d.payload.clone());
+        d.ack().await.unwrap();
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![Bytes::from_static(b"first"), Bytes::from_static(b"second")]
+    );
+}
+
+pub async fn delayed_message_arrives_after_its_delay(t: Arc<dyn Transport>) {
+    t.declare_service(&service("_jobs.svc", &["_job.later"]))
+        .await
+        .unwrap();
+    let mut c = t.consume("_jobs.svc", 4).await.unwrap();
+    let delay = Duration::from_millis(1_500);
+    let sent = job(b"retry");
+    let started = Instant::now();
+    t.enqueue("_job.later", sent.clone(), delay).await.unwrap();
+    let d = tokio::time::timeout(delay + Duration::from_secs(1), c.next())
+        .await
+        .expect("the delayed message did not arrive within a second of its delay")
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= delay - Duration::from_millis(20),
+        "arrived {took:?} after it was enqueued with a delay of {delay:?}"
+    );
+    // It arrives as it was enqueued, as if published on its route at that time.
+    assert_eq!(d.payload, sent.payload);
+    assert_eq!(d.headers, sent.headers);
+    assert_eq!(d.route(), Some("_job.later"));
+    assert_eq!(d.publisher(), &t.publisher());
+    assert!(!d.redelivered);
+    assert!(!d.expects_reply);
+    d.ack().await.unwrap();
+}
+
+pub async fn delayed_message_is_routed_when_its_delay_is_over(t: Arc<dyn Transport>) {
+    // Nothing binds the route when the message is enqueued ...
+    t.enqueue(
+        "_job.bound.later",
+        job(b"patient"),
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap();
+    // ... but something does by the time its delay is over.
+    t.declare_service(&service("_jobs.svc", &["_job.bound.later"]))
+        .await
+        .unwrap();
+    let mut c = t.consume("_jobs.svc", 4).await.unwrap();
+    let d = within("the delayed message", c.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.payload, Bytes::from_static(b"patient"));
+    assert_eq!(d.route(), Some("_job.bound.later"));
+    d.ack().await.unwrap();
+}
+
+pub async fn acked_enqueued_message_is_not_delivered_again(t: Arc<dyn Transport>) {
+    t.declare_service(&service("_jobs.svc", &["_job.once"]))
+        .await
+        .unwrap();
+    let mut c = t.consume("_jobs.svc", 4).await.unwrap();
+    t.enqueue("_job.once", job(b"once"), Duration::ZERO)
+        .await
+        .unwrap();
+    let d = within("the enqueued message", c.next())
+        .await
+        .unwrap()
+        .unwrap();
+    d.ack().await.unwrap();
+    let again = tokio::time::timeout(QUIET, c.next()).await;
+    assert!(again.is_err(), "an acked message came back: {again:?}");
+    // Nor to a consumer that starts afterwards.
+    drop(c);
+    let mut later = t.consume("_jobs.svc", 4).await.unwrap();
+    let again = tokio::time::timeout(QUIET, later.next()).await;
+    assert!(
+        again.is_err(),
+        "an acked message reached a later consumer: {again:?}"
+    );
+}
+
 async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where
     F: std::future::Future + Send + 'static,
@@ -623,6 +782,12 @@ macro_rules! transport_conformance_tests {
             fanout_reaches_every_subscriber,
             headers_travel_with_requests,
             closed_transport_ends_consumers,
+            enqueued_message_reaches_a_consumer_of_its_route,
+            enqueue_to_an_unbound_route_is_unroutable,
+            enqueued_message_waits_for_a_consumer,
+            delayed_message_arrives_after_its_delay,
+            delayed_message_is_routed_when_its_delay_is_over,
+            acked_enqueued_message_is_not_delivered_again,
         );
     };
     (@cleanup $make:expr, $cleanup:path; $($name:ident),* $(,)?) => {

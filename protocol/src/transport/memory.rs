@@ -4,19 +4,27 @@
 //! transport (routing by handler name to service queues, competing consumers,
 //! prefetch, ack/requeue/reject, per-message expiry at the deadline, fanout) so that a
 //! handler behaves the same embedded and distributed.
+//!
+//! Delayed background work ([`Transport::enqueue`] with a delay) waits in a timer task
+//! of its own, then is routed as if published then: like a message the AMQP broker
+//! dead-letters out of a delay queue to a route nobody binds, one whose route has no
+//! queue at that moment is lost (with a warning in the log, which the broker cannot
+//! give). Closing the transport drops the delayed messages still waiting.
 
 use super::window::Window;
 use super::{
-    Consumer, DEAD_LETTER_REASON_HEADER, Delivery, Headers, Message, Outcome, Publisher,
-    RequestError, ServiceSpec, Settle, Subscription, Transport, TransportError,
+    Consumer, DEAD_LETTER_REASON_HEADER, Delivery, Headers, MAX_ENQUEUE_DELAY, Message, Outcome,
+    Publisher, RequestError, ServiceSpec, Settle, Subscription, Transport, TransportError,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::warn;
 
 const DEAD_LETTER_QUEUE: &str = "\u{0}dead-letter";
 
@@ -120,6 +128,47 @@ impl MemoryTransport {
         }
     }
 
+    /// Put background work on every queue bound to `route`; false when none is.
+    fn put(&self, route: &str, message: Message) -> bool {
+        let queues = lock(&self.inner.state)
+            .routes
+            .get(route)
+            .cloned()
+            .unwrap_or_default();
+        for queue in &queues {
+            queue.push_back(Queued {
+                message: message.clone(),
+                route: Some(route.to_owned()),
+                expires_at: None,
+                reply_to: None,
+                redelivered: false,
+            });
+        }
+        !queues.is_empty()
+    }
+
+    /// [`MemoryTransport::put`] after `delay`, unless the transport closes first.
+    async fn put_after(self, route: String, message: Message, delay: Duration) {
+        let inner = &self.inner;
+        let closed = inner.closed_notify.notified();
+        tokio::pin!(closed);
+        // Registered before the flag is read: a close in between still wakes it.
+        closed.as_mut().enable();
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = closed => return,
+        }
+        if !self.put(&route, message) {
+            warn!(
+                route,
+                "a delayed message was lost: no queue is bound to its route"
+            );
+        }
+    }
+
     fn consumer_for(&self, queue: Arc<Queue>, prefetch: u16) -> Box<dyn Consumer> {
         Box::new(MemoryConsumer {
             transport: self.clone(),
@@ -194,6 +243,27 @@ impl Transport for MemoryTransport {
                 Err(RequestError::Unavailable("transport closed".into()))
             }
         }
+    }
+
+    async fn enqueue(
+        &self,
+        route: &str,
+        message: Message,
+        delay: Duration,
+    ) -> Result<(), RequestError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(RequestError::Unavailable("transport closed".into()));
+        }
+        let delay = delay.min(MAX_ENQUEUE_DELAY);
+        if delay.is_zero() {
+            return if self.put(route, message) {
+                Ok(())
+            } else {
+                Err(RequestError::Unroutable(route.to_owned()))
+            };
+        }
+        tokio::spawn(self.clone().put_after(route.to_owned(), message, delay));
+        Ok(())
     }
 
     async fn consume(

@@ -51,6 +51,10 @@ pub type Headers = BTreeMap<String, String>;
 /// Header set on a dead-lettered message: why it was rejected.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-keelson-dead-letter-reason";
 
+/// The longest delay [`Transport::enqueue`] holds a message for; a longer one is
+/// shortened to it. (On AMQP the longest delay queue holds delays up to 8,192 s.)
+pub const MAX_ENQUEUE_DELAY: std::time::Duration = std::time::Duration::from_secs(2 * 60 * 60);
+
 /// Header counting how many times a message reached a consumer (see
 /// [`Delivery::deliveries`]); absent on a first delivery.
 pub const DELIVERIES_HEADER: &str = "x-keelson-deliveries";
@@ -118,10 +122,17 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// consumer runs (on AMQP, durable queues keep it across a broker restart). It
     /// carries this transport's [`Transport::publisher`] and no expiry.
     ///
+    /// Its consumer sees it with the same payload and headers, [`Delivery::route`] =
+    /// `route`, [`Delivery::publisher`] = this transport's publisher, no reply
+    /// expected ([`Delivery::expects_reply`] false), not redelivered.
+    ///
     /// With a non-zero `delay`, the message reaches the queue of `route` only after
-    /// about `delay` (on AMQP: parked in a delay queue whose expiry dead-letters it to
-    /// `route`; see `TOPOLOGY.md` for the granularity). The route is checked when the
-    /// message reaches it: a delayed message whose route has no queue then is lost.
+    /// about `delay` (at most [`MAX_ENQUEUE_DELAY`]; on AMQP: parked in a delay queue
+    /// whose expiry dead-letters it to `route`; it may come late, by less than the
+    /// delay itself, or 2 s for a delay under a second: see `TOPOLOGY.md`,
+    /// "Background work"). The route is checked when the message reaches it: a
+    /// delayed message whose route has no queue then is lost. Closing an in-process
+    /// transport drops the delayed messages it holds.
     ///
     /// * [`RequestError::Unroutable`] when `delay` is zero and no queue is bound for
     ///   `route`;

@@ -249,10 +249,18 @@ impl AmqpConsumer {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Delivery {
         let payload = Bytes::from(d.data);
-        let mut headers = headers::from_table(d.properties.headers().as_ref());
-        if self.service.is_none() && !headers.contains_key(DEAD_LETTER_REASON_HEADER) {
-            // Dead-lettered by the broker (delivery limit), not by a consumer.
-            if let Some(reason) = headers.get("x-first-death-reason").cloned() {
+        let raw_headers = d.properties.headers().as_ref();
+        let mut headers = headers::from_table(raw_headers);
+        if self.service.is_some() {
+            // A delayed message looks to its consumer as it was enqueued.
+            headers::strip_delay_marks(&mut headers);
+        } else if !headers.contains_key(DEAD_LETTER_REASON_HEADER) {
+            // Dead-lettered by the broker (delivery limit), not by a consumer. The
+            // latest death is the one that brought it here: a delayed message's
+            // first death is its expiry in a delay queue.
+            let reason = headers::last_death_reason(raw_headers)
+                .or_else(|| headers.get("x-first-death-reason").cloned());
+            if let Some(reason) = reason {
                 headers.insert(
                     DEAD_LETTER_REASON_HEADER.to_owned(),
                     format!("broker: {reason}"),
@@ -275,6 +283,7 @@ impl AmqpConsumer {
             correlation_id: d.properties.correlation_id().clone(),
             message_id: d.properties.message_id().clone(),
             expiration: d.properties.expiration().clone(),
+            delivery_mode: *d.properties.delivery_mode(),
             origin: origin.clone(),
             local_node,
             payload: payload.clone(),
@@ -341,6 +350,7 @@ async fn cancel_and_requeue(
                 d.properties.correlation_id().as_ref(),
                 d.properties.message_id().as_ref(),
                 d.properties.expiration().as_ref(),
+                *d.properties.delivery_mode(),
             );
             let headers = d.properties.headers().clone().unwrap_or_default();
             let origin = Origin::of(

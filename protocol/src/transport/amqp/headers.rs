@@ -27,6 +27,27 @@ pub(crate) fn to_table(headers: &Headers) -> FieldTable {
     table
 }
 
+/// Remove what a trip through a delay queue adds to a message: the level header
+/// that routed it there and the broker's `x-first-death-*` headers. A consumer sees
+/// the headers that were enqueued; the raw ones stay on the AMQP message (a dead
+/// letter keeps them).
+pub(crate) fn strip_delay_marks(headers: &mut Headers) {
+    headers
+        .retain(|key, _| key != super::delay::DELAY_HEADER && !key.starts_with("x-first-death-"));
+}
+
+/// The reason of the latest dead-lettering recorded in `table`'s `x-death` header
+/// (the broker keeps its entries most recent first), if any.
+pub(crate) fn last_death_reason(table: Option<&FieldTable>) -> Option<String> {
+    let AMQPValue::FieldArray(deaths) = table?.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(latest) = deaths.as_slice().first()? else {
+        return None;
+    };
+    value_string(latest.inner().get("reason")?)
+}
+
 /// The simple values of `table` as strings.
 pub(crate) fn from_table(table: Option<&FieldTable>) -> Headers {
     let mut headers = Headers::new();
@@ -82,5 +103,42 @@ mod tests {
         assert_eq!(back.get("flag").unwrap(), "true");
         assert!(!back.contains_key("x-death"));
         assert!(from_table(None).is_empty());
+    }
+
+    #[test]
+    fn the_latest_death_is_the_first_entry_of_x_death() {
+        let death = |reason: &str| {
+            let mut entry = FieldTable::default();
+            entry.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            AMQPValue::FieldTable(entry)
+        };
+        let mut table = FieldTable::default();
+        assert_eq!(last_death_reason(Some(&table)), None);
+        table.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death("delivery_limit"), death("expired")].into()),
+        );
+        assert_eq!(
+            last_death_reason(Some(&table)).as_deref(),
+            Some("delivery_limit")
+        );
+        assert_eq!(last_death_reason(None), None);
+    }
+
+    #[test]
+    fn delay_marks_are_stripped_and_the_rest_kept() {
+        let mut headers = Headers::new();
+        for key in [
+            "x-keelson-delay",
+            "x-first-death-reason",
+            "x-first-death-queue",
+            "traceparent",
+            "x-keelson-deliveries",
+        ] {
+            headers.insert(key.into(), "v".into());
+        }
+        strip_delay_marks(&mut headers);
+        let left: Vec<&str> = headers.keys().map(String::as_str).collect();
+        assert_eq!(left, ["traceparent", "x-keelson-deliveries"]);
     }
 }

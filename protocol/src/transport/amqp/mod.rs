@@ -10,6 +10,8 @@
 //!   the URL list and declares the topology again before traffic resumes;
 //! * `topology.rs`: names, arguments, idempotent declarations;
 //! * `rpc.rs`: requests (confirms, `mandatory`, expiry) and direct reply-to;
+//! * `enqueue.rs`: background work (persistent, confirmed) and `delay.rs`, the delay
+//!   queues that hold delayed messages until they expire onto their route;
 //! * `consumer.rs` and `settle.rs`: competing consumers, ack/requeue/reject;
 //! * `reply.rs`: replies, on connections of their own (one per requester node);
 //! * `fanout.rs`: broadcast and subscriptions;
@@ -24,6 +26,8 @@
 mod config;
 mod connection;
 mod consumer;
+mod delay;
+mod enqueue;
 mod fanout;
 mod headers;
 mod origin;
@@ -158,7 +162,7 @@ impl AmqpTransport {
 
     /// Declare the namespace's topology, creating what is missing, whatever
     /// `declare_topology` says: the base (request and dead-letter exchanges, the
-    /// dead-letter queue and its bindings), the queues of `services` with the
+    /// dead-letter queue and its bindings, the delay exchange and queues), the queues of `services` with the
     /// arguments their logic servers use (unbound: each server binds its own routes),
     /// and the fanout exchanges of `channels`. Idempotent. `keelson topology declare`
     /// runs it with the operator's broker user, so that processes with
@@ -186,7 +190,13 @@ impl AmqpTransport {
             names.dead_letter_exchange(),
             names.broker_dead_letter_exchange(),
             format!("{} (queue)", names.dead_letter_queue()),
+            names.delay_exchange(),
         ];
+        declared.extend(
+            delay::LEVELS_S
+                .iter()
+                .map(|&level| format!("{} (queue)", names.delay_queue(level))),
+        );
         for service in services {
             topology::declare_service(connection, names, &config, service, &Default::default())
                 .await?;
@@ -201,8 +211,8 @@ impl AmqpTransport {
     }
 
     /// Close the transport, then delete every queue and exchange it declared: its
-    /// service queues, the dead-letter queue and exchanges, the request exchange and
-    /// its fanout exchanges (subscription queues go with the connection). For tests
+    /// service queues, the dead-letter queue and exchanges, the delay queues and
+    /// exchange, the request exchange and its fanout exchanges (subscription queues go with the connection). For tests
     /// and ephemeral meshes: other transports of the same namespace lose them too.
     pub async fn delete_topology(&self) -> Result<(), TransportError> {
         // Closed first, so that no consumer of this transport declares them again.
@@ -219,10 +229,13 @@ impl AmqpTransport {
             (queues, registry.fanouts.iter().cloned().collect::<Vec<_>>())
         };
         queues.push(names.dead_letter_queue());
+        let (delay_queues, delay_exchange) = delay::names_to_delete(names);
+        queues.extend(delay_queues);
         exchanges.extend([
             names.requests_exchange(),
             names.dead_letter_exchange(),
             names.broker_dead_letter_exchange(),
+            delay_exchange,
         ]);
         let connection = connection::connect_once(shared)
             .await
@@ -311,6 +324,15 @@ impl Transport for AmqpTransport {
         deadline: Instant,
     ) -> Result<Bytes, RequestError> {
         rpc::request(self.shared(), route, message, deadline).await
+    }
+
+    async fn enqueue(
+        &self,
+        route: &str,
+        message: Message,
+        delay: Duration,
+    ) -> Result<(), RequestError> {
+        enqueue::enqueue(self.shared(), route, message, delay).await
     }
 
     async fn consume(

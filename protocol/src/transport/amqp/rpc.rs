@@ -44,7 +44,7 @@ impl Drop for PendingSlot<'_> {
 
 /// At most the first 100 bytes of `s`, cut at a character boundary, so a message id
 /// stays a valid AMQP short string whatever the node id.
-fn short_prefix(s: &str) -> &str {
+pub(crate) fn short_prefix(s: &str) -> &str {
     let mut end = s.len().min(100);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -147,7 +147,10 @@ pub(crate) async fn request(
     }
 }
 
-async fn publish_confirmed(
+/// Publish on the link's rpc channel, `mandatory`, and wait for the broker's confirm
+/// (a return comes first, in `Confirmation::Ack(Some(..))`). Requests and enqueued
+/// messages go out this way.
+pub(crate) async fn publish_confirmed(
     link: &Link,
     exchange: ShortString,
     routing_key: ShortString,
@@ -166,8 +169,8 @@ async fn publish_confirmed(
         Ok(confirm) => confirm,
         Err(e) => {
             // The rpc channel is the link's: without it no request can be made.
-            link.mark_lost(format!("publishing a request: {e}"));
-            return Err(unavailable(format!("publishing the request: {e}")));
+            link.mark_lost(format!("publishing on the rpc channel: {e}"));
+            return Err(unavailable(format!("publishing the message: {e}")));
         }
     };
     confirm.await.map_err(|e| {

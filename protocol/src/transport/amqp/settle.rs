@@ -33,6 +33,9 @@ pub(crate) struct AmqpSettle {
     pub(crate) correlation_id: Option<ShortString>,
     pub(crate) message_id: Option<ShortString>,
     pub(crate) expiration: Option<ShortString>,
+    /// Persistent (2) or not: a copy of an enqueued job must survive a broker
+    /// restart as the original would have.
+    pub(crate) delivery_mode: Option<u8>,
     /// Who published it and on which route; a copy keeps them.
     pub(crate) origin: Origin,
     /// The node part of the delivery's connection's own reply addresses.
@@ -96,7 +99,7 @@ impl AmqpSettle {
         );
         let mut properties = BasicProperties::default()
             .with_headers(headers)
-            .with_delivery_mode(2);
+            .with_delivery_mode(super::enqueue::PERSISTENT);
         if let Some(id) = &self.message_id {
             properties = properties.with_message_id(id.clone());
         }
@@ -169,6 +172,7 @@ pub(crate) fn copy_properties(
     correlation_id: Option<&ShortString>,
     message_id: Option<&ShortString>,
     expiration: Option<&ShortString>,
+    delivery_mode: Option<u8>,
 ) -> BasicProperties {
     let mut properties = BasicProperties::default();
     if let Some(v) = reply_to {
@@ -184,6 +188,9 @@ pub(crate) fn copy_properties(
     // envelope, and the server refuses the request past it.
     if let Some(v) = expiration {
         properties = properties.with_expiration(v.clone());
+    }
+    if let Some(mode) = delivery_mode {
+        properties = properties.with_delivery_mode(mode);
     }
     properties
 }
@@ -234,6 +241,7 @@ impl Settle for AmqpSettle {
                     self.correlation_id.as_ref(),
                     self.message_id.as_ref(),
                     self.expiration.as_ref(),
+                    self.delivery_mode,
                 );
                 republish_then_ack(
                     &self.shared,

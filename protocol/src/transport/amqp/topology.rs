@@ -16,6 +16,7 @@
 
 use super::super::TransportError;
 use super::config::{AmqpConfig, QueueType};
+use super::delay;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -69,6 +70,18 @@ impl Names {
     /// The durable queue holding dead letters.
     pub(crate) fn dead_letter_queue(&self) -> String {
         format!("{}.dead-letter", self.ns)
+    }
+
+    /// Headers exchange that delayed messages are published to (routing key = their
+    /// route); it routes each to the delay queue of its level (see `delay.rs`).
+    pub(crate) fn delay_exchange(&self) -> String {
+        format!("{}.delay", self.ns)
+    }
+
+    /// The delay queue holding delays of `level_s` to twice that, in seconds; it
+    /// dead-letters what expires to the request exchange.
+    pub(crate) fn delay_queue(&self, level_s: u32) -> String {
+        format!("{}.delay.{level_s}", self.ns)
     }
 
     /// The queue of a service.
@@ -134,7 +147,7 @@ impl Mode {
 pub(crate) const MISSING_TOPOLOGY: &str = "the broker topology of namespace";
 
 /// An exchange or a durable queue, for passive declarations.
-enum Entity {
+pub(crate) enum Entity {
     Exchange(ShortString),
     Queue(ShortString),
 }
@@ -210,21 +223,21 @@ async fn check_exist(
     )))
 }
 
-fn durable() -> QueueDeclareOptions {
+pub(crate) fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     }
 }
 
-fn durable_exchange() -> ExchangeDeclareOptions {
+pub(crate) fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     }
 }
 
-fn long(s: &str) -> AMQPValue {
+pub(crate) fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
@@ -269,8 +282,9 @@ where
     result
 }
 
-/// Declare what every transport of the namespace shares: the request exchange and the
-/// dead-letter exchanges and queue (in [`Mode::Passive`]: check that they exist).
+/// Declare what every transport of the namespace shares: the request exchange, the
+/// dead-letter exchanges and queue, and the delay exchange and queues (in
+/// [`Mode::Passive`]: check that they exist).
 pub(crate) async fn declare_base(
     connection: &Connection,
     names: &Names,
@@ -283,6 +297,10 @@ pub(crate) async fn declare_base(
             Entity::Exchange(short("namespace", names.broker_dead_letter_exchange())?),
             Entity::Queue(short("namespace", names.dead_letter_queue())?),
         ];
+        let entities = entities
+            .into_iter()
+            .chain(delay::entities(names)?)
+            .collect();
         return check_exist(connection, names, entities).await;
     }
     on_throwaway_channel(connection, |ch| async move {
@@ -343,7 +361,7 @@ pub(crate) async fn declare_base(
             .await
             .map_err(|e| error("binding the dead-letter queue", &e))?;
         }
-        Ok(())
+        delay::declare(&ch, names, config).await
     })
     .await
 }

@@ -81,7 +81,9 @@ pub async fn run(config: &KeelsonConfig, args: &JobsArgs) -> anyhow::Result<Stri
         .send(&request, tokio::time::Instant::now() + timeout)
         .await;
     transport.close().await;
-    let reply = reply.context("no logic server answered the job request (none runs, or all are of a release before jobs)")?;
+    let reply = reply.context(
+        "no logic server answered the job request (none runs, or all are of a release before jobs)",
+    )?;
     if reply.status != ReplyStatus::Ok {
         let message = reply.error.map(|e| e.message).unwrap_or_default();
         anyhow::bail!(

@@ -64,7 +64,13 @@ impl Node {
     }
 
     /// Submit `handler` as a job; the 202's body and `Location`.
-    async fn submit(&self, handler: &str, body: Value, user: Option<&str>, query: &str) -> (Value, String) {
+    async fn submit(
+        &self,
+        handler: &str,
+        body: Value,
+        user: Option<&str>,
+        query: &str,
+    ) -> (Value, String) {
         let mut req = http()
             .post(format!("{}/api/{handler}{query}", self.base()))
             .header("prefer", "respond-async")
@@ -116,7 +122,9 @@ impl Node {
 #[tokio::test]
 async fn a_job_is_accepted_shown_and_waited_for() {
     let node = Node::start("").await;
-    let (accepted, location) = node.submit("report.build", json!({"rows": 400}), None, "").await;
+    let (accepted, location) = node
+        .submit("report.build", json!({"rows": 400}), None, "")
+        .await;
     let id = accepted["id"].as_str().unwrap().to_owned();
     assert_eq!(location, format!("/jobs/{id}"));
     assert_eq!(accepted["state"], "queued");
@@ -124,7 +132,10 @@ async fn a_job_is_accepted_shown_and_waited_for() {
     // Known at once.
     let (status, now) = node.get(&id, None, "").await;
     assert_eq!(status, 200, "{now}");
-    assert!(["queued", "running"].contains(&now["state"].as_str().unwrap()), "{now}");
+    assert!(
+        ["queued", "running"].contains(&now["state"].as_str().unwrap()),
+        "{now}"
+    );
     // The completion note without a poll loop.
     let started = Instant::now();
     let done = node.wait_done(&id, None).await;
@@ -141,18 +152,32 @@ async fn a_job_is_accepted_shown_and_waited_for() {
 #[tokio::test]
 async fn progress_is_shown_while_a_job_runs() {
     let node = Node::start("").await;
-    let (accepted, _) = node.submit("report.build", json!({"rows": 3000}), None, "").await;
+    let (accepted, _) = node
+        .submit("report.build", json!({"rows": 3000}), None, "")
+        .await;
     let id = accepted["id"].as_str().unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     let progress = loop {
         let (_, now) = node.get(id, None, "").await;
-        if now["progress"]["fraction"].as_f64().is_some_and(|f| f > 0.0) {
+        if now["progress"]["fraction"]
+            .as_f64()
+            .is_some_and(|f| f > 0.0)
+        {
             break now["progress"].clone();
         }
-        assert!(now["state"] != "succeeded" && Instant::now() < until, "no progress seen: {now}");
+        assert!(
+            now["state"] != "succeeded" && Instant::now() < until,
+            "no progress seen: {now}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(progress["message"].as_str().unwrap().ends_with("of 3000 rows"), "{progress}");
+    assert!(
+        progress["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("of 3000 rows"),
+        "{progress}"
+    );
 }
 
 #[tokio::test]
@@ -162,17 +187,30 @@ async fn a_failing_job_is_retried_with_backoff_then_succeeds_or_fails() {
     let (accepted, _) = node
         .submit("test.job", json!({"fail_first": 2}), Some("alice"), "")
         .await;
-    let done = node.wait_done(accepted["id"].as_str().unwrap(), Some("alice")).await;
+    let done = node
+        .wait_done(accepted["id"].as_str().unwrap(), Some("alice"))
+        .await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 3);
     assert_eq!(done["result"]["attempt"], 3);
     // Backoff 300 ms then 600 ms, each within a quarter: at least 675 ms.
-    assert!(started.elapsed() >= Duration::from_millis(675), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(675),
+        "{:?}",
+        started.elapsed()
+    );
 
     let (accepted, _) = node
-        .submit("test.job", json!({"fail_first": 10}), Some("alice"), "?max_attempts=2")
+        .submit(
+            "test.job",
+            json!({"fail_first": 10}),
+            Some("alice"),
+            "?max_attempts=2",
+        )
         .await;
-    let done = node.wait_done(accepted["id"].as_str().unwrap(), Some("alice")).await;
+    let done = node
+        .wait_done(accepted["id"].as_str().unwrap(), Some("alice"))
+        .await;
     assert_eq!(done["state"], "failed", "{done}");
     assert_eq!(done["attempts"], 2);
     assert!(done["error"]["message"].as_str().is_some(), "{done}");
@@ -181,7 +219,9 @@ async fn a_failing_job_is_retried_with_backoff_then_succeeds_or_fails() {
 #[tokio::test]
 async fn cancelling_a_queued_job_and_a_running_one() {
     let node = Node::start("concurrency = 1").await;
-    let (running, _) = node.submit("test.job", json!({"ms": 20_000}), Some("alice"), "").await;
+    let (running, _) = node
+        .submit("test.job", json!({"ms": 20_000}), Some("alice"), "")
+        .await;
     let running = running["id"].as_str().unwrap().to_owned();
     // The one slot is taken: the next job waits.
     let until = Instant::now() + Duration::from_secs(10);
@@ -212,7 +252,9 @@ async fn a_result_over_the_bound_fails_the_job() {
     let (accepted, _) = node
         .submit("test.job", json!({"result_bytes": 5000}), Some("alice"), "")
         .await;
-    let done = node.wait_done(accepted["id"].as_str().unwrap(), Some("alice")).await;
+    let done = node
+        .wait_done(accepted["id"].as_str().unwrap(), Some("alice"))
+        .await;
     assert_eq!(done["state"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "result_too_large");
 }
@@ -220,7 +262,9 @@ async fn a_result_over_the_bound_fails_the_job() {
 #[tokio::test]
 async fn a_finished_job_is_gone_after_its_result_ttl() {
     let node = Node::start("").await;
-    let (accepted, _) = node.submit("echo", json!({"a": 1}), None, "?result_ttl_s=1").await;
+    let (accepted, _) = node
+        .submit("echo", json!({"a": 1}), None, "?result_ttl_s=1")
+        .await;
     let id = accepted["id"].as_str().unwrap();
     let done = node.wait_done(id, None).await;
     assert_eq!(done["result"], json!({"a": 1}));
@@ -231,7 +275,10 @@ async fn a_finished_job_is_gone_after_its_result_ttl() {
             assert_eq!(body["error"]["code"], "job_not_found");
             break;
         }
-        assert!(finished.elapsed() < Duration::from_secs(5), "still there: {body}");
+        assert!(
+            finished.elapsed() < Duration::from_secs(5),
+            "still there: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(finished.elapsed() >= Duration::from_millis(500));
@@ -244,7 +291,10 @@ async fn a_job_is_visible_to_its_submitter_only() {
     let id = accepted["id"].as_str().unwrap();
     assert_eq!(node.get(id, Some("alice"), "?wait=10").await.0, 200);
     let (status, body) = node.get(id, Some("bob"), "").await;
-    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("job_not_found")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("job_not_found"))
+    );
     assert_eq!(node.get(id, None, "").await.0, 404);
     assert_eq!(node.cancel(id, Some("bob")).await.0, 404);
     // A made-up id is the same 404.
@@ -264,12 +314,19 @@ async fn the_same_idempotency_key_returns_the_same_job() {
             .json(&body)
             .send()
     };
-    let first: Value = submit(json!({}), "k-1").await.unwrap().json().await.unwrap();
+    let first: Value = submit(json!({}), "k-1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let second = submit(json!({}), "k-1").await.unwrap();
     assert_eq!(second.status(), 202);
     let second: Value = second.json().await.unwrap();
     assert_eq!(first["id"], second["id"]);
-    let done = node.wait_done(first["id"].as_str().unwrap(), Some("alice")).await;
+    let done = node
+        .wait_done(first["id"].as_str().unwrap(), Some("alice"))
+        .await;
     assert_eq!(done["result"]["count"], 1, "the job ran once: {done}");
     let other = submit(json!({"ms": 1}), "k-1").await.unwrap();
     assert_eq!(other.status(), 422);
@@ -287,13 +344,26 @@ async fn bad_submissions_get_clear_errors() {
     };
     let resp = post("no.such", "").await.unwrap();
     assert_eq!(resp.status(), 404);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "unknown_handler");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "unknown_handler"
+    );
     let resp = post("echo", "?max_attempts=0").await.unwrap();
     assert_eq!(resp.status(), 400);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "invalid_job_option");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_job_option"
+    );
     let resp = post("echo", "?retries=3").await.unwrap();
     assert_eq!(resp.status(), 400);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "bad_query");
-    let resp = http().get(format!("{}/jobs/x?wait=soon", node.base())).send().await.unwrap();
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "bad_query"
+    );
+    let resp = http()
+        .get(format!("{}/jobs/x?wait=soon", node.base()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
 }

@@ -19,9 +19,14 @@ struct Summary {
 }
 
 /// Rows are worked in steps of a hundredth of the report (at least one row).
-async fn build(job: Option<JobCtx>, Json(report): Json<Report>) -> Result<Json<Summary>, HandlerError> {
+async fn build(
+    job: Option<JobCtx>,
+    Json(report): Json<Report>,
+) -> Result<Json<Summary>, HandlerError> {
     if report.rows > 3_600_000 {
-        return Err(HandlerError::bad_request("at most 3,600,000 rows (an hour)"));
+        return Err(HandlerError::bad_request(
+            "at most 3,600,000 rows (an hour)",
+        ));
     }
     let step = (report.rows / 100).max(1);
     let mut done = 0;
@@ -35,7 +40,10 @@ async fn build(job: Option<JobCtx>, Json(report): Json<Report>) -> Result<Json<S
         checksum = (done..done + n).fold(checksum, |c, row| c.wrapping_mul(31).wrapping_add(row));
         done += n;
         if let Some(job) = &job {
-            job.progress(done as f64 / report.rows as f64, format!("{done} of {} rows", report.rows));
+            job.progress(
+                done as f64 / report.rows as f64,
+                format!("{done} of {} rows", report.rows),
+            );
         }
     }
     Ok(Json(Summary {

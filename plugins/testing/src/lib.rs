@@ -279,6 +279,8 @@ struct JobBody {
     fail_first: u32,
     /// Answer this many bytes of result (a JSON string).
     result_bytes: usize,
+    /// Not a job: answer `{"count"}`, the counter of job `read` (its effect).
+    read: Option<String>,
 }
 
 /// A job's test work (a signed-in user's): adds 1 to the user's counter `job:{id}` (the job's effect,
@@ -291,7 +293,13 @@ async fn job(
     keelson_logic_server::Json(body): keelson_logic_server::Json<JobBody>,
 ) -> Result<keelson_logic_server::Json<serde_json::Value>, HandlerError> {
     let Some(job) = job else {
-        return Err(HandlerError::bad_request("test.job runs only as a job"));
+        let Some(id) = body.read else {
+            return Err(HandlerError::bad_request(
+                "test.job runs as a job, or reads a job's count with {\"read\": id}",
+            ));
+        };
+        let count = cx.counter(&format!("job:{id}")).await?;
+        return Ok(keelson_logic_server::Json(json!({ "count": count })));
     };
     let count = cx.increment(&format!("job:{}", job.id()), 1).await?;
     job.progress(0.5, "half way");

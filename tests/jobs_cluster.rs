@@ -93,7 +93,11 @@ async fn jobs_survive_a_killed_and_a_frozen_server() {
     let (base_a, base_b) = (base(&mesh, a), base(&mesh, b));
     let users: Vec<String> = (0..10).map(|i| mesh.token(&format!("user-{i}"))).collect();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let client = http();
+    // A `?wait=30` may be held the whole 30 s.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
 
     // Submit through A; poll each through B at once after its 202.
     let submitted = Arc::new(Mutex::new(Vec::new()));

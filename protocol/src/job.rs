@@ -46,6 +46,26 @@ pub fn job_route(handler: &str) -> String {
     format!("_job.{handler}")
 }
 
+/// The route of the watches of `handler`'s jobs (see [`JobKind::Watch`]): a queue
+/// of their own, so that they are checked even while every server's job slots are
+/// full.
+///
+/// ```
+/// assert_eq!(keelson_protocol::job::watch_route("report.build"), "_jobwatch.report.build");
+/// ```
+pub fn watch_route(handler: &str) -> String {
+    format!("_jobwatch.{handler}")
+}
+
+/// The name of the watch service (queue) of `service`.
+///
+/// ```
+/// assert_eq!(keelson_protocol::job::watches_service("reports"), "_jobwatches.reports");
+/// ```
+pub fn watches_service(service: &str) -> String {
+    format!("_jobwatches.{service}")
+}
+
 /// The name of the job service (queue) of `service`.
 ///
 /// ```
@@ -309,6 +329,16 @@ pub struct JobMessage {
     pub lost: u32,
     /// The job.
     pub job: JobSpec,
+}
+
+impl JobMessage {
+    /// The route it travels on: [`job_route`] for a run, [`watch_route`] for a watch.
+    pub fn route(&self) -> String {
+        match self.kind {
+            JobKind::Run => job_route(&self.job.handler),
+            JobKind::Watch { .. } => watch_route(&self.job.handler),
+        }
+    }
 }
 
 impl Envelope for JobMessage {

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Job requests a server holds at once (most are quick; a `?wait=` holds one).
-const PREFETCH: u16 = 256;
+const PREFETCH: u16 = 1024;
 
 /// How long before its deadline a waiting status request answers anyway.
 const WAIT_MARGIN: Duration = Duration::from_millis(500);

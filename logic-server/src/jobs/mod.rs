@@ -157,11 +157,20 @@ pub(crate) struct Jobs {
     pub(crate) waiters: Waiters,
     /// How long a draining server lets its running jobs finish.
     pub(crate) drain_timeout: Duration,
+    /// This incarnation of the server (its node id is often the same after a
+    /// restart): what a job's record names as the server running it, and what its
+    /// heartbeats carry (the context store's origin).
+    pub(crate) incarnation: String,
 }
 
 impl Jobs {
     pub(crate) fn node(&self) -> &str {
         &self.dispatcher.node_id
+    }
+
+    /// See [`Jobs::incarnation`].
+    pub(crate) fn incarnation(&self) -> &str {
+        &self.incarnation
     }
 
     /// The record of `id` after every write published before now has arrived here
@@ -193,7 +202,7 @@ impl Jobs {
     ) -> Result<(), keelson_protocol::transport::RequestError> {
         let payload = keelson_protocol::encode(message)
             .map_err(|e| keelson_protocol::transport::RequestError::Unavailable(e.to_string()))?;
-        let route = keelson_protocol::job::job_route(&message.job.handler);
+        let route = message.route();
         let mut pause = Duration::from_millis(100);
         let give_up = Instant::now() + ENQUEUE_RETRY_FOR;
         loop {
@@ -238,7 +247,12 @@ impl JobsHandle {
         liveness: Arc<Liveness>,
         drain_timeout: Duration,
     ) -> Result<Self, TransportError> {
+        let incarnation = dispatcher
+            .store
+            .mark()
+            .map_or_else(|| dispatcher.node_id.clone(), |m| m.origin);
         let jobs = Arc::new(Jobs {
+            incarnation,
             dispatcher,
             transport,
             config,

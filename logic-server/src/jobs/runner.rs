@@ -13,7 +13,8 @@ use crate::context::{Effects, RecordWrite};
 use crate::job_ctx::JobCtx;
 use keelson_protocol::control::MISSED_INTERVALS_BEFORE_GONE;
 use keelson_protocol::job::{
-    JobKind, JobMessage, JobRecord, JobSpec, JobState, job_route, jobs_service,
+    JobKind, JobMessage, JobRecord, JobSpec, JobState, job_route, jobs_service, watch_route,
+    watches_service,
 };
 use keelson_protocol::transport::{Consumer, Delivery, ServiceSpec, TransportError};
 use keelson_protocol::{ErrorInfo, ProtocolVersion, ReplyStatus, Request, decode};
@@ -48,83 +49,108 @@ impl RunnerHandle {
 }
 
 pub(super) async fn start(jobs: Arc<Jobs>, service: &str) -> Result<RunnerHandle, TransportError> {
-    let name = jobs_service(service);
+    let run_consumer = consume(
+        &jobs,
+        &jobs_service(service),
+        job_route,
+        jobs.config.concurrency,
+    )
+    .await?;
+    let watch_consumer = consume(
+        &jobs,
+        &watches_service(service),
+        watch_route,
+        WATCH_PREFETCH,
+    )
+    .await?;
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run_loop(jobs, run_consumer, watch_consumer, stopped));
+    Ok(RunnerHandle { stop, task })
+}
+
+/// Declare the queue `name`, bound to `route` of every handler hosted here, and
+/// consume it.
+async fn consume(
+    jobs: &Jobs,
+    name: &str,
+    route: fn(&str) -> String,
+    prefetch: u16,
+) -> Result<Box<dyn Consumer>, TransportError> {
     let routes = jobs
         .dispatcher
         .registry
         .names()
         .iter()
-        .map(|h| job_route(h))
+        .map(|h| route(h))
         .collect();
     jobs.transport
         .declare_service(&ServiceSpec {
-            name: name.clone(),
+            name: name.to_owned(),
             routes,
         })
         .await?;
-    let consumer = jobs
-        .transport
-        .consume(&name, jobs.config.concurrency)
-        .await?;
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run_loop(jobs, consumer, stopped));
-    Ok(RunnerHandle { stop, task })
+    jobs.transport.consume(name, prefetch).await
 }
+
+/// Watches a server checks at once (each is quick: a barrier and a look).
+const WATCH_PREFETCH: u16 = 64;
 
 async fn run_loop(
     jobs: Arc<Jobs>,
     mut consumer: Box<dyn Consumer>,
+    mut watch_consumer: Box<dyn Consumer>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(usize::from(jobs.config.concurrency)));
     let interrupt = CancellationToken::new();
     let mut runs = JoinSet::new();
     let mut watches = JoinSet::new();
+    let mut paused = false;
     loop {
-        if slots.available_permits() == 0 {
-            // Full: leave the queue to peers until a slot frees.
-            if let Err(e) = consumer.pause().await {
-                tracing::debug!(error = %e, "could not pause job intake");
+        // Full: leave the job queue to peers until a slot frees (watches go on).
+        let full = slots.available_permits() == 0;
+        if full != paused {
+            let changed = if full {
+                consumer.pause().await
+            } else {
+                consumer.resume().await
+            };
+            if let Err(e) = changed {
+                tracing::debug!(error = %e, full, "could not pause or resume job intake");
             }
-            tokio::select! {
-                _ = stopped.changed() => break,
-                Some(_) = runs.join_next() => {}
-            }
-            if let Err(e) = consumer.resume().await {
-                tracing::debug!(error = %e, "could not resume job intake");
-            }
-            continue;
+            paused = full;
         }
         tokio::select! {
             _ = stopped.changed() => break,
             Some(_) = runs.join_next() => {}
             Some(_) = watches.join_next() => {}
-            next = consumer.next() => match next {
+            next = watch_consumer.next() => match next {
+                None => break,
+                Some(Err(e)) => tracing::debug!(error = %e, "job watch intake interrupted"),
+                Some(Ok(delivery)) => {
+                    if let Some((delivery, message)) = accept(&jobs, delivery).await {
+                        watches.spawn(watch_run(jobs.clone(), delivery, message));
+                    }
+                }
+            },
+            next = consumer.next(), if !full => match next {
                 None => break,
                 Some(Err(e)) => tracing::debug!(error = %e, "job intake interrupted"),
                 Some(Ok(delivery)) => {
-                    let Some(message) = accept(&jobs, delivery).await else { continue };
-                    let (delivery, message) = message;
-                    match message.kind {
-                        JobKind::Watch { .. } => {
-                            watches.spawn(watch_run(jobs.clone(), delivery, message));
-                        }
-                        JobKind::Run => {
-                            // A slot is free (checked above); this task is its only taker.
-                            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                                let _ = delivery.hand_back().await;
-                                continue;
-                            };
-                            let jobs = jobs.clone();
-                            let interrupt = interrupt.clone();
-                            runs.spawn(async move {
-                                start_run(&jobs, delivery, message, interrupt).await;
-                                drop(permit);
-                            });
-                        }
-                    }
+                    let Some((delivery, message)) = accept(&jobs, delivery).await else { continue };
+                    // A slot is free (checked above); this task is its only taker.
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        let _ = delivery.hand_back().await;
+                        continue;
+                    };
+                    let jobs = jobs.clone();
+                    let interrupt = interrupt.clone();
+                    runs.spawn(async move {
+                        start_run(&jobs, delivery, message, interrupt).await;
+                        drop(permit);
+                    });
                 }
-            }
+            },
         }
     }
     // Drain: take nothing more; let runs finish within the drain timeout, then put
@@ -150,12 +176,8 @@ async fn accept(jobs: &Jobs, delivery: Delivery) -> Option<(Delivery, JobMessage
             "untrusted publisher: a job message from {}, not a logic server",
             delivery.publisher()
         ),
-        Ok(m)
-            if delivery
-                .route()
-                .is_some_and(|r| r != job_route(&m.job.handler)) =>
-        {
-            "route mismatch: a job message on the route of another handler".to_owned()
+        Ok(m) if delivery.route().is_some_and(|r| r != m.route()) => {
+            "route mismatch: a job message on the route of another handler or kind".to_owned()
         }
         Ok(m) if !keelson_protocol::job::is_job_id(&m.job.id) => {
             "undecodable job message: a malformed job id".to_owned()
@@ -250,7 +272,7 @@ async fn start_run(
     // The watch first: once the record says running here, someone must be checking.
     let watch = JobMessage {
         kind: JobKind::Watch {
-            node: jobs.node().to_owned(),
+            node: jobs.incarnation().to_owned(),
         },
         ..message.clone()
     };
@@ -265,7 +287,7 @@ async fn start_run(
     record.attempt = n;
     record.lost = message.lost;
     record.started_ms = Some(unix_ms_now());
-    record.node = Some(jobs.node().to_owned());
+    record.node = Some(jobs.incarnation().to_owned());
     if let Err(e) = write(jobs, &Effects::default(), record.clone()).await {
         tracing::debug!(id = %spec.id, error = %e, "a job's running record is not replicated yet");
     }
@@ -413,12 +435,14 @@ async fn conclude(
         }
         Outcome::Returned(reply, effects, cancelled) => (reply, effects, cancelled),
     };
+    // Every record written before now, here: a peer that took this attempt for
+    // lost, or a cancellation, is seen before anything is committed.
+    let current = jobs.fresh_record(&spec.id).await;
     if !jobs.liveness.holds(epoch) {
         // Peers may have taken this attempt for lost and run it again: its outcome
         // and writes are dropped here (the writes were never applied).
         tracing::warn!(id = %spec.id, attempt = n, "dropping a job run's outcome: this server lost its lease while it ran");
         jobs.dispatcher.metrics.job_ended("fenced");
-        let current = jobs.dispatcher.store.job(&spec.id);
         if current.is_none_or(|c| c.attempt == n && !c.state.is_terminal()) {
             requeue_lost(
                 jobs,
@@ -430,7 +454,7 @@ async fn conclude(
         }
         return;
     }
-    let current = jobs.dispatcher.store.job(&spec.id).unwrap_or(record);
+    let current = current.unwrap_or(record);
     if current.state.is_terminal() || current.attempt > n {
         // Decided elsewhere (cancelled while queued, say): nothing of this run stands.
         return;
@@ -581,10 +605,11 @@ async fn watch_run(jobs: Arc<Jobs>, delivery: Delivery, message: JobMessage) {
     }
 }
 
-/// Whether `node` beats: heard from within the intervals after which it is gone
-/// (a draining server still beats while it finishes its jobs).
+/// Whether the server incarnation `node` beats: heard from within the intervals
+/// after which it is gone (a draining server still beats while it finishes its
+/// jobs).
 fn alive(jobs: &Jobs, node: &str) -> bool {
-    if node == jobs.node() {
+    if node == jobs.incarnation() {
         return jobs.liveness.lease().is_some();
     }
     let view = jobs
@@ -593,7 +618,14 @@ fn alive(jobs: &Jobs, node: &str) -> bool {
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     view.nodes(Instant::now()).iter().any(|n| {
-        n.heartbeat.node == node
+        // The incarnation its heartbeats carry (a restarted server with the same
+        // node id is another one: the runs of the one before are lost).
+        let incarnation = n
+            .heartbeat
+            .context
+            .as_ref()
+            .map_or(n.heartbeat.node.as_str(), |m| m.origin.as_str());
+        incarnation == node
             && n.age_ms
                 <= n.heartbeat
                     .interval_ms

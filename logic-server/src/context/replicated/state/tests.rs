@@ -304,3 +304,80 @@ fn the_digest_tells_a_replica_that_missed_a_write() {
     );
     assert_eq!(a.digest(), a.recomputed_digest());
 }
+
+/// A job record (see `keelson_protocol::job`) in state `state`, attempt `attempt`.
+fn job_op(
+    state: keelson_protocol::job::JobState,
+    attempt: u32,
+    wall_ms: u64,
+    node: &str,
+) -> ContextOp {
+    use keelson_protocol::job::{JobOptions, JobRecord, record_location};
+    let id = "ab".repeat(16);
+    let (scope, key) = record_location(&id);
+    let record = JobRecord {
+        v: keelson_protocol::ProtocolVersion::CURRENT,
+        id,
+        handler: "h".to_owned(),
+        user: None,
+        state,
+        attempt,
+        lost: 0,
+        options: JobOptions {
+            max_attempts: 3,
+            timeout_ms: 1000,
+            result_ttl_s: 60,
+            max_result_bytes: 1024,
+        },
+        created_ms: 1,
+        started_ms: None,
+        finished_ms: None,
+        not_before_ms: None,
+        node: Some(node.to_owned()),
+        progress: None,
+        cancel_requested: false,
+        result: Vec::new(),
+        error: None,
+        fingerprint: None,
+        expires_unix_ms: u64::MAX,
+    };
+    ContextOp::Set {
+        user: scope,
+        key,
+        value: Some(keelson_protocol::encode(&record).unwrap().to_vec()),
+        ts: Hlc {
+            wall_ms,
+            logical: 0,
+            node: node.to_owned(),
+        },
+    }
+}
+
+#[test]
+fn a_job_record_keeps_the_state_that_got_furthest_whatever_the_order() {
+    use keelson_protocol::job::JobState::{Queued, Running, Succeeded};
+    // Written in this order by clocks that disagree: the later writes carry older
+    // stamps, and a peer's rerun (attempt 2) is written after the success.
+    let ops = [
+        job_op(Queued, 1, 50, "node-a"),
+        job_op(Running, 1, 40, "node-b"),
+        job_op(Succeeded, 1, 30, "node-b"),
+        job_op(Running, 2, 60, "node-c"),
+    ];
+    let mut states = Vec::new();
+    for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+        let mut state = State::default();
+        for i in order {
+            state.apply(&ops[i]);
+        }
+        let jobs = state.jobs(0);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(
+            (jobs[0].state, jobs[0].attempt),
+            (Succeeded, 1),
+            "order {order:?}"
+        );
+        states.push(state.digest());
+    }
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas disagree");
+}

@@ -26,8 +26,9 @@ pub enum TopologyAction {
     /// (idempotent), with the configuration's broker user (the operator's).
     ///
     /// Declares the request and dead-letter exchanges, the dead-letter queue, the
-    /// broadcast exchanges, the context-snapshot queue, and the queue of the
-    /// configuration's `[logic_server] service` and of every `--service`, with the
+    /// broadcast exchanges, the context-snapshot, operator and job-request queues,
+    /// and the queues (requests, jobs, job watches) of the configuration's
+    /// `[logic_server] service` and of every `--service`, with the
     /// `[transport]` settings' queue arguments (`queue_type`, `delivery_limit`,
     /// `queue_expires_ms`): use the logic servers' values. Logic servers bind their
     /// own routes. `declare_topology` in the file is ignored here.
@@ -48,8 +49,20 @@ pub async fn run(config: &KeelsonConfig, args: TopologyArgs) -> anyhow::Result<(
     };
     let mut services = vec![config.logic_server.service.clone()];
     services.extend(extra);
+    // Each service's job and job-watch queues (background jobs).
+    let job_queues: Vec<String> = services
+        .iter()
+        .flat_map(|s| {
+            [
+                keelson_protocol::job::jobs_service(s),
+                keelson_protocol::job::watches_service(s),
+            ]
+        })
+        .collect();
+    services.extend(job_queues);
     services.push(SNAPSHOT_SERVICE.to_owned());
     services.push(keelson_protocol::operator::OPERATOR_SERVICE.to_owned());
+    services.push(keelson_protocol::job::JOBS_SERVICE.to_owned());
     let mut seen = std::collections::BTreeSet::new();
     services.retain(|s| seen.insert(s.clone()));
     // Declaring is the point, whatever the processes' setting.

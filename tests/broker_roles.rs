@@ -268,9 +268,9 @@ async fn role_users_run_the_mesh_on_a_topology_the_operator_declared() {
     drop(mesh);
 }
 
-/// A topology declared without the operator queue (as a `keelson topology declare`
-/// older than `keelson context get` leaves it): the logic server serves without
-/// operator requests, and after the broker drops its connection it comes back and
+/// A topology declared without the operator and job queues (as a `keelson topology
+/// declare` older than `keelson context get` leaves it): the logic server serves
+/// without operator requests and jobs, and after the broker drops its connection it comes back and
 /// serves again (the refused queue is not declared again on every reconnection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_the_operator_queue_reconnects_after_an_outage() {
@@ -284,6 +284,14 @@ async fn a_server_without_the_operator_queue_reconnects_after_an_outage() {
     );
     declare_topology(&operator);
     vhost.delete_queue("roles.svc._keelson.operator");
+    // Nor the job queues (a `keelson topology declare` older than background jobs).
+    for queue in [
+        "roles.svc._keelson.jobs",
+        "roles.svc._jobs.default",
+        "roles.svc._jobwatches.default",
+    ] {
+        vhost.delete_queue(queue);
+    }
 
     let mut mesh = Mesh::new(users.passive_transport(&vhost, NS, "logic"));
     mesh.add_server(ServerSpec::new("logic").logic(&format!(
@@ -296,6 +304,15 @@ async fn a_server_without_the_operator_queue_reconnects_after_an_outage() {
     let client = http();
     let echo = || post(&client, mesh.url(0, "echo"), "{}".into(), None, None);
     assert_eq!(echo().await.status, 200);
+    // A job finds no server to take it: a clear 503, not a hang.
+    let job = client
+        .post(mesh.url(0, "echo"))
+        .header("prefer", "respond-async")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(job.status(), 503);
 
     vhost.close_all_connections();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -378,3 +378,84 @@ async fn jobs_queued_while_every_server_is_down_run_when_they_return() {
         assert_eq!(resp.json::<Value>().await.unwrap()["count"], 1, "job {id}");
     }
 }
+
+#[tokio::test]
+async fn a_draining_server_hands_its_unfinished_jobs_to_a_peer() {
+    let vhost = Vhost::create("jobs-drain");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    // The first server drains for one second only.
+    mesh.add_server(
+        ServerSpec::new("logic-1")
+            .service("default", &["test.job"])
+            .env("KEELSON__LOGIC_SERVER__DRAIN_TIMEOUT_MS", "1000")
+            .extra(JOBS),
+    )
+    .await;
+    let g = mesh.add_gateway().await;
+    let base = base(&mesh, g);
+    let token = mesh.token("alice");
+    let client = http();
+    let mut ids = Vec::new();
+    for ms in [300, 6000, 6000] {
+        let resp = client
+            .post(format!("{base}/api/test.job"))
+            .header("prefer", "respond-async")
+            .bearer_auth(&token)
+            .json(&json!({ "ms": ms }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        ids.push(
+            resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    for id in &ids {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let body: Value = client
+                .get(format!("{base}/jobs/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if body["state"] != "queued" {
+                break;
+            }
+            assert!(Instant::now() < until, "job {id} never started: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    server(&mut mesh, "logic-2", 8).await;
+    mesh.stop_server(0).await;
+    for (id, attempts) in ids.iter().zip([1, 2, 2]) {
+        let body: Value = client
+            .get(format!("{base}/jobs/{id}?wait=20"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["state"], "succeeded", "{body}");
+        assert_eq!(body["attempts"], attempts, "{body}");
+        let count: Value = client
+            .post(format!("{base}/api/test.job"))
+            .bearer_auth(&token)
+            .json(&json!({ "read": id }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(count["count"], 1, "job {id}");
+    }
+}

@@ -58,7 +58,7 @@ pub struct RunningServer {
     monitor: Arc<Monitor>,
     stats: Arc<ServerStats>,
     resources: Arc<Resources>,
-    jobs: crate::jobs::JobsHandle,
+    jobs: Option<crate::jobs::JobsHandle>,
     /// Stops the heartbeats, which go on while jobs drain.
     beats_stop: watch::Sender<bool>,
 }
@@ -157,7 +157,10 @@ impl LogicServer {
         let liveness = Arc::new(crate::jobs::Liveness::new(Duration::from_millis(
             self.config.heartbeat_interval_ms.max(1),
         )));
-        let jobs = crate::jobs::JobsHandle::start(
+        // A topology declared before jobs existed (by an older `keelson topology
+        // declare`, for a least-privilege broker user) leaves the server serving
+        // requests without jobs.
+        let jobs = match crate::jobs::JobsHandle::start(
             self.dispatcher.clone(),
             self.transport.clone(),
             self.config.jobs.clone(),
@@ -166,7 +169,14 @@ impl LogicServer {
             Duration::from_millis(self.config.drain_timeout_ms),
         )
         .await
-        .map_err(err)?;
+        {
+            Ok(jobs) => Some(jobs),
+            Err(e @ TransportError::Refused(_)) => {
+                tracing::warn!(error = %e, "background jobs are not served by this server");
+                None
+            }
+            Err(e) => return Err(err(e)),
+        };
         let stats = self.dispatcher.stats.clone();
         let resources = self.dispatcher.registry.resources().clone();
         stats.set_ready(true);
@@ -268,7 +278,11 @@ impl RunningServer {
         let mut task = self.task;
         // Jobs drain beside the requests; heartbeats go on until both are done, so
         // peers do not take this server's running jobs for lost meanwhile.
-        let jobs = self.jobs.drain();
+        let jobs = async {
+            if let Some(jobs) = self.jobs {
+                jobs.drain().await;
+            }
+        };
         tokio::pin!(jobs);
         let (mut jobs_done, mut task_done) = (false, false);
         tokio::pin!(abort);

@@ -260,13 +260,21 @@ impl JobsHandle {
             waiters: Waiters::default(),
             drain_timeout,
         });
-        let watcher = tokio::spawn(watch_changes(jobs.clone()));
-        let api = api::start(jobs.clone()).await?;
         let runner = if jobs.config.concurrency > 0 {
             Some(runner::start(jobs.clone(), service).await?)
         } else {
             None
         };
+        let api = match api::start(jobs.clone()).await {
+            Ok(api) => api,
+            Err(e) => {
+                if let Some(runner) = runner {
+                    runner.drain(&jobs).await;
+                }
+                return Err(e);
+            }
+        };
+        let watcher = tokio::spawn(watch_changes(jobs.clone()));
         Ok(Self {
             jobs,
             api,

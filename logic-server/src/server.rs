@@ -194,6 +194,7 @@ impl LogicServer {
             intake_paused: intake_tx,
             peers: peers.clone(),
             liveness,
+            job_counts: std::sync::Mutex::new(None),
         });
         let listener_task = tokio::spawn(Monitor::listen(
             self.transport.clone(),

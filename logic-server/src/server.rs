@@ -247,6 +247,11 @@ impl RunningServer {
         &self.stats
     }
 
+    /// What runs its handlers (the test kit runs a handler as a job through it).
+    pub(crate) fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.monitor.dispatcher
+    }
+
     /// Drain: say on the control channel that this server leaves, stop taking
     /// requests (deliveries the transport holds but the server has not started go
     /// back to the queue), let in-flight ones finish and reply within the drain

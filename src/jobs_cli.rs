@@ -59,8 +59,20 @@ pub async fn run(config: &KeelsonConfig, args: &JobsArgs) -> anyhow::Result<Stri
             }
             (LIST_ROUTE, serde_json::json!({ "state": state }))
         }
-        JobsAction::Show { id } => (GET_ROUTE, serde_json::json!({ "id": id })),
-        JobsAction::Cancel { id } => (CANCEL_ROUTE, serde_json::json!({ "id": id })),
+        JobsAction::Show { id } | JobsAction::Cancel { id } => {
+            // Said here rather than as the servers' "no such job": a typo is not an
+            // expired job.
+            if !keelson_protocol::job::is_job_id(id) {
+                anyhow::bail!(
+                    "`{id}` is not a job id: 32 lowercase hex digits, as in the `Location: /jobs/ID` of the job's 202 or in `keelson jobs list`"
+                );
+            }
+            let route = match args.action {
+                JobsAction::Show { .. } => GET_ROUTE,
+                _ => CANCEL_ROUTE,
+            };
+            (route, serde_json::json!({ "id": id }))
+        }
     };
     let timeout = Duration::from_millis(args.timeout_ms);
     let transport = crate::call::connect(config, "jobs").await?;
@@ -86,15 +98,20 @@ pub async fn run(config: &KeelsonConfig, args: &JobsArgs) -> anyhow::Result<Stri
     )?;
     if reply.status != ReplyStatus::Ok {
         let message = reply.error.map(|e| e.message).unwrap_or_default();
-        anyhow::bail!(
-            "{}: {message}",
-            match reply.status {
-                ReplyStatus::NotFound => "no such job",
-                ReplyStatus::Forbidden =>
-                    "refused: this command's broker user is not in the logic servers' trusted_publishers",
-                _ => "the job request failed",
+        match (reply.status, &args.action) {
+            (ReplyStatus::NotFound, JobsAction::Show { id } | JobsAction::Cancel { id }) => {
+                anyhow::bail!(
+                    "no such job: {id} (the logic servers hold no record of it: never submitted, or finished longer ago than its result_ttl_s)"
+                )
             }
-        );
+            (ReplyStatus::Forbidden, _) => anyhow::bail!(
+                "refused: this command's broker user is not in the logic servers' trusted_publishers ({message})"
+            ),
+            (status, _) => anyhow::bail!(
+                "the job request failed ({} {status:?}): {message}",
+                status.http_status()
+            ),
+        }
     }
     let answer: serde_json::Value = serde_json::from_slice(&reply.body)?;
     if route == LIST_ROUTE {

@@ -109,6 +109,7 @@ mod tests {
                 contexts: 7,
                 context: None,
                 digest: None,
+                jobs: None,
                 interval_ms: 1000,
                 leaving: false,
             },

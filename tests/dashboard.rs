@@ -5,6 +5,10 @@
 //! that answered traffic, from the gateway's `/metrics`. A screenshot of the paused
 //! cluster is left at `target/test-outputs/dashboard.png`.
 //!
+//! With background jobs running and finished, the Jobs panel shows the cluster's
+//! counts by state (from the logic servers' heartbeats) and the servers table how
+//! many each server runs (screenshot: `target/test-outputs/dashboard-jobs.png`).
+//!
 //! The script's arithmetic (Prometheus text parsing, rates, error shares, p99 from
 //! histogram buckets) is checked in the same browser on a fixture page.
 
@@ -12,12 +16,13 @@
 
 mod support;
 
+use serde_json::json;
 use std::path::Path;
 use std::time::Duration;
 use support::broker::{Vhost, amqp_transport, confirmed_channel, dead_letter};
 use support::browser::{dump_dom, screenshot, test_outputs};
 use support::http;
-use support::mesh::{Mesh, node_state, post};
+use support::mesh::{Mesh, ServerSpec, node_state, post};
 
 /// Page time the browser gives the dashboard before reading it: a few polls.
 const BUDGET: Duration = Duration::from_millis(2500);
@@ -31,6 +36,19 @@ fn text_of(dom: &str, id: &str) -> String {
     let start = rest.find('>').expect("a tag ends") + 1;
     let end = rest[start..].find('<').map_or(rest.len(), |e| start + e);
     rest[start..end].to_owned()
+}
+
+/// The "Jobs running" cell of `node`'s row in the servers table.
+fn jobs_running_of(dom: &str, node: &str) -> String {
+    let at = dom
+        .find(&format!(r#"<tr data-node="{node}""#))
+        .unwrap_or_else(|| panic!("no row of {node}:\n{dom}"));
+    let row = &dom[at..at + dom[at..].find("</tr>").expect("a row ends")];
+    let cell = row
+        .find(r#"class="num jobs-running">"#)
+        .unwrap_or_else(|| panic!("no jobs cell in the row of {node}: {row}"));
+    let rest = &row[cell + r#"class="num jobs-running">"#.len()..];
+    rest[..rest.find('<').expect("a cell ends")].to_owned()
 }
 
 /// The row of `node` in the servers table says `state`.
@@ -110,6 +128,95 @@ async fn the_dashboard_shows_both_servers_a_pause_and_the_dead_letters() {
     assert!(shows(&dom, "busy", "up"), "busy not shown up again:\n{dom}");
     assert!(shows(&dom, "peer", "up"), "peer not shown up:\n{dom}");
     assert_eq!(text_of(&dom, "sum-paused"), "0");
+
+    drop(vhost);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_jobs_by_state_and_the_jobs_each_server_runs() {
+    let vhost = Vhost::create("dashboard-jobs");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    // Two job slots a server: three long jobs keep both servers busy.
+    for node in ["worker-a", "worker-b"] {
+        mesh.add_server(
+            ServerSpec::new(node)
+                .service("default", &["test.job", "echo"])
+                .extra("[logic_server.jobs]\nconcurrency = 2\n"),
+        )
+        .await;
+    }
+    mesh.add_gateway().await;
+    let client = http();
+    let dashboard = format!("{}/dashboard", mesh.gateways[0].base_url.clone().unwrap());
+    let alice = mesh.token("alice");
+
+    // Before any job, the panel says there is none yet (or zeros once counted).
+    let dom = dump_dom(&dashboard, BUDGET).await;
+    assert!(
+        ["–", "0"].contains(&text_of(&dom, "jobs-running").as_str()),
+        "{dom}"
+    );
+
+    // Four quick jobs to their end, three long ones left running.
+    let mut quick = Vec::new();
+    for _ in 0..4 {
+        let id = mesh
+            .submit_job(&client, 0, "test.job", &json!({"ms": 10}), Some(&alice))
+            .await;
+        quick.push(id);
+    }
+    for id in &quick {
+        let status = mesh.wait_for_job(&client, 0, id, Some(&alice)).await;
+        assert_eq!(status["state"], "succeeded", "{status}");
+    }
+    for _ in 0..3 {
+        mesh.submit_job(&client, 0, "test.job", &json!({"ms": 20000}), Some(&alice))
+            .await;
+    }
+
+    // Servers count their job records every 10 s; the heartbeats carry the counts.
+    let table = mesh
+        .wait_for_cluster_within(
+            &client,
+            "3 jobs running and 4 succeeded",
+            Duration::from_secs(30),
+            |t| {
+                let running_here: u64 = t["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n["jobs"]["running_here"].as_u64().unwrap_or(0))
+                    .sum();
+                t["jobs"]["running"] == 3 && t["jobs"]["succeeded"] == 4 && running_here == 3
+            },
+        )
+        .await;
+    assert_eq!(table["jobs"]["queued"], 0, "{table}");
+
+    let dom = dump_dom(&dashboard, BUDGET).await;
+    assert_eq!(text_of(&dom, "jobs-running"), "3", "{dom}");
+    assert_eq!(text_of(&dom, "jobs-succeeded"), "4", "{dom}");
+    assert_eq!(text_of(&dom, "jobs-queued"), "0", "{dom}");
+    assert_eq!(text_of(&dom, "jobs-failed"), "0", "{dom}");
+    assert_eq!(text_of(&dom, "jobs-cancelled"), "0", "{dom}");
+    assert!(
+        text_of(&dom, "jobs-hint").contains("counted by worker-"),
+        "{}",
+        text_of(&dom, "jobs-hint")
+    );
+    // Per server: two slots each, three jobs in all.
+    let per_server: Vec<u64> = ["worker-a", "worker-b"]
+        .iter()
+        .map(|n| jobs_running_of(&dom, n).parse().unwrap())
+        .collect();
+    assert_eq!(per_server.iter().sum::<u64>(), 3, "{per_server:?}");
+    assert!(per_server.iter().all(|n| *n <= 2), "{per_server:?}");
+    screenshot(
+        &dashboard,
+        &test_outputs().join("dashboard-jobs.png"),
+        BUDGET,
+    )
+    .await;
 
     drop(vhost);
 }

@@ -241,7 +241,8 @@ async fn jobs_survive_a_killed_and_a_frozen_server() {
         latencies.extend(l.unwrap());
     }
 
-    let seen = seen.lock().unwrap();
+    // Out of the lock: the checks below await.
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert_eq!(
         seen.not_found_after_accept, 0,
         "ids answered 404 right after their 202"

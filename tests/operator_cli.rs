@@ -1,7 +1,7 @@
 //! The operator's command line, run as an operator runs it: `keelson check`,
 //! `keelson call` (through a gateway and over the transport), `keelson context
-//! get`, `keelson completions` and `keelson man`, against real processes on a real
-//! RabbitMQ.
+//! get`, `keelson jobs`, `keelson completions` and `keelson man`, against real
+//! processes on a real RabbitMQ.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
 use support::mesh::{Mesh, ServerSpec};
-use support::{SECRET, Scratch, keelson};
+use support::{SECRET, Scratch, http, keelson};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -115,7 +115,15 @@ fn completions_and_the_man_page_name_the_subcommands() {
         man.starts_with(".ie") && man.contains(".SH SUBCOMMANDS"),
         "{man}"
     );
-    for sub in ["check", "call", "context", "status", "dlq", "completions"] {
+    for sub in [
+        "check",
+        "call",
+        "context",
+        "jobs",
+        "status",
+        "dlq",
+        "completions",
+    ] {
         assert!(
             bash.contains(&format!("keelson__subcmd__{sub}")),
             "bash: no {sub}"
@@ -310,4 +318,151 @@ async fn context_get_against_servers_of_the_previous_release_fails_clearly_and_l
     );
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert_echoes(&mesh, "[3]").await;
+}
+
+/// The lines `keelson jobs list [args]` prints, each a job's status.
+fn jobs_list(config: &Path, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["jobs", "list"];
+    all.extend(args);
+    let (ok, stdout, stderr) = run(&all, config);
+    assert!(ok, "jobs list {args:?}: {stdout}{stderr}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The status `keelson jobs show ID` prints.
+fn jobs_show(config: &Path, id: &str) -> Value {
+    let (ok, stdout, stderr) = run(&["jobs", "show", id], config);
+    assert!(ok, "jobs show {id}: {stdout}{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn ids(statuses: &[Value]) -> Vec<&str> {
+    statuses.iter().map(|s| s["id"].as_str().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_list_show_and_cancel_on_a_mesh_over_rabbitmq() {
+    let vhost = Vhost::create("operator-jobs");
+    let transport = amqp_transport(&[vhost.url()]);
+    let mut mesh = Mesh::new(transport.clone());
+    for node in ["logic-1", "logic-2"] {
+        mesh.add_server(ServerSpec::new(node).service("default", &["test.job", "echo"]))
+            .await;
+    }
+    mesh.add_gateway().await;
+    let operator = mesh.scratch.write("operator.toml", &transport);
+    let client = http();
+    let (alice, bob) = (mesh.token("alice"), mesh.token("bob"));
+
+    // Nothing yet: an empty list.
+    assert!(jobs_list(&operator, &[]).is_empty());
+
+    // Two quick jobs of two users to their end, then a long one of alice's.
+    let mut quick = Vec::new();
+    for token in [&alice, &bob] {
+        let id = mesh
+            .submit_job(&client, 0, "test.job", &json!({"ms": 10}), Some(token))
+            .await;
+        let status = mesh.wait_for_job(&client, 0, &id, Some(token)).await;
+        assert_eq!(status["state"], "succeeded", "{status}");
+        quick.push(id);
+    }
+    let long = mesh
+        .submit_job(&client, 0, "test.job", &json!({"ms": 60_000}), Some(&alice))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while jobs_show(&operator, &long)["state"] != "running" {
+        assert!(Instant::now() < deadline, "the long job never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every job, oldest first, with its submitter; whichever server answers.
+    let all = jobs_list(&operator, &[]);
+    assert_eq!(
+        ids(&all),
+        [quick[0].as_str(), quick[1].as_str(), long.as_str()]
+    );
+    assert_eq!(
+        all.iter()
+            .map(|j| j["user"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["alice", "bob", "alice"]
+    );
+    assert!(all.iter().all(|j| j["handler"] == "test.job"), "{all:?}");
+    let succeeded = jobs_list(&operator, &["--state", "succeeded"]);
+    assert_eq!(ids(&succeeded), [quick[0].as_str(), quick[1].as_str()]);
+    assert_eq!(
+        ids(&jobs_list(&operator, &["--state", "running"])),
+        [long.as_str()]
+    );
+    assert!(jobs_list(&operator, &["--state", "cancelled"]).is_empty());
+    let (ok, _, stderr) = run(&["jobs", "list", "--state", "done"], &operator);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--state done: expected one of queued, running"),
+        "{stderr}"
+    );
+
+    // One job, whoever submitted it: its result as the submitter sees it.
+    let shown = jobs_show(&operator, &quick[1]);
+    assert_eq!(shown["id"], quick[1].as_str());
+    assert_eq!(shown["state"], "succeeded");
+    assert_eq!(shown["attempts"], 1);
+    assert_eq!(shown["result"]["count"], 1, "{shown}");
+
+    // Cancel the long job: it stops and ends cancelled, long before its minute.
+    let cancelled_at = Instant::now();
+    let (ok, stdout, stderr) = run(&["jobs", "cancel", &long], &operator);
+    assert!(ok, "{stdout}{stderr}");
+    let answer: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["id"], long.as_str());
+    assert!(
+        answer["state"] == "cancelled" || answer["cancel_requested"] == true,
+        "{answer}"
+    );
+    let status = mesh.wait_for_job(&client, 0, &long, Some(&alice)).await;
+    assert_eq!(status["state"], "cancelled", "{status}");
+    assert_eq!(status["error"]["code"], "cancelled", "{status}");
+    assert!(cancelled_at.elapsed() < Duration::from_secs(20));
+    assert_eq!(jobs_show(&operator, &long)["state"], "cancelled");
+    assert_eq!(
+        ids(&jobs_list(&operator, &["--state", "cancelled"])),
+        [long.as_str()]
+    );
+
+    // An unknown id, and something that is no id at all: exit status 1, and why.
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let out = keelson(
+        &[
+            "jobs",
+            "show",
+            unknown,
+            "--config",
+            operator.to_str().unwrap(),
+        ],
+        None,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains("no such job") && stderr.contains(unknown),
+        "{stderr}"
+    );
+    let out = keelson(
+        &[
+            "jobs",
+            "cancel",
+            "nope",
+            "--config",
+            operator.to_str().unwrap(),
+        ],
+        None,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`nope` is not a job id"), "{stderr}");
 }

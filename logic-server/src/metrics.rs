@@ -11,7 +11,8 @@
 use crate::dispatch::Handled;
 use crate::stats::ServerStats;
 use keelson_protocol::ReplyStatus;
-use keelson_protocol::control::Load;
+use keelson_protocol::control::{JobCounts, Load};
+use keelson_protocol::job::JobState;
 use metrics::{Counter, Gauge, Histogram};
 use std::collections::HashMap;
 
@@ -47,7 +48,7 @@ struct JobMetrics {
     running: Gauge,
     durations: HashMap<String, Histogram>,
     /// Job records held, by state (every server holds them all).
-    by_state: HashMap<&'static str, Gauge>,
+    by_state: Vec<(JobState, Gauge)>,
 }
 
 /// How a job attempt can end, as `keelson_job_attempts_total{outcome}` counts it.
@@ -112,9 +113,9 @@ impl ServerMetrics {
                         (h.clone(), histogram)
                     })
                     .collect(),
-                by_state: ["queued", "running", "succeeded", "failed", "cancelled"]
+                by_state: JobState::ALL
                     .iter()
-                    .map(|s| (*s, metrics::gauge!("keelson_jobs", "node" => node.clone(), "state" => *s)))
+                    .map(|s| (*s, metrics::gauge!("keelson_jobs", "node" => node.clone(), "state" => s.as_str())))
                     .collect(),
             },
         }
@@ -146,9 +147,9 @@ impl ServerMetrics {
     }
 
     /// Set the job-record gauges: how many jobs each state holds.
-    pub(crate) fn job_states(&self, counts: &HashMap<&'static str, usize>) {
+    pub(crate) fn job_states(&self, counts: &JobCounts) {
         for (state, gauge) in &self.jobs.by_state {
-            gauge.set(counts.get(state).copied().unwrap_or(0) as f64);
+            gauge.set(counts.get(*state) as f64);
         }
     }
 

@@ -5,7 +5,7 @@ use crate::context::ContextStore;
 use crate::dispatch::Dispatcher;
 use crate::governor::{CpuSampler, Governor, GovernorConfig, Transition};
 use crate::stats::ServerStats;
-use keelson_protocol::control::{ClusterView, Heartbeat, Load, NodeState};
+use keelson_protocol::control::{ClusterView, Heartbeat, JobCounts, JobsBeat, Load, NodeState};
 use keelson_protocol::topic::HEARTBEATS;
 use keelson_protocol::{ProtocolVersion, Transport};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// How often the context gauges are set.
+/// How often the context gauges are set, and the job records counted (both walk
+/// every context).
 const CONTEXT_SIZES_EVERY: Duration = Duration::from_secs(10);
 
 pub(crate) struct Monitor {
@@ -29,6 +30,9 @@ pub(crate) struct Monitor {
     pub(crate) peers: Arc<Mutex<ClusterView>>,
     /// Told of every heartbeat that went out (the jobs' liveness lease).
     pub(crate) liveness: Arc<crate::jobs::Liveness>,
+    /// The job records by state as last counted, and when: heartbeats carry them,
+    /// but counting decodes every record, so it is done with the context gauges.
+    pub(crate) job_counts: Mutex<Option<(JobCounts, Instant)>>,
 }
 
 impl Monitor {
@@ -82,6 +86,18 @@ impl Monitor {
             leaving,
             context: self.dispatcher.store.mark(),
             digest: self.dispatcher.store.digest(),
+            jobs: Some(self.jobs_beat()),
+        }
+    }
+
+    fn jobs_beat(&self) -> JobsBeat {
+        let counted = *self.job_counts.lock().unwrap_or_else(|p| p.into_inner());
+        JobsBeat {
+            running_here: u32::try_from(self.stats.jobs_running()).unwrap_or(u32::MAX),
+            records: counted.map(|(counts, _)| counts),
+            counted_ms_ago: counted.map_or(0, |(_, at)| {
+                u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX)
+            }),
         }
     }
 
@@ -120,11 +136,12 @@ impl Monitor {
         self.dispatcher
             .metrics
             .contexts(store.user_count(), store.context_bytes());
-        let mut states = std::collections::HashMap::new();
+        let mut counts = JobCounts::default();
         for job in store.jobs() {
-            *states.entry(job.state.as_str()).or_insert(0) += 1;
+            counts.add(job.state);
         }
-        self.dispatcher.metrics.job_states(&states);
+        self.dispatcher.metrics.job_states(&counts);
+        *self.job_counts.lock().unwrap_or_else(|p| p.into_inner()) = Some((counts, Instant::now()));
     }
 
     fn sample(&self, governor: &mut Governor, sampler: &mut CpuSampler) {

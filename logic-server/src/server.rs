@@ -204,6 +204,7 @@ impl LogicServer {
             intake_paused: intake_tx,
             peers: peers.clone(),
             liveness,
+            job_counts: std::sync::Mutex::new(None),
         });
         let listener_task = tokio::spawn(Monitor::listen(
             self.transport.clone(),
@@ -254,6 +255,11 @@ impl RunningServer {
     /// Live figures.
     pub fn stats(&self) -> &Arc<ServerStats> {
         &self.stats
+    }
+
+    /// What runs its handlers (the test kit runs a handler as a job through it).
+    pub(crate) fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.monitor.dispatcher
     }
 
     /// Drain: say on the control channel that this server leaves, stop taking

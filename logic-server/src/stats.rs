@@ -26,6 +26,7 @@ pub struct ServerStats {
     pub(crate) leaving: AtomicBool,
     untrusted_publishers: AtomicU64,
     route_mismatches: AtomicU64,
+    jobs_running: AtomicUsize,
 }
 
 impl ServerStats {
@@ -45,6 +46,7 @@ impl ServerStats {
             leaving: AtomicBool::new(false),
             untrusted_publishers: AtomicU64::new(0),
             route_mismatches: AtomicU64::new(0),
+            jobs_running: AtomicUsize::new(0),
         }
     }
 
@@ -85,6 +87,10 @@ impl ServerStats {
     /// the handler their envelope names disagree.
     pub fn route_mismatches(&self) -> u64 {
         self.route_mismatches.load(Ordering::Relaxed)
+    }
+    /// Job attempts running on this server now.
+    pub fn jobs_running(&self) -> usize {
+        self.jobs_running.load(Ordering::Relaxed)
     }
     /// The latest load sample.
     pub fn load(&self) -> Load {
@@ -140,5 +146,24 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.stats.meter.exit();
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a job attempt as running here for as long as it lives, including when its
+/// task is aborted.
+pub(crate) struct JobRunning {
+    stats: Arc<ServerStats>,
+}
+
+impl JobRunning {
+    pub(crate) fn enter(stats: Arc<ServerStats>) -> Self {
+        stats.jobs_running.fetch_add(1, Ordering::Relaxed);
+        Self { stats }
+    }
+}
+
+impl Drop for JobRunning {
+    fn drop(&mut self) {
+        self.stats.jobs_running.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -8,7 +8,10 @@
 //! * [`TestRequest`]: one request to one handler, with a user, a body, context
 //!   contents, settings and plugin resources given by the test;
 //! * [`TestCluster`]: N logic servers and a client in one process, for testing how
-//!   a plugin behaves when its state is replicated and servers stop.
+//!   a plugin behaves when its state is replicated and servers stop;
+//! * [`TestRequest::as_job`] and [`TestRequest::start`]: the handler run as a
+//!   background job, with a [`JobCtx`] whose progress reports the test reads back
+//!   ([`TestJob`]) and which the test can cancel.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -28,10 +31,48 @@
 //! # }
 //! ```
 //!
+//! A handler that runs as a job: its progress reports, and how it stops when
+//! cancelled.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use keelson_logic_server::testkit::{JobState, TestRequest};
+//! use keelson_logic_server::{Error, JobCtx, Json};
+//!
+//! async fn count(job: Option<JobCtx>, Json(n): Json<u32>) -> Result<Json<u32>, Error> {
+//!     let Some(job) = job else { return Ok(Json(n)) };
+//!     for i in 1..=n {
+//!         if job.is_cancelled() {
+//!             return Ok(Json(i - 1));
+//!         }
+//!         job.progress(f64::from(i) / f64::from(n), format!("{i} of {n}"));
+//!         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+//!     }
+//!     Ok(Json(n))
+//! }
+//! keelson_logic_server::handler!("doc.testkit.count", "counts to n, slowly", count);
+//!
+//! // To its end: every report the job server would have seen, in order.
+//! let reply = TestRequest::new("doc.testkit.count").json(&5).as_job().send().await;
+//! assert_eq!(reply.job_state(), Some(JobState::Succeeded));
+//! let last = reply.progress_reports().last().unwrap();
+//! assert_eq!((last.fraction, last.message.as_deref()), (1.0, Some("5 of 5")));
+//!
+//! // Cancelled half way: the job ends `cancelled`, whatever the handler answers.
+//! let mut job = TestRequest::new("doc.testkit.count").json(&1000).start().await;
+//! job.progress_reached(0.01).await;
+//! job.cancel();
+//! let reply = job.reply().await;
+//! assert_eq!(reply.job_state(), Some(JobState::Cancelled));
+//! assert!(reply.json::<u32>() < 1000);
+//! # }
+//! ```
+//!
 //! The helpers panic with a message saying what went wrong, as test code does.
 
 use crate::config::{ContextConfig, LogicServerConfig};
-use crate::context::{ContextStore, ReplicatedContextStore};
+use crate::context::{ContextStore, Effects, ReplicatedContextStore};
+use crate::job_ctx::JobCtx;
 use crate::plugin::Registry;
 use crate::resource::{Plugin, Resources};
 use crate::server::{LogicServer, RunningServer};
@@ -42,10 +83,13 @@ use keelson_protocol::{Reply, ReplyStatus, Request, Transport};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 use tokio::time::Instant;
+
+pub use keelson_protocol::job::{JobState, Progress};
 
 /// The service the test kit's servers consume.
 const SERVICE: &str = "keelson-testkit";
@@ -163,6 +207,8 @@ pub struct TestRequest {
     values: Vec<(String, Bytes)>,
     counters: Vec<(String, i64)>,
     setup: Setup,
+    /// Run as a job: (attempt, max_attempts).
+    job: Option<(u32, u32)>,
 }
 
 impl TestRequest {
@@ -182,6 +228,7 @@ impl TestRequest {
                 handlers: vec![handler.to_owned()],
                 ..Setup::default()
             },
+            job: None,
         }
     }
 
@@ -266,9 +313,59 @@ impl TestRequest {
         self
     }
 
-    /// Run the request and return the reply. The server is drained and its plugins
-    /// shut down before this returns.
-    pub async fn send(mut self) -> TestReply {
+    /// Run the handler as a background job (as `POST /api/{handler}` with `Prefer:
+    /// respond-async` would): it gets a [`JobCtx`] (first and only attempt unless
+    /// [`TestRequest::job_attempt`] says otherwise), its context writes are kept
+    /// until it ends and applied only if it succeeds, as on a job server, and the
+    /// reply tells its progress reports ([`TestReply::progress_reports`]) and the
+    /// state the job ends in ([`TestReply::job_state`]). To watch it while it runs
+    /// or cancel it, use [`TestRequest::start`] instead of `send`.
+    pub fn as_job(mut self) -> Self {
+        self.job.get_or_insert((1, 1));
+        self
+    }
+
+    /// Run as attempt `attempt` of at most `max_attempts` of a job (a retry, when
+    /// `attempt` > 1).
+    pub fn job_attempt(mut self, attempt: u32, max_attempts: u32) -> Self {
+        self.job = Some((attempt.max(1), max_attempts.max(attempt).max(1)));
+        self
+    }
+
+    /// Start the request as a background job (see [`TestRequest::as_job`]) and
+    /// return while it runs: the [`TestJob`] reads its progress, cancels it, and
+    /// waits for its reply.
+    pub async fn start(self) -> TestJob {
+        let mut this = self.as_job();
+        let (attempt, max_attempts) = this.job.unwrap_or((1, 1));
+        let (_, server, store) = this.server().await;
+        let id = format!("{:032x}", REQUEST_IDS.fetch_add(1, Ordering::Relaxed));
+        let mut request = this.request();
+        request.id = id.clone();
+        request.attempt = attempt;
+        let (ctx, progress) = JobCtx::new(&id, attempt, max_attempts);
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let run = JobRun {
+            server,
+            store,
+            user: this.user.take(),
+            request,
+            deadline: Instant::now() + this.timeout,
+            ctx: ctx.clone(),
+            progress: progress.clone(),
+            reports: reports.clone(),
+        };
+        TestJob {
+            id,
+            ctx,
+            progress,
+            timeout: this.timeout,
+            task: tokio::spawn(run.run()),
+        }
+    }
+
+    /// A server of its own, with the context the test gave.
+    async fn server(&mut self) -> (MemoryTransport, RunningServer, Arc<ReplicatedContextStore>) {
         let transport = MemoryTransport::new();
         let registry = self.setup.registry().await;
         let (server, store) = start_server(&transport, "test", registry).await;
@@ -286,6 +383,11 @@ impl TestRequest {
         } else if !self.values.is_empty() || !self.counters.is_empty() {
             panic!("context contents need a user: call .user(...) too");
         }
+        (transport, server, store)
+    }
+
+    /// The request as the gateway would send it.
+    fn request(&mut self) -> Request {
         let mut request = request(
             &self.handler,
             self.user.as_deref(),
@@ -294,15 +396,174 @@ impl TestRequest {
         );
         request.idempotency_key = self.idempotency_key.take();
         request.headers = std::mem::take(&mut self.headers);
-        let client = Client::new(Arc::new(transport.clone()));
+        request
+    }
+
+    /// Run the request and return the reply. The server is drained and its plugins
+    /// shut down before this returns.
+    pub async fn send(mut self) -> TestReply {
+        if self.job.is_some() {
+            return self.start().await.reply().await;
+        }
+        let (transport, server, store) = self.server().await;
+        let request = self.request();
+        let client = Client::new(Arc::new(transport));
         let reply = send(&client, &request, self.timeout + Duration::from_secs(1)).await;
         server.shutdown().await;
         TestReply {
             reply,
             store: store as Arc<dyn ContextStore>,
             user: self.user,
+            job: None,
         }
     }
+}
+
+/// A handler started as a job by [`TestRequest::start`], still running or over.
+#[derive(Debug)]
+pub struct TestJob {
+    id: String,
+    ctx: JobCtx,
+    progress: watch::Receiver<Option<Progress>>,
+    timeout: Duration,
+    task: tokio::task::JoinHandle<TestReply>,
+}
+
+impl TestJob {
+    /// The job's id, as its handler sees it ([`JobCtx::id`]).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The handler's latest progress report, if it made one.
+    pub fn progress(&self) -> Option<Progress> {
+        self.progress.borrow().clone()
+    }
+
+    /// Wait until the handler reports progress of at least `fraction`; that report.
+    /// Panics if none comes within the request's timeout (10 s unless set).
+    pub async fn progress_reached(&mut self, fraction: f64) -> Progress {
+        let wait = self
+            .progress
+            .wait_for(|p| p.as_ref().is_some_and(|p| p.fraction >= fraction));
+        let found = match tokio::time::timeout(self.timeout, wait).await {
+            Ok(Ok(report)) => report.clone(),
+            _ => None,
+        };
+        found.unwrap_or_else(|| {
+            panic!(
+                "the job reported no progress of {fraction} or more within {:?} (last: {:?})",
+                self.timeout,
+                self.progress()
+            )
+        })
+    }
+
+    /// Cancel the job, as `DELETE /jobs/{id}` does once it reaches the server.
+    pub fn cancel(&self) {
+        self.ctx.cancel();
+    }
+
+    /// Whether the handler returned.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Wait for the handler's reply. The server is drained and its plugins shut
+    /// down before this returns.
+    pub async fn reply(self) -> TestReply {
+        self.task
+            .await
+            .unwrap_or_else(|e| panic!("the test job's task failed: {e}"))
+    }
+}
+
+/// A job's run on the test kit's server: as the job server runs one, without the
+/// queue and the record.
+struct JobRun {
+    server: RunningServer,
+    store: Arc<ReplicatedContextStore>,
+    user: Option<String>,
+    request: Request,
+    deadline: Instant,
+    ctx: JobCtx,
+    progress: watch::Receiver<Option<Progress>>,
+    reports: Arc<Mutex<Vec<Progress>>>,
+}
+
+impl JobRun {
+    async fn run(mut self) -> TestReply {
+        let dispatcher = self.server.dispatcher().clone();
+        let handler = dispatcher.registry.get(&self.request.handler).cloned();
+        // Deferred: the writes stand only if the job succeeds.
+        let effects = Arc::new(Effects::deferred());
+        let call = dispatcher.run(
+            handler,
+            self.request,
+            self.deadline,
+            effects.clone(),
+            Some(self.ctx.clone()),
+        );
+        tokio::pin!(call);
+        let record = |progress: &mut watch::Receiver<Option<Progress>>| {
+            if let Some(report) = progress.borrow_and_update().clone() {
+                self.reports
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(report);
+            }
+        };
+        let reply = loop {
+            tokio::select! {
+                reply = &mut call => {
+                    if self.progress.has_changed().unwrap_or(false) {
+                        record(&mut self.progress);
+                    }
+                    break reply;
+                }
+                Ok(()) = self.progress.changed() => record(&mut self.progress),
+            }
+        };
+        let state = job_state(&reply, &self.ctx);
+        if state == JobState::Succeeded {
+            let commit = self
+                .store
+                .commit(&effects, None, Instant::now() + DEFAULT_TIMEOUT)
+                .await;
+            if let Err(e) = commit {
+                panic!("the job's context writes were not applied: {e}");
+            }
+        }
+        self.server.shutdown().await;
+        let reports = std::mem::take(&mut *self.reports.lock().unwrap_or_else(|p| p.into_inner()));
+        TestReply {
+            reply,
+            store: self.store as Arc<dyn ContextStore>,
+            user: self.user,
+            job: Some(JobOutcome { state, reports }),
+        }
+    }
+}
+
+/// How a job server would conclude a run that answered `reply`: cancelled whatever
+/// it answered once cancelled; a failure is retried while attempts remain.
+fn job_state(reply: &Reply, ctx: &JobCtx) -> JobState {
+    if ctx.is_cancelled() {
+        JobState::Cancelled
+    } else if reply.status == ReplyStatus::Ok {
+        JobState::Succeeded
+    } else if ctx.attempt() < ctx.max_attempts() {
+        JobState::Queued
+    } else {
+        JobState::Failed
+    }
+}
+
+/// What a run as a job adds to its reply.
+#[derive(Debug)]
+struct JobOutcome {
+    state: JobState,
+    reports: Vec<Progress>,
 }
 
 /// A handler's reply, as a test sees it.
@@ -311,9 +572,25 @@ pub struct TestReply {
     reply: Reply,
     store: Arc<dyn ContextStore>,
     user: Option<String>,
+    job: Option<JobOutcome>,
 }
 
 impl TestReply {
+    /// For a request run as a job: the state the job ends in, as the job server
+    /// would record it (`Succeeded`, `Failed`, `Cancelled` if it was cancelled,
+    /// whatever the handler answered, or `Queued` for a failure that a later
+    /// attempt retries). `None` for a plain request.
+    pub fn job_state(&self) -> Option<JobState> {
+        self.job.as_ref().map(|j| j.state)
+    }
+
+    /// For a request run as a job: its progress reports, in order. The latest one
+    /// at each moment, as the job server sees them: reports made in a burst,
+    /// without the handler yielding in between, arrive as the last of them.
+    pub fn progress_reports(&self) -> &[Progress] {
+        self.job.as_ref().map_or(&[], |j| &j.reports)
+    }
+
     /// The HTTP status the gateway would answer with.
     pub fn status(&self) -> u16 {
         match self.reply.status {
@@ -479,6 +756,7 @@ impl TestCluster {
             reply,
             store,
             user: user.map(str::to_owned),
+            job: None,
         }
     }
 
@@ -544,5 +822,88 @@ impl TestCluster {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().map(|(_, store)| (i, store)))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::extract::{Context, Json};
+    use crate::handler::HandlerError;
+    use serde_json::{Value, json};
+
+    /// Counts its runs in the user's context, reports progress, then fails, waits
+    /// for its cancellation or answers, as `{"fail"}` and `{"wait_cancel"}` say.
+    async fn runs(
+        cx: Context,
+        job: Option<JobCtx>,
+        Json(body): Json<Value>,
+    ) -> Result<Json<i64>, HandlerError> {
+        let n = cx.increment("runs", 1).await?;
+        if let Some(job) = &job {
+            job.progress(0.5, "counted");
+            if body["wait_cancel"] == true {
+                job.cancelled().await;
+            }
+        }
+        if body["fail"] == true {
+            return Err(HandlerError::Internal("fails on purpose".to_owned()));
+        }
+        Ok(Json(n))
+    }
+    crate::handler!("t.testkit.runs", "counts its runs", runs);
+
+    fn runs_request(body: Value) -> TestRequest {
+        TestRequest::new("t.testkit.runs")
+            .user("ada")
+            .counter("runs", 10)
+            .json(&body)
+    }
+
+    #[tokio::test]
+    async fn a_job_s_writes_stand_only_when_it_succeeds() {
+        let ok = runs_request(json!({})).as_job().send().await;
+        assert_eq!(ok.job_state(), Some(JobState::Succeeded));
+        // The handler read its own (deferred) write back.
+        assert_eq!(ok.json::<i64>(), 11);
+        assert_eq!(ok.counter("runs").await, 11);
+        assert_eq!(ok.progress_reports().len(), 1);
+        assert_eq!(ok.progress_reports()[0].message.as_deref(), Some("counted"));
+
+        // A failed attempt with attempts left is queued again; the last one fails.
+        let retried = runs_request(json!({"fail": true}))
+            .job_attempt(1, 3)
+            .send()
+            .await;
+        assert_eq!(retried.job_state(), Some(JobState::Queued));
+        assert_eq!(retried.status(), 500);
+        assert_eq!(retried.counter("runs").await, 10);
+        let failed = runs_request(json!({"fail": true}))
+            .job_attempt(3, 3)
+            .send()
+            .await;
+        assert_eq!(failed.job_state(), Some(JobState::Failed));
+        assert_eq!(failed.counter("runs").await, 10);
+
+        // Not a job: written at once, no job state.
+        let plain = runs_request(json!({})).send().await;
+        assert_eq!(plain.job_state(), None);
+        assert_eq!(plain.counter("runs").await, 11);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_job_ends_cancelled_and_its_writes_are_dropped() {
+        let mut job = runs_request(json!({"wait_cancel": true})).start().await;
+        assert!(keelson_protocol::job::is_job_id(job.id()));
+        let report = job.progress_reached(0.5).await;
+        assert_eq!(job.progress(), Some(report));
+        assert!(!job.is_finished());
+        job.cancel();
+        let reply = job.reply().await;
+        // The handler answered: cancelled all the same.
+        assert_eq!(reply.json::<i64>(), 11);
+        assert_eq!(reply.job_state(), Some(JobState::Cancelled));
+        assert_eq!(reply.counter("runs").await, 10);
     }
 }

@@ -6,6 +6,7 @@
 //! that shuts down says so with `leaving: true` before it goes.
 
 use crate::envelope::Envelope;
+use crate::job::JobState;
 use crate::version::ProtocolVersion;
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +69,75 @@ pub struct Heartbeat {
     /// A digest of its context state, when settled. Since protocol 1.1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<crate::context::ContextDigest>,
+    /// Its background jobs: attempts running here, and the job records it holds by
+    /// state. Absent from servers that predate background jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<JobsBeat>,
+}
+
+/// What a heartbeat says of background jobs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobsBeat {
+    /// Job attempts running on this server now.
+    pub running_here: u32,
+    /// The job records this server holds, by state. Every server holds every job's
+    /// record, so any one server's counts are the cluster's. Counted every few
+    /// seconds (it reads every record), not at every heartbeat: `None` until the
+    /// first count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<JobCounts>,
+    /// How long before this heartbeat `records` were counted, in milliseconds.
+    #[serde(default)]
+    pub counted_ms_ago: u64,
+}
+
+/// Jobs by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounts {
+    /// Waiting on a queue (a first attempt, or a retry waiting out its backoff).
+    pub queued: u64,
+    /// Being run by a server.
+    pub running: u64,
+    /// Finished with the handler's answer.
+    pub succeeded: u64,
+    /// Finished with the last attempt's error.
+    pub failed: u64,
+    /// Cancelled by their submitter or an operator.
+    pub cancelled: u64,
+}
+
+impl JobCounts {
+    fn slot(&mut self, state: JobState) -> &mut u64 {
+        match state {
+            JobState::Queued => &mut self.queued,
+            JobState::Running => &mut self.running,
+            JobState::Succeeded => &mut self.succeeded,
+            JobState::Failed => &mut self.failed,
+            JobState::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// Count one more job in `state`.
+    pub fn add(&mut self, state: JobState) {
+        *self.slot(state) += 1;
+    }
+
+    /// How many jobs are in `state`.
+    pub fn get(mut self, state: JobState) -> u64 {
+        *self.slot(state)
+    }
+}
+
+/// The cluster's job counts: those of the server that counted last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterJobCounts {
+    /// Jobs by state.
+    #[serde(flatten)]
+    pub counts: JobCounts,
+    /// The server whose counts these are.
+    pub node: String,
+    /// How long ago it counted them, in milliseconds.
+    pub age_ms: u64,
 }
 
 impl Envelope for Heartbeat {
@@ -155,6 +225,25 @@ impl ClusterView {
             .collect()
     }
 
+    /// The freshest job counts any node reported (every server holds every job's
+    /// record, so the counts are the cluster's, not one server's share: they are
+    /// never summed); `None` when no node reported any.
+    pub fn job_counts(&self, now: tokio::time::Instant) -> Option<ClusterJobCounts> {
+        self.nodes
+            .values()
+            .filter_map(|(hb, at)| {
+                let jobs = hb.jobs?;
+                let counts = jobs.records?;
+                let heard = u64::try_from(now.duration_since(*at).as_millis()).unwrap_or(u64::MAX);
+                Some(ClusterJobCounts {
+                    counts,
+                    node: hb.node.clone(),
+                    age_ms: heard.saturating_add(jobs.counted_ms_ago),
+                })
+            })
+            .min_by_key(|c| c.age_ms)
+    }
+
     /// Nodes other than `except` that consume `service` and take requests now.
     pub fn active_in_service(
         &self,
@@ -170,5 +259,120 @@ impl ClusterView {
                     && n.heartbeat.services.iter().any(|s| s == service)
             })
             .count()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A reader of heartbeats from before background jobs.
+    #[derive(Debug, Deserialize, Serialize)]
+    struct HeartbeatBeforeJobs {
+        v: ProtocolVersion,
+        node: String,
+        in_flight: u32,
+        contexts: u64,
+    }
+
+    fn heartbeat(node: &str, jobs: Option<JobsBeat>) -> Heartbeat {
+        Heartbeat {
+            v: ProtocolVersion::CURRENT,
+            node: node.to_owned(),
+            version: "0.1.0".to_owned(),
+            services: vec!["default".to_owned()],
+            handlers: vec!["echo".to_owned()],
+            load: Load::default(),
+            paused: false,
+            in_flight: 2,
+            concurrency: 16,
+            window: 16,
+            ready: true,
+            contexts: 5,
+            interval_ms: 1000,
+            leaving: false,
+            context: None,
+            digest: None,
+            jobs,
+        }
+    }
+
+    fn counts(succeeded: u64) -> JobCounts {
+        JobCounts {
+            queued: 1,
+            running: 2,
+            succeeded,
+            failed: 0,
+            cancelled: 0,
+        }
+    }
+
+    #[test]
+    fn job_figures_are_read_by_older_peers_and_absent_ones_read_as_none() {
+        let beat = heartbeat(
+            "a",
+            Some(JobsBeat {
+                running_here: 3,
+                records: Some(counts(7)),
+                counted_ms_ago: 400,
+            }),
+        );
+        let bytes = crate::encode(&beat).unwrap();
+        let old: HeartbeatBeforeJobs = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (old.node.as_str(), old.in_flight, old.contexts),
+            ("a", 2, 5)
+        );
+        assert_eq!(crate::decode::<Heartbeat>(&bytes).unwrap(), beat);
+        // A heartbeat without them: no bytes on the wire, `None` when read.
+        let without = heartbeat("a", None);
+        let bytes = crate::encode(&without).unwrap();
+        assert!(!bytes.windows(4).any(|w| w == b"jobs"));
+        assert_eq!(crate::decode::<Heartbeat>(&bytes).unwrap().jobs, None);
+    }
+
+    #[test]
+    fn the_cluster_job_counts_are_the_freshest_ones_never_a_sum() {
+        let mut view = ClusterView::default();
+        let start = tokio::time::Instant::now();
+        assert_eq!(view.job_counts(start), None);
+        view.observe(heartbeat("old-server", None), start);
+        assert_eq!(view.job_counts(start), None);
+        // Counted 8 s before its heartbeat.
+        let stale = JobsBeat {
+            running_here: 1,
+            records: Some(counts(5)),
+            counted_ms_ago: 8000,
+        };
+        view.observe(heartbeat("a", Some(stale)), start);
+        // Counted 1 s before a heartbeat heard 2 s later.
+        let fresh = JobsBeat {
+            running_here: 0,
+            records: Some(counts(9)),
+            counted_ms_ago: 1000,
+        };
+        view.observe(heartbeat("b", Some(fresh)), start);
+        let now = start + Duration::from_millis(2000);
+        let c = view.job_counts(now).unwrap();
+        assert_eq!(
+            (c.node.as_str(), c.counts, c.age_ms),
+            ("b", counts(9), 3000)
+        );
+        // A server that has not counted yet says nothing of the records.
+        let uncounted = JobsBeat {
+            running_here: 4,
+            records: None,
+            counted_ms_ago: 0,
+        };
+        view.observe(heartbeat("c", Some(uncounted)), now);
+        assert_eq!(view.job_counts(now).unwrap().node, "b");
+        let json = serde_json::to_value(view.job_counts(now).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"queued": 1, "running": 2, "succeeded": 9, "failed": 0,
+                "cancelled": 0, "node": "b", "age_ms": 3000})
+        );
     }
 }

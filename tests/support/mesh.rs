@@ -347,6 +347,18 @@ impl Mesh {
         what: &str,
         done: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
+        self.wait_for_cluster_within(client, what, Duration::from_secs(10), done)
+            .await
+    }
+
+    /// [`Mesh::wait_for_cluster`], failing the test after `within`.
+    pub async fn wait_for_cluster_within(
+        &self,
+        client: &reqwest::Client,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let started = Instant::now();
         loop {
             let table = self.cluster(client).await;
@@ -354,10 +366,70 @@ impl Mesh {
                 return table;
             }
             assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "/cluster never showed {what}: {table}"
+                started.elapsed() < within,
+                "/cluster never showed {what} within {within:?}: {table}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Submit `handler` with `body` as a background job (`Prefer: respond-async`)
+    /// through gateway `gateway`, as the user of `token` (or anonymously); the id
+    /// of the job accepted (202).
+    pub async fn submit_job(
+        &self,
+        client: &reqwest::Client,
+        gateway: usize,
+        handler: &str,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> String {
+        let mut req = client
+            .post(self.url(gateway, handler))
+            .header("prefer", "respond-async")
+            .json(body);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 202, "submitting a {handler} job: {text}");
+        let accepted: serde_json::Value = serde_json::from_str(&text).unwrap();
+        accepted["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `GET /jobs/{id}?wait=30` through gateway `gateway` until the job is over;
+    /// its final status. Fails the test when it is not over after a minute.
+    pub async fn wait_for_job(
+        &self,
+        client: &reqwest::Client,
+        gateway: usize,
+        id: &str,
+        token: Option<&str>,
+    ) -> serde_json::Value {
+        let base = self.gateways[gateway % self.gateways.len()]
+            .base_url
+            .clone()
+            .unwrap();
+        let started = Instant::now();
+        loop {
+            let mut req = client
+                .get(format!("{base}/jobs/{id}?wait=30"))
+                .timeout(Duration::from_secs(40));
+            if let Some(token) = token {
+                req = req.bearer_auth(token);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200, "job {id}");
+            let status: serde_json::Value = resp.json().await.unwrap();
+            if ["succeeded", "failed", "cancelled"].contains(&status["state"].as_str().unwrap()) {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "job {id} not over after a minute: {status}"
+            );
         }
     }
 }

@@ -5,8 +5,15 @@
 //! {"nodes": [{"node": "logic-1", "state": "up", "age_ms": 312, "load": {...}, ...}],
 //!  "services": {"default": {"up": 2, "paused": 1, "not_ready": 0, "left": 0, "gone": 0}},
 //!  "stalled_services": [],
-//!  "dead_letters": {"waiting": 0}}
+//!  "dead_letters": {"waiting": 0},
+//!  "jobs": {"queued": 0, "running": 2, "succeeded": 40, "failed": 1, "cancelled": 0,
+//!           "node": "logic-1", "age_ms": 3200}}
 //! ```
+//!
+//! `jobs` counts the background jobs by state (`null` until a server has counted
+//! them): every server holds every job's record and counts them every few seconds,
+//! so these are the counts of the server that counted last (`node`, `age_ms` ago),
+//! not a sum. Each node's `jobs.running_here` is the attempts it runs now.
 //!
 //! `dead_letters.waiting` counts the namespace's dead letters waiting to be read
 //! (`null` when the transport cannot tell now; see [`crate::dead_letters`]).
@@ -20,7 +27,7 @@ use crate::routes::AppState;
 use axum::Json;
 use axum::extract::State;
 use keelson_protocol::Transport;
-use keelson_protocol::control::{ClusterView, NodeState, NodeStatus};
+use keelson_protocol::control::{ClusterJobCounts, ClusterView, NodeState, NodeStatus};
 use keelson_protocol::topic::HEARTBEATS;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -67,7 +74,11 @@ impl Cluster {
     }
 
     pub(crate) fn report(&self) -> ClusterReport {
-        let nodes = self.lock().nodes(Instant::now());
+        let (nodes, jobs) = {
+            let view = self.lock();
+            let now = Instant::now();
+            (view.nodes(now), view.job_counts(now))
+        };
         let mut services: BTreeMap<String, ServiceCounts> = BTreeMap::new();
         for n in &nodes {
             for s in &n.heartbeat.services {
@@ -91,6 +102,7 @@ impl Cluster {
             services,
             stalled_services,
             dead_letters: DeadLetterCount::default(),
+            jobs,
         }
     }
 }
@@ -112,6 +124,7 @@ pub(crate) struct ClusterReport {
     services: BTreeMap<String, ServiceCounts>,
     stalled_services: Vec<String>,
     dead_letters: DeadLetterCount,
+    jobs: Option<ClusterJobCounts>,
 }
 
 /// `GET /cluster`.

@@ -2,7 +2,7 @@
 //!
 //! One page, its script and its style, all compiled into the binary (no CDN, nothing
 //! fetched from elsewhere). The script polls this gateway's own `GET /cluster`
-//! (servers, from heartbeats; dead letters) and `GET /metrics` (per-handler rate,
+//! (servers and job counts, from heartbeats; dead letters) and `GET /metrics` (per-handler rate,
 //! error rate and p99, from counter and histogram-bucket deltas between polls) about
 //! once a second, and renders with `textContent` only: names from heartbeats are
 //! never read as HTML. The page shows no request data and no user ids, because

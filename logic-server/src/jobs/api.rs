@@ -92,7 +92,7 @@ async fn answer(jobs: &Jobs, delivery: Delivery) {
         SUBMIT_ROUTE => submit(jobs, &request).await,
         GET_ROUTE => status(jobs, &request).await,
         CANCEL_ROUTE => cancel(jobs, &request).await,
-        _ => list(jobs, &request),
+        _ => list(jobs, &request).await,
     }
     .unwrap_or_else(|(status, code, message)| {
         Reply::error(request.id.clone(), status, code, message, &node)
@@ -404,13 +404,18 @@ pub(crate) fn cancelled_error() -> ErrorInfo {
     }
 }
 
-fn list(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
+async fn list(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
     let q: ListQuery = if request.body.is_empty() {
         ListQuery::default()
     } else {
         serde_json::from_slice(&request.body)
             .map_err(|e| bad("invalid_job_query", e.to_string()))?
     };
+    // Like a status, after the barrier: a job another server just accepted or
+    // finished is listed as it stands.
+    if !jobs.dispatcher.store.barrier(super::BARRIER_WITHIN).await {
+        tracing::debug!("job barrier timed out; listing what is here");
+    }
     let mut records = jobs.dispatcher.store.jobs();
     records.retain(|r| q.state.is_none_or(|s| r.state == s));
     records.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));

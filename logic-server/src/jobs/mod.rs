@@ -95,8 +95,11 @@ impl Liveness {
 /// runs watching for their cancellation.
 #[derive(Debug, Default)]
 pub(crate) struct Waiters {
-    by_id: Mutex<HashMap<Arc<str>, (Arc<Notify>, usize)>>,
+    by_id: Mutex<HashMap<Arc<str>, WaitersOf>>,
 }
+
+/// The wake-up of one job's waiters, and how many they are.
+type WaitersOf = (Arc<Notify>, usize);
 
 /// A registration in [`Waiters`]; removed on drop.
 pub(crate) struct Waiting<'a> {

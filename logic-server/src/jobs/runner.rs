@@ -296,8 +296,10 @@ async fn start_run(
         tracing::debug!(error = %e, "a job message's ack failed; a duplicate may come (it is dropped)");
     }
     jobs.dispatcher.metrics.job_started();
+    let running = crate::stats::JobRunning::enter(jobs.dispatcher.stats.clone());
     let started = Instant::now();
     let outcome = run(jobs, spec, n, &record, interrupt).await;
+    drop(running);
     jobs.dispatcher
         .metrics
         .job_ran(&spec.handler, started.elapsed().as_secs_f64());

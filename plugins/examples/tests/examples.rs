@@ -3,10 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use keelson_logic_server::testkit::TestRequest;
+use keelson_logic_server::testkit::{JobState, TestRequest};
 // Naming the crate links it, and with it its handlers' registrations.
 use keelson_plugins_examples as _;
 use serde_json::{Value, json};
+use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn echo_answers_its_body_unchanged() {
@@ -166,4 +167,82 @@ async fn checkout_prices_the_cart_it_reads_by_calling_cart_list_and_empties_it()
         .send()
         .await;
     assert_eq!(prices.json::<Value>(), json!({"apple": 120}));
+}
+
+/// The checksum `report.build` computes over `rows` rows.
+fn checksum(rows: u64) -> u64 {
+    (0..rows).fold(0u64, |c, row| c.wrapping_mul(31).wrapping_add(row))
+}
+
+#[tokio::test]
+async fn report_build_reports_its_progress_as_a_job_and_answers_a_summary() {
+    let reply = TestRequest::new("report.build")
+        .json(&json!({"rows": 300}))
+        .as_job()
+        .send()
+        .await;
+    assert_eq!(reply.job_state(), Some(JobState::Succeeded));
+    assert_eq!(
+        reply.json::<Value>(),
+        json!({"rows": 300, "checksum": checksum(300), "attempt": 1})
+    );
+    let reports = reply.progress_reports();
+    // A report every 3 rows (a hundredth), each after a sleep: the job server sees
+    // them one by one, moving forward, up to the whole report.
+    assert!(reports.len() >= 20, "only {} reports", reports.len());
+    assert!(
+        reports.windows(2).all(|w| w[0].fraction < w[1].fraction),
+        "{reports:?}"
+    );
+    let last = reports.last().unwrap();
+    assert_eq!(last.fraction, 1.0);
+    assert_eq!(last.message.as_deref(), Some("300 of 300 rows"));
+
+    // A retry knows its attempt; a plain request reports nothing.
+    let retry = TestRequest::new("report.build")
+        .json(&json!({"rows": 5}))
+        .job_attempt(2, 3)
+        .send()
+        .await;
+    assert_eq!(retry.json::<Value>()["attempt"], 2);
+    let plain = TestRequest::new("report.build")
+        .json(&json!({"rows": 5}))
+        .send()
+        .await;
+    assert_eq!(plain.json::<Value>()["checksum"], checksum(5));
+    assert_eq!(plain.job_state(), None);
+    assert!(plain.progress_reports().is_empty());
+}
+
+#[tokio::test]
+async fn report_build_stops_early_when_its_job_is_cancelled() {
+    // Ten seconds of work, 100 ms a step.
+    let mut job = TestRequest::new("report.build")
+        .json(&json!({"rows": 10_000}))
+        .timeout(Duration::from_secs(30))
+        .start()
+        .await;
+    let report = job.progress_reached(0.03).await;
+    assert!(
+        report
+            .message
+            .as_deref()
+            .unwrap()
+            .ends_with("00 of 10000 rows"),
+        "{report:?}"
+    );
+    assert!(!job.is_finished());
+    let cancelled_at = Instant::now();
+    job.cancel();
+    let reply = job.reply().await;
+    // It stops within a step, not at the end of the ten seconds.
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        cancelled_at.elapsed()
+    );
+    assert_eq!(reply.job_state(), Some(JobState::Cancelled));
+    assert_eq!(reply.status(), 409);
+    let last = reply.progress_reports().last().unwrap();
+    assert!(last.fraction < 0.1, "{last:?}");
 }

@@ -1,7 +1,9 @@
 // Keelson's dashboard: polls this gateway's /cluster and /metrics about once a
-// second and renders them. Everything is written with textContent: names that come
-// from heartbeats are never parsed as HTML. The pure parts (Prometheus text parsing,
-// rates, histogram quantiles) are exposed as window.KeelsonDashboard for tests.
+// second and renders them (servers, job counts and dead letters from /cluster,
+// per-handler figures from /metrics). Everything is written with textContent:
+// names that come from heartbeats are never parsed as HTML. The pure parts
+// (Prometheus text parsing, rates, histogram quantiles) are exposed as
+// window.KeelsonDashboard for tests.
 "use strict";
 
 (function (root) {
@@ -270,6 +272,8 @@
       cell(tr, formatShare(Number(load.system_cpu) || 0), "num");
       cell(tr, (n.window || "–") + " / " + n.concurrency, "num");
       cell(tr, String(n.in_flight), "num");
+      // Servers from before background jobs say nothing of them.
+      cell(tr, n.jobs ? String(n.jobs.running_here) : "–", "num jobs-running");
       cell(tr, Number(n.contexts).toLocaleString("en-US"), "num");
       const age = cell(tr, formatAge(Number(n.age_ms) || 0), "num");
       if (Number(n.age_ms) > 2 * (Number(n.interval_ms) || 1000)) age.classList.add("late");
@@ -277,6 +281,26 @@
     }
     show("servers-wrap", nodes.length > 0);
     show("servers-empty", nodes.length === 0);
+    renderJobs(report.jobs);
+  }
+
+  const JOB_STATES = ["queued", "running", "succeeded", "failed", "cancelled"];
+
+  // The cluster's job counts: every server holds every job's record, so the
+  // gateway gives the counts of the server that counted last (never a sum).
+  function renderJobs(jobs) {
+    const known = jobs !== null && jobs !== undefined;
+    for (const state of JOB_STATES) {
+      setText("jobs-" + state, known ? Number(jobs[state] || 0).toLocaleString("en-US") : "–");
+    }
+    document.getElementById("card-jobs-failed").dataset.alert = known && jobs.failed > 0 ? "yes" : "no";
+    setText(
+      "jobs-hint",
+      known
+        ? "whole cluster, by state · counted by " + String(jobs.node) + " " + formatAge(Number(jobs.age_ms) || 0)
+        : "background jobs of the whole cluster, by state"
+    );
+    show("jobs-empty", !known);
   }
 
   function renderHandlers(rows, why) {

@@ -208,8 +208,12 @@ pub(crate) async fn call(
     }
     // Tracing: the publish span, whose context the envelope and the message carry.
     let publish = trace::publish_span(&handler, &mut envelope.headers);
-    let reply =
-        tracing::Instrument::instrument(exchange(&state, envelope, deadline), publish).await?;
+    let reply = tracing::Instrument::instrument(exchange(&state, envelope, deadline), publish)
+        .await
+        .map_err(|e| match e {
+            ApiError::UnknownHandler(_) if job.is_some() => crate::jobs::no_job_service(),
+            e => e,
+        })?;
     let mut response = respond(reply);
     if job.is_some() && response.status() == StatusCode::ACCEPTED {
         response.headers_mut().insert(

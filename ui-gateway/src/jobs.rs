@@ -16,13 +16,18 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use keelson_protocol::Request as Envelope;
 use keelson_protocol::job::{CANCEL_ROUTE, GET_ROUTE};
-use keelson_protocol::transport::RequestError;
 use serde::Deserialize;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// The longest `?wait=` a gateway passes on (a server may hold less).
 const MAX_WAIT_S: u64 = 60;
+
+/// No logic server consumes the job service: none runs, all are of a release
+/// before jobs, or the broker topology lacks the job queues. A 503: it may pass.
+pub(crate) fn no_job_service() -> ApiError {
+    ApiError::Unavailable("no logic server accepts background jobs now".to_owned())
+}
 
 /// Whether the client asked for the request to run as a job (RFC 7240
 /// `Prefer: respond-async`).
@@ -139,9 +144,7 @@ async fn ask(
         .map_err(|e| match e {
             // No server consumes the job service (none runs, or all are of a release
             // before jobs).
-            ApiError::UnknownHandler(_) => {
-                ApiError::Unavailable(RequestError::Unroutable(route.to_owned()).to_string())
-            }
+            ApiError::UnknownHandler(_) => no_job_service(),
             e => e,
         })?;
     Ok(respond(reply))

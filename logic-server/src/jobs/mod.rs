@@ -95,8 +95,11 @@ impl Liveness {
 /// runs watching for their cancellation.
 #[derive(Debug, Default)]
 pub(crate) struct Waiters {
-    by_id: Mutex<HashMap<Arc<str>, (Arc<Notify>, usize)>>,
+    by_id: Mutex<HashMap<Arc<str>, Waited>>,
 }
+
+/// One job's waiters: what wakes them, and how many are registered.
+type Waited = (Arc<Notify>, usize);
 
 /// A registration in [`Waiters`]; removed on drop.
 pub(crate) struct Waiting<'a> {

@@ -1,6 +1,6 @@
-# Shared by deploy/rabbitmq-cluster.sh and deploy/rabbitmq-tls.sh, which run extra
-# RabbitMQ nodes on loopback beside the machine's main broker. Sourced after the
-# caller sets TOOL (its name, for messages).
+# Shared by deploy/rabbitmq-cluster.sh, deploy/rabbitmq-tls.sh and
+# deploy/rabbitmq-node.sh, which run extra RabbitMQ nodes on loopback beside the
+# machine's main broker. Sourced after the caller sets TOOL (its name, for messages).
 
 # Not /usr/sbin/rabbitmq-server: run as rabbitmq, the Debian wrapper writes the
 # node's output over the main broker's /var/log/rabbitmq/startup_log.

@@ -1,7 +1,9 @@
 //! Background jobs over RabbitMQ with real processes: logic servers killed, frozen
 //! and all stopped while jobs run and wait; every job still ends `succeeded`, its
 //! effect counted once, its state never seen going backwards, and never 404 right
-//! after its 202 (tests/jobs.rs covers the API itself on the embedded mesh).
+//! after its 202; a job that runs longer than the broker's `consumer_timeout` (on a
+//! node of the test's own where it is short) completes once (tests/jobs.rs covers the
+//! API itself on the embedded mesh).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,6 +16,9 @@ use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
 use support::http;
 use support::mesh::{Mesh, ServerSpec};
+use support::short_timeout::{
+    CHANNEL_TICK, CONSUMER_TIMEOUT, ShortTimeoutNode, held_delivery_closed_after,
+};
 
 /// Jobs settings of the servers: the lease checked every second, retries quick.
 const JOBS: &str = r#"
@@ -459,4 +464,127 @@ async fn a_draining_server_hands_its_unfinished_jobs_to_a_peer() {
             .unwrap();
         assert_eq!(count["count"], 1, "job {id}");
     }
+}
+
+/// The issue's "a job longer than a shortened broker `consumer_timeout` completes
+/// once". RabbitMQ 3.10's `consumer_timeout` is broker-wide, so it is shortened on a
+/// node of this test's own (`deploy/rabbitmq-node.sh`): on the main broker it would
+/// close the channels of other tests, which hold deliveries for seconds.
+///
+/// Measured on 3.10.8 (protocol/TOPOLOGY.md, "Background work"): a channel compares
+/// its unacknowledged deliveries with the timeout only on its tick
+/// (`channel_tick_interval`, 60 s by default), so with a 5 s timeout a held
+/// delivery's channel was closed 60.0 s after the delivery; the node ticks every
+/// second instead, and it is closed 5.0 to 6.0 s after. The job runs three times
+/// that. A runner holding its delivery for the run would have its channel closed by
+/// the broker and the job delivered again (checked: with the run's ack moved to
+/// after the run, the job still ends with one attempt, as the duplicate is dropped,
+/// but the last assertion fails: the node's log shows a channel of the mesh closed).
+///
+/// A `?wait=` status request holds its delivery too: the servers cap it
+/// (`max_wait_s`) below the timeout, as an operator who shortens it must.
+#[tokio::test]
+async fn a_job_longer_than_the_consumer_timeout_completes_once() {
+    // Fails the test (with the node's log) when the node cannot start.
+    let node = ShortTimeoutNode::start();
+    let vhost = node.vhost("jobs-ctimeout");
+    let probe_vhost = node.vhost("held-delivery");
+    let enforced_within = CONSUMER_TIMEOUT + CHANNEL_TICK;
+    let run = enforced_within * 3;
+    let max_wait = Duration::from_secs(2);
+    assert!(max_wait < CONSUMER_TIMEOUT);
+
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    for name in ["logic-1", "logic-2"] {
+        mesh.add_server(
+            ServerSpec::new(name)
+                .service("default", &["test.job"])
+                .extra(&format!("{JOBS}max_wait_s = {}\n", max_wait.as_secs())),
+        )
+        .await;
+    }
+    let g = mesh.add_gateway().await;
+    let base = base(&mesh, g);
+    let token = mesh.token("alice");
+    let client = http();
+
+    let resp = client
+        .post(format!("{base}/api/test.job"))
+        .header("prefer", "respond-async")
+        .bearer_auth(&token)
+        .json(&json!({ "ms": run.as_millis() as u64 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Meanwhile, the proof that the timeout is short here: a plain lapin consumer
+    // holding a delivery is closed by the broker within the measured time.
+    let probe_url = probe_vhost.url();
+    let probe =
+        tokio::spawn(
+            async move { held_delivery_closed_after(&probe_url, enforced_within * 2).await },
+        );
+
+    // Waits of 20 s, each answered after `max_wait` at most while the job runs.
+    let deadline = Instant::now() + run + Duration::from_secs(30);
+    let status = loop {
+        let asked = Instant::now();
+        let resp = client
+            .get(format!("{base}/jobs/{id}?wait=20"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "job {id}");
+        let body: Value = resp.json().await.unwrap();
+        let held = asked.elapsed();
+        assert!(
+            held < CONSUMER_TIMEOUT,
+            "a status request was held {held:?}: {body}"
+        );
+        if rank(&body).0 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "job {id} not finished: {body}");
+    };
+    let held = probe.await.unwrap();
+    assert!(
+        held >= CONSUMER_TIMEOUT - Duration::from_millis(100)
+            && held <= enforced_within + Duration::from_secs(1),
+        "the held delivery's channel closed after {held:?}, not {CONSUMER_TIMEOUT:?} to {enforced_within:?} after the delivery"
+    );
+
+    assert_eq!(status["state"], "succeeded", "{status}");
+    assert_eq!(status["attempts"], 1, "{status}");
+    assert_eq!(status["result"]["attempt"], 1, "{status}");
+    let ran = unix_ms(status["finished_at"].as_str().unwrap())
+        - unix_ms(status["started_at"].as_str().unwrap());
+    assert!(
+        ran >= run.as_millis() as u64,
+        "the job ran {ran} ms, not the {run:?} it was asked to: {status}"
+    );
+    let resp = client
+        .post(format!("{base}/api/test.job"))
+        .bearer_auth(&token)
+        .json(&json!({ "read": id }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["count"],
+        1,
+        "the job's effect, counted"
+    );
+    // The broker closed the probe's channel for the timeout, and none of the mesh's.
+    assert_eq!(node.timeout_closures(&probe_vhost.name), 1);
+    assert_eq!(
+        node.timeout_closures(&vhost.name),
+        0,
+        "channels of the mesh closed by the consumer timeout (the node's log)"
+    );
 }

@@ -8,6 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The RabbitMQ node with a short consumer timeout (deploy/rabbitmq-node.sh, port
+# 5690) is started and stopped by the test that needs it (tests/jobs_cluster.rs); a
+# run cut short (the test binary killed) would leave it running: stop it whatever
+# happens. (The 3-node cluster of tests/cluster.rs is kept for the next run.)
+trap 'bash deploy/rabbitmq-node.sh stop >/dev/null 2>&1 || true' EXIT
+
 bash deploy/ensure-broker.sh
 
 # A real browser for the dashboard tests (tests/dashboard.rs): Debian's chromium.

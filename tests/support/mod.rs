@@ -8,6 +8,7 @@ pub mod browser;
 pub mod cluster;
 pub mod mesh;
 pub mod otlp;
+pub mod short_timeout;
 pub mod tls;
 
 #[cfg(not(feature = "test-handlers"))]

@@ -481,8 +481,11 @@ async fn a_draining_server_hands_its_unfinished_jobs_to_a_peer() {
 /// after the run, the job still ends with one attempt, as the duplicate is dropped,
 /// but the last assertion fails: the node's log shows a channel of the mesh closed).
 ///
-/// A `?wait=` status request holds its delivery too: the servers cap it
-/// (`max_wait_s`) below the timeout, as an operator who shortens it must.
+/// `?wait=` status requests are held here longer than the timeout too (20 s): a
+/// server acknowledges such a request when it takes it and answers it later, so no
+/// channel of the mesh is closed for them either (before that, the broker closed
+/// the servers' channels of the job-request queue, and one run in three ran the job
+/// twice when a server's connection went down with it).
 #[tokio::test]
 async fn a_job_longer_than_the_consumer_timeout_completes_once() {
     // Fails the test (with the node's log) when the node cannot start.
@@ -491,15 +494,13 @@ async fn a_job_longer_than_the_consumer_timeout_completes_once() {
     let probe_vhost = node.vhost("held-delivery");
     let enforced_within = CONSUMER_TIMEOUT + CHANNEL_TICK;
     let run = enforced_within * 3;
-    let max_wait = Duration::from_secs(2);
-    assert!(max_wait < CONSUMER_TIMEOUT);
 
     let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
     for name in ["logic-1", "logic-2"] {
         mesh.add_server(
             ServerSpec::new(name)
                 .service("default", &["test.job"])
-                .extra(&format!("{JOBS}max_wait_s = {}\n", max_wait.as_secs())),
+                .extra(JOBS),
         )
         .await;
     }
@@ -530,10 +531,9 @@ async fn a_job_longer_than_the_consumer_timeout_completes_once() {
             async move { held_delivery_closed_after(&probe_url, enforced_within * 2).await },
         );
 
-    // Waits of 20 s, each answered after `max_wait` at most while the job runs.
+    // Waits of 20 s, longer than the consumer timeout, until the job is over.
     let deadline = Instant::now() + run + Duration::from_secs(30);
     let status = loop {
-        let asked = Instant::now();
         let resp = client
             .get(format!("{base}/jobs/{id}?wait=20"))
             .bearer_auth(&token)
@@ -542,11 +542,6 @@ async fn a_job_longer_than_the_consumer_timeout_completes_once() {
             .unwrap();
         assert_eq!(resp.status(), 200, "job {id}");
         let body: Value = resp.json().await.unwrap();
-        let held = asked.elapsed();
-        assert!(
-            held < CONSUMER_TIMEOUT,
-            "a status request was held {held:?}: {body}"
-        );
         if rank(&body).0 {
             break body;
         }

@@ -190,8 +190,8 @@ pub struct JobsConfig {
     /// Attempts lost with their server (killed, frozen) on top of `max_attempts`
     /// before the job fails (a job that kills every server it runs on).
     pub max_lost_attempts: u32,
-    /// The longest `?wait=` a status request may hold. Its broker delivery is held
-    /// meanwhile: keep this below RabbitMQ's `consumer_timeout`.
+    /// The longest `?wait=` a status request may hold (its delivery is acknowledged
+    /// when it is taken, so no broker `consumer_timeout` applies).
     pub max_wait_s: u64,
 }
 

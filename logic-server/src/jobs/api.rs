@@ -88,9 +88,31 @@ async fn answer(jobs: &Jobs, delivery: Delivery) {
         let _ = delivery.reject(format!("job request: {message}")).await;
         return;
     }
+    if request.handler == GET_ROUTE {
+        // A read that may wait long (`?wait=`): it holds no delivery meanwhile, which
+        // the broker would take back past its `consumer_timeout`. Lost with this
+        // server, it costs the gateway a timeout (504), and its client a retry.
+        let replier = match delivery.ack_then_reply().await {
+            Ok(replier) => replier,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not ack a status request; it comes again");
+                return;
+            }
+        };
+        let reply = status(jobs, &request)
+            .await
+            .unwrap_or_else(|(status, code, message)| {
+                Reply::error(request.id.clone(), status, code, message, &node)
+            });
+        if let Ok(bytes) = keelson_protocol::encode(&reply)
+            && let Err(e) = replier.reply(bytes).await
+        {
+            tracing::debug!(error = %e, "could not answer a status request");
+        }
+        return;
+    }
     let reply = match request.handler.as_str() {
         SUBMIT_ROUTE => submit(jobs, &request).await,
-        GET_ROUTE => status(jobs, &request).await,
         CANCEL_ROUTE => cancel(jobs, &request).await,
         _ => list(jobs, &request).await,
     }

@@ -240,6 +240,38 @@ pub async fn requeue_redelivers(t: Arc<dyn Transport>) {
     assert_eq!(req.await.unwrap().unwrap(), Bytes::from_static(b"done"));
 }
 
+pub async fn a_delivery_acked_before_its_reply_is_answered_and_frees_its_slot(
+    t: Arc<dyn Transport>,
+) {
+    t.declare_service(&service("ar", &["ar"])).await.unwrap();
+    let mut c = t.consume("ar", 1).await.unwrap();
+    let ask = |body: &'static [u8]| {
+        let t = t.clone();
+        tokio::spawn(async move { t.request("ar", Message::new(body), soon()).await })
+    };
+    let first = ask(b"first");
+    let held = within("delivery", c.next()).await.unwrap().unwrap();
+    assert_eq!(held.payload, Bytes::from_static(b"first"));
+    let replier = held.ack_then_reply().await.unwrap();
+    // The slot is free while the first is still being answered.
+    let second = ask(b"second");
+    let next = within("the next delivery", c.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        next.payload,
+        Bytes::from_static(b"second"),
+        "not a redelivery"
+    );
+    assert!(!next.redelivered);
+    next.reply(&b"2"[..]).await.unwrap();
+    next.ack().await.unwrap();
+    replier.reply(&b"1"[..]).await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), Bytes::from_static(b"1"));
+    assert_eq!(second.await.unwrap().unwrap(), Bytes::from_static(b"2"));
+}
+
 pub async fn dropped_delivery_is_requeued(t: Arc<dyn Transport>) {
     t.declare_service(&service("dr", &["dr"])).await.unwrap();
     let mut c = t.consume("dr", 1).await.unwrap();
@@ -772,6 +804,7 @@ macro_rules! transport_conformance_tests {
             prefetch_limits_unsettled_deliveries,
             requeue_redelivers,
             dropped_delivery_is_requeued,
+            a_delivery_acked_before_its_reply_is_answered_and_frees_its_slot,
             hand_back_is_not_a_redelivery_and_keeps_the_reply_address,
             counted_redeliveries_carry_their_count,
             reject_dead_letters_with_reason,

@@ -189,6 +189,28 @@ impl Delivery {
         self.finish(Outcome::Republish { headers }).await
     }
 
+    /// Acknowledge now and answer later through the returned [`Replier`]: for a read
+    /// that may take long (a job's status held by `?wait=`), which must not hold its
+    /// delivery that long (a broker closes the channel of a delivery unacknowledged
+    /// past its `consumer_timeout`). Lost with its server, such a read costs its
+    /// requester a retry after its deadline, nothing else.
+    pub async fn ack_then_reply(mut self) -> Result<Replier, TransportError> {
+        let expects_reply = self.expects_reply;
+        match self.settle.take() {
+            Some(settle) => {
+                settle.settle(Outcome::Ack).await?;
+                Ok(Replier {
+                    settle: Some(settle),
+                    expects_reply,
+                })
+            }
+            None => Ok(Replier {
+                settle: None,
+                expects_reply,
+            }),
+        }
+    }
+
     /// Settle with an explicit outcome.
     pub async fn finish(mut self, outcome: Outcome) -> Result<(), TransportError> {
         match self.settle.take() {
@@ -202,6 +224,24 @@ impl Drop for Delivery {
     fn drop(&mut self) {
         if let Some(s) = self.settle.take() {
             s.abandon();
+        }
+    }
+}
+
+/// The reply address of a delivery acknowledged before its answer (see
+/// [`Delivery::ack_then_reply`]).
+#[derive(Debug)]
+pub struct Replier {
+    settle: Option<Box<dyn Settle>>,
+    expects_reply: bool,
+}
+
+impl Replier {
+    /// Send `payload` to whoever awaits the reply (nothing when nobody does).
+    pub async fn reply(&self, payload: impl Into<Bytes>) -> Result<(), TransportError> {
+        match &self.settle {
+            Some(s) if self.expects_reply => s.reply(payload.into()).await,
+            _ => Ok(()),
         }
     }
 }

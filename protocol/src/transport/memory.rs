@@ -424,8 +424,9 @@ impl MemoryConsumer {
             Box::new(MemorySettle {
                 transport: self.transport.clone(),
                 queue: self.queue.clone(),
+                reply_to: q.reply_to,
                 queued: Mutex::new(Some(q)),
-                _permit: permit,
+                permit: Mutex::new(Some(permit)),
             }),
         )
         // One process: whoever published it is this process, trusted by construction.
@@ -437,10 +438,13 @@ impl MemoryConsumer {
 struct MemorySettle {
     transport: MemoryTransport,
     queue: Arc<Queue>,
+    /// Who awaits the reply, kept apart from the message so that a delivery acked
+    /// first is still answered ([`Delivery::ack_then_reply`]).
+    reply_to: Option<u64>,
     /// The original message, kept until settled so it can be requeued.
     queued: Mutex<Option<Queued>>,
     /// Held until this delivery is settled: the prefetch slot it occupies.
-    _permit: OwnedSemaphorePermit,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl MemorySettle {
@@ -455,8 +459,9 @@ impl MemorySettle {
 #[async_trait]
 impl Settle for MemorySettle {
     async fn reply(&self, payload: Bytes) -> Result<(), TransportError> {
-        let reply_to = lock(&self.queued).as_ref().and_then(|q| q.reply_to);
-        let waiting = reply_to.and_then(|id| lock(&self.transport.inner.replies).remove(&id));
+        let waiting = self
+            .reply_to
+            .and_then(|id| lock(&self.transport.inner.replies).remove(&id));
         if let Some(tx) = waiting {
             // The requester may have given up just now; that is a late reply.
             let _ = tx.send(payload);
@@ -494,6 +499,9 @@ impl Settle for MemorySettle {
                 }
             }
         }
+        // Settled: its prefetch slot is free (a delivery acked before its reply
+        // holds none while it answers, as on a broker).
+        lock(&self.permit).take();
         Ok(())
     }
 

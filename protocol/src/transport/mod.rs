@@ -33,7 +33,7 @@ pub mod amqp;
 pub mod conformance;
 
 pub use config::{MemoryConfig, TransportConfig};
-pub use delivery::{Delivery, Outcome, Publisher, Settle};
+pub use delivery::{Delivery, Outcome, Publisher, Replier, Settle};
 pub use error::{RequestError, TransportError};
 
 #[cfg(feature = "amqp")]

@@ -289,7 +289,7 @@ impl AmqpConsumer {
             payload: payload.clone(),
             headers: d.properties.headers().clone(),
             queue: self.queue.clone(),
-            _permit: permit,
+            permit: std::sync::Mutex::new(Some(permit)),
         };
         Delivery::new(
             payload,

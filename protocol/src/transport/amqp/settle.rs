@@ -46,7 +46,7 @@ pub(crate) struct AmqpSettle {
     /// The queue it came from, for logs.
     pub(crate) queue: String,
     /// The consumer's prefetch slot this delivery occupies until settled.
-    pub(crate) _permit: OwnedSemaphorePermit,
+    pub(crate) permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl fmt::Debug for AmqpSettle {
@@ -232,6 +232,10 @@ impl Settle for AmqpSettle {
     }
 
     async fn settle(&self, outcome: Outcome) -> Result<(), TransportError> {
+        // Settled (or about to be): the slot is free, also for a delivery acked
+        // before its reply (`Delivery::ack_then_reply`), which the broker no longer
+        // counts either.
+        let _slot = self.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
         match outcome {
             Outcome::Ack => self.ack().await,
             Outcome::Requeue => self.requeue().await,

@@ -1,6 +1,6 @@
 //! The RabbitMQ broker the AMQP configurations share: checking that it answers,
-//! finding its process (to read its CPU time), its version, and deleting what a
-//! configuration declared.
+//! finding its process (to read its CPU time), its version, deleting what a
+//! configuration declared, and virtual hosts of a scenario's own.
 
 use anyhow::Context as _;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
@@ -108,6 +108,101 @@ pub fn version() -> Option<String> {
     (out.status.success() && !line.is_empty()).then(|| line.to_owned())
 }
 
+/// `url` with its virtual host replaced by `vhost` (a name that needs no
+/// percent-encoding), its query kept.
+pub fn with_vhost(url: &str, vhost: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_from = base.find("://").map_or(0, |s| s + 3);
+    let host_end = base[authority_from..]
+        .find('/')
+        .map_or(base.len(), |i| authority_from + i);
+    let mut out = format!("{}/{vhost}", &base[..host_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// The user of an `amqp://` URL (`guest` when none is given, as lapin assumes).
+fn user(url: &str) -> String {
+    url.find("://")
+        .and_then(|s| {
+            let rest = &url[s + 3..];
+            let at = rest.find('@')?;
+            rest[..at].split(':').next().map(str::to_owned)
+        })
+        .unwrap_or_else(|| "guest".to_owned())
+}
+
+/// A virtual host of a run's own on the local broker, so that everything a
+/// scenario declares (queues, exchanges, delay queues) goes with it at once.
+#[derive(Debug)]
+pub struct Vhost {
+    /// Its name.
+    pub name: String,
+    /// The broker URL pointing at it.
+    pub url: String,
+}
+
+async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .context("cannot run rabbitmqctl")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rabbitmqctl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+impl Vhost {
+    /// Create `name` with `rabbitmqctl` and give the URL's user every permission on
+    /// it. Fails when the broker of `url` is not a local process (`rabbitmqctl` would
+    /// act on another broker) or `rabbitmqctl` fails.
+    pub async fn create(url: &str, name: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            local_pid(port(url)).is_some(),
+            "the broker at {} is not a local process",
+            redact(url)
+        );
+        rabbitmqctl(&["-q", "add_vhost", name]).await?;
+        let vhost = Self {
+            name: name.to_owned(),
+            url: with_vhost(url, name),
+        };
+        if let Err(e) = rabbitmqctl(&[
+            "-q",
+            "set_permissions",
+            "-p",
+            name,
+            &user(url),
+            ".*",
+            ".*",
+            ".*",
+        ])
+        .await
+        {
+            vhost.delete().await;
+            return Err(e);
+        }
+        Ok(vhost)
+    }
+
+    /// Delete it and everything in it.
+    pub async fn delete(self) {
+        if let Err(e) = rabbitmqctl(&["-q", "delete_vhost", &self.name]).await {
+            eprintln!("keelson-bench: cannot delete vhost {}: {e:#}", self.name);
+        }
+    }
+}
+
 /// Queues and exchanges a configuration declared, deleted after it ran.
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
@@ -172,5 +267,19 @@ mod tests {
         assert_eq!(redact("amqp://h/%2f"), "amqp://h/%2f");
         assert_eq!(port("amqp://guest:guest@127.0.0.1:5673/%2f"), 5673);
         assert_eq!(port("amqp://127.0.0.1/%2f"), 5672);
+    }
+
+    #[test]
+    fn a_url_is_pointed_at_another_vhost() {
+        assert_eq!(
+            with_vhost("amqp://guest:guest@127.0.0.1:5672/%2f", "kb-1"),
+            "amqp://guest:guest@127.0.0.1:5672/kb-1"
+        );
+        assert_eq!(
+            with_vhost("amqp://h:5673?heartbeat=10", "kb-1"),
+            "amqp://h:5673/kb-1?heartbeat=10"
+        );
+        assert_eq!(user("amqp://bench:pw@h/%2f"), "bench");
+        assert_eq!(user("amqp://h/%2f"), "guest");
     }
 }

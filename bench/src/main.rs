@@ -30,9 +30,15 @@ struct Cli {
     /// Run one special scenario instead of the A-E ratio run: `context` (replication
     /// lag, join time and size with 100k users), `governor` (p99 with the governor on
     /// and off, a CPU hog on one server's core), `upgrade` (p99 before and during a
-    /// rolling upgrade of three logic servers).
-    #[arg(long, value_parser = ["context", "governor", "upgrade"])]
+    /// rolling upgrade of three logic servers), `jobs` (submission rate and
+    /// submit-to-succeeded latency of empty background jobs against raw lapin
+    /// publish-and-consume).
+    #[arg(long, value_parser = ["context", "governor", "upgrade", "jobs"])]
     scenario: Option<String>,
+    /// Jobs the jobs scenario submits, and messages its raw lapin baseline publishes
+    /// (default 5000, or 1000 with --quick).
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Open-loop rate of the governor and upgrade scenarios, requests per second
     /// (defaults 300 and 200).
     #[arg(long)]
@@ -271,6 +277,7 @@ async fn run_special(cli: Cli) -> anyhow::Result<ExitCode> {
         rate: cli.rate,
         handler: cli.handler.clone(),
         body: cli.body.clone(),
+        jobs: cli.jobs,
     };
     broker::connect(&cli.amqp_url).await?;
     let began = Instant::now();
@@ -278,6 +285,7 @@ async fn run_special(cli: Cli) -> anyhow::Result<ExitCode> {
         "context" => scenario::context::run(&settings).await?,
         "governor" => scenario::governor::run(&settings).await?,
         "upgrade" => scenario::upgrade::run(&settings).await?,
+        "jobs" => scenario::jobs::run(&settings).await?,
         other => anyhow::bail!("no scenario {other:?}"),
     };
     let json = serde_json::json!({

@@ -11,6 +11,7 @@ mod amqp_http;
 pub mod context;
 mod embedded_http;
 pub mod governor;
+pub mod jobs;
 mod keelson_config;
 mod raw_axum;
 mod raw_lapin;

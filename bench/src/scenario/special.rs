@@ -1,4 +1,4 @@
-//! What the special scenarios (`--scenario context|governor|upgrade`) share: their
+//! What the special scenarios (`--scenario context|governor|upgrade|jobs`) share: their
 //! settings, an in-process open-loop HTTP load that keeps every sample with its
 //! intended send time (so a run can be cut into windows afterwards: before and during
 //! an upgrade), percentiles, and the machine's disturbance over a window.
@@ -45,6 +45,9 @@ pub struct Settings {
     /// Request body of that handler (then only status 200 is checked); default the
     /// echoed payload.
     pub body: Option<String>,
+    /// Jobs the jobs scenario submits (and messages its raw baseline publishes); the
+    /// scenario's default when `None`.
+    pub jobs: Option<usize>,
 }
 
 impl Settings {
@@ -272,9 +275,11 @@ pub enum Http {
     },
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>;
+/// A keep-alive HTTP/1.1 connection of hyper's low-level client.
+pub(super) type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>;
 
-async fn connect_http(addr: std::net::SocketAddr) -> anyhow::Result<Sender> {
+/// Open a connection to `addr`.
+pub(super) async fn connect_http(addr: std::net::SocketAddr) -> anyhow::Result<Sender> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, connection) =
@@ -285,22 +290,21 @@ async fn connect_http(addr: std::net::SocketAddr) -> anyhow::Result<Sender> {
     Ok(sender)
 }
 
-async fn status_call(
+/// One request on `conn` (reopened first if the server closed it): its status and
+/// body. No timeout of its own.
+pub(super) async fn http_exchange(
     conn: &mut Sender,
     addr: std::net::SocketAddr,
-    authority: &str,
-    path: &str,
-    body: &Bytes,
-) -> Result<(), String> {
+    request: hyper::http::request::Builder,
+    body: Bytes,
+) -> Result<(hyper::StatusCode, Bytes), String> {
     use http_body_util::BodyExt as _;
     if conn.is_closed() {
         *conn = connect_http(addr).await.map_err(|e| format!("{e:#}"))?;
     }
     conn.ready().await.map_err(|e| format!("not ready: {e}"))?;
-    let request = hyper::Request::post(path)
-        .header(hyper::header::HOST, authority)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(body.clone()))
+    let request = request
+        .body(http_body_util::Full::new(body))
         .map_err(|e| e.to_string())?;
     let response = conn
         .send_request(request)
@@ -313,6 +317,20 @@ async fn status_call(
         .await
         .map_err(|e| format!("reading the body: {e}"))?
         .to_bytes();
+    Ok((status, answer))
+}
+
+async fn status_call(
+    conn: &mut Sender,
+    addr: std::net::SocketAddr,
+    authority: &str,
+    path: &str,
+    body: &Bytes,
+) -> Result<(), String> {
+    let request = hyper::Request::post(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    let (status, answer) = http_exchange(conn, addr, request, body.clone()).await?;
     if status != hyper::StatusCode::OK {
         return Err(format!(
             "status {status}: {}",

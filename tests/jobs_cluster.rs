@@ -72,6 +72,37 @@ fn unix_ms(rfc3339: &str) -> u64 {
     ((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000 + ms.parse::<i64>().unwrap()) as u64
 }
 
+/// How many times job `id`'s effect (its counter, `test.job`) was applied.
+async fn effect_count(client: &reqwest::Client, base: &str, token: &str, id: &str) -> i64 {
+    let resp = client
+        .post(format!("{base}/api/test.job"))
+        .bearer_auth(token)
+        .json(&json!({ "read": id }))
+        .send()
+        .await
+        .unwrap();
+    resp.json::<Value>().await.unwrap()["count"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Submit `body` to `test.job` as a job; its id.
+async fn submit_job(client: &reqwest::Client, base: &str, token: &str, body: Value) -> String {
+    let resp = client
+        .post(format!("{base}/api/test.job"))
+        .header("prefer", "respond-async")
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 fn now_ms() -> u64 {
     support::unix_ms()
 }
@@ -272,15 +303,8 @@ async fn jobs_survive_a_killed_and_a_frozen_server() {
     // Each job's effect counted once: read through the servers still up.
     let mut counts = HashMap::new();
     for (id, user) in &submitted {
-        let resp = client
-            .post(format!("{base_b}/api/test.job"))
-            .bearer_auth(&users[*user])
-            .json(&json!({ "read": id }))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = resp.json().await.unwrap();
-        *counts.entry(body["count"].as_i64().unwrap()).or_insert(0) += 1;
+        let count = effect_count(&client, &base_b, &users[*user], id).await;
+        *counts.entry(count).or_insert(0) += 1;
     }
     assert_eq!(
         counts,
@@ -308,21 +332,7 @@ async fn jobs_queued_while_every_server_is_down_run_when_they_return() {
     // One slot, half-second jobs: nearly all wait on the queue.
     let mut ids = Vec::new();
     for _ in 0..100 {
-        let resp = client
-            .post(format!("{base}/api/test.job"))
-            .header("prefer", "respond-async")
-            .bearer_auth(&token)
-            .json(&json!({ "ms": 500 }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
-        ids.push(
-            resp.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(submit_job(&client, &base, &token, json!({ "ms": 500 })).await);
     }
     // Those over before the stop are left out: their records go with the servers.
     let mut queued = Vec::new();
@@ -374,14 +384,7 @@ async fn jobs_queued_while_every_server_is_down_run_when_they_return() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        let resp = client
-            .post(format!("{base}/api/test.job"))
-            .bearer_auth(&token)
-            .json(&json!({ "read": id }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.json::<Value>().await.unwrap()["count"], 1, "job {id}");
+        assert_eq!(effect_count(&client, &base, &token, id).await, 1, "job {id}");
     }
 }
 
@@ -403,21 +406,7 @@ async fn a_draining_server_hands_its_unfinished_jobs_to_a_peer() {
     let client = http();
     let mut ids = Vec::new();
     for ms in [300, 6000, 6000] {
-        let resp = client
-            .post(format!("{base}/api/test.job"))
-            .header("prefer", "respond-async")
-            .bearer_auth(&token)
-            .json(&json!({ "ms": ms }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
-        ids.push(
-            resp.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(submit_job(&client, &base, &token, json!({ "ms": ms })).await);
     }
     for id in &ids {
         let until = Instant::now() + Duration::from_secs(10);
@@ -452,17 +441,7 @@ async fn a_draining_server_hands_its_unfinished_jobs_to_a_peer() {
             .unwrap();
         assert_eq!(body["state"], "succeeded", "{body}");
         assert_eq!(body["attempts"], attempts, "{body}");
-        let count: Value = client
-            .post(format!("{base}/api/test.job"))
-            .bearer_auth(&token)
-            .json(&json!({ "read": id }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(count["count"], 1, "job {id}");
+        assert_eq!(effect_count(&client, &base, &token, id).await, 1, "job {id}");
     }
 }
 
@@ -509,19 +488,7 @@ async fn a_job_longer_than_the_consumer_timeout_completes_once() {
     let token = mesh.token("alice");
     let client = http();
 
-    let resp = client
-        .post(format!("{base}/api/test.job"))
-        .header("prefer", "respond-async")
-        .bearer_auth(&token)
-        .json(&json!({ "ms": run.as_millis() as u64 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_job(&client, &base, &token, json!({ "ms": run.as_millis() as u64 })).await;
 
     // Meanwhile, the proof that the timeout is short here: a plain lapin consumer
     // holding a delivery is closed by the broker within the measured time.
@@ -563,15 +530,8 @@ async fn a_job_longer_than_the_consumer_timeout_completes_once() {
         ran >= run.as_millis() as u64,
         "the job ran {ran} ms, not the {run:?} it was asked to: {status}"
     );
-    let resp = client
-        .post(format!("{base}/api/test.job"))
-        .bearer_auth(&token)
-        .json(&json!({ "read": id }))
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        resp.json::<Value>().await.unwrap()["count"],
+        effect_count(&client, &base, &token, &id).await,
         1,
         "the job's effect, counted"
     );

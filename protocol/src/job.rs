@@ -246,6 +246,32 @@ impl Envelope for JobRecord {
 }
 
 impl JobRecord {
+    /// The record of `spec` as accepted: `queued`, first attempt, kept until
+    /// `expires_unix_ms` unless it gets further.
+    pub fn queued(spec: &JobSpec, expires_unix_ms: u64) -> Self {
+        Self {
+            v: ProtocolVersion::CURRENT,
+            id: spec.id.clone(),
+            handler: spec.handler.clone(),
+            user: spec.user.clone(),
+            state: JobState::Queued,
+            attempt: 1,
+            lost: 0,
+            options: spec.options.clone(),
+            created_ms: spec.created_ms,
+            started_ms: None,
+            finished_ms: None,
+            not_before_ms: None,
+            node: None,
+            progress: None,
+            cancel_requested: false,
+            result: Vec::new(),
+            error: None,
+            fingerprint: spec.fingerprint.clone(),
+            expires_unix_ms,
+        }
+    }
+
     /// How far the job has got: of two records of one job, the higher rank wins (the
     /// later write between equal ranks). A finished job outranks everything, then a
     /// later attempt, then the state within an attempt, then a requested
@@ -455,14 +481,11 @@ mod tests {
     }
 
     fn record(state: JobState, attempt: u32) -> JobRecord {
-        JobRecord {
-            v: ProtocolVersion::CURRENT,
+        let spec = JobSpec {
             id: "00".repeat(16),
             handler: "h".into(),
             user: None,
-            state,
-            attempt,
-            lost: 0,
+            body: Vec::new(),
             options: JobOptions {
                 max_attempts: 3,
                 timeout_ms: 1000,
@@ -470,16 +493,14 @@ mod tests {
                 max_result_bytes: 1024,
             },
             created_ms: 0,
-            started_ms: None,
-            finished_ms: None,
-            not_before_ms: None,
-            node: None,
-            progress: None,
-            cancel_requested: false,
-            result: Vec::new(),
-            error: None,
             fingerprint: None,
-            expires_unix_ms: 1,
+            headers: Default::default(),
+            traceparent: None,
+        };
+        JobRecord {
+            state,
+            attempt,
+            ..JobRecord::queued(&spec, 1)
         }
     }
 

@@ -233,11 +233,11 @@ async fn submit(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
     let spec = JobSpec {
         id: id.clone(),
         handler: submit.handler.clone(),
-        user: user.clone(),
+        user,
         body,
-        options: options.clone(),
+        options,
         created_ms: now,
-        fingerprint: fingerprint.clone(),
+        fingerprint,
         headers: request.headers.clone(),
         traceparent: None,
     };
@@ -270,27 +270,7 @@ async fn submit(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
             ));
         }
     }
-    let record = JobRecord {
-        v: ProtocolVersion::CURRENT,
-        id: id.clone(),
-        handler: submit.handler,
-        user,
-        state: JobState::Queued,
-        attempt: 1,
-        lost: 0,
-        options,
-        created_ms: now,
-        started_ms: None,
-        finished_ms: None,
-        not_before_ms: None,
-        node: None,
-        progress: None,
-        cancel_requested: false,
-        result: Vec::new(),
-        error: None,
-        fingerprint,
-        expires_unix_ms: now.saturating_add(UNFINISHED_TTL_MS),
-    };
+    let record = JobRecord::queued(&message.job, now.saturating_add(UNFINISHED_TTL_MS));
     let deadline = Instant::now() + Duration::from_secs(5);
     if let Err(e) = jobs
         .dispatcher

@@ -193,25 +193,9 @@ async fn accept(jobs: &Jobs, delivery: Delivery) -> Option<(Delivery, JobMessage
 /// The record a runner writes when it takes attempt `attempt` of `spec`.
 fn record_of(spec: &JobSpec, before: Option<&JobRecord>) -> JobRecord {
     JobRecord {
-        v: ProtocolVersion::CURRENT,
-        id: spec.id.clone(),
-        handler: spec.handler.clone(),
-        user: spec.user.clone(),
-        state: JobState::Queued,
-        attempt: 1,
-        lost: 0,
-        options: spec.options.clone(),
-        created_ms: spec.created_ms,
-        started_ms: None,
-        finished_ms: None,
-        not_before_ms: None,
-        node: None,
-        progress: None,
         cancel_requested: before.is_some_and(|b| b.cancel_requested),
-        result: Vec::new(),
         error: before.and_then(|b| b.error.clone()),
-        fingerprint: spec.fingerprint.clone(),
-        expires_unix_ms: before.map_or(u64::MAX, |b| b.expires_unix_ms),
+        ..JobRecord::queued(spec, before.map_or(u64::MAX, |b| b.expires_unix_ms))
     }
 }
 

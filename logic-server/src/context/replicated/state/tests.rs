@@ -312,17 +312,12 @@ fn job_op(
     wall_ms: u64,
     node: &str,
 ) -> ContextOp {
-    use keelson_protocol::job::{JobOptions, JobRecord, record_location};
-    let id = "ab".repeat(16);
-    let (scope, key) = record_location(&id);
-    let record = JobRecord {
-        v: keelson_protocol::ProtocolVersion::CURRENT,
-        id,
+    use keelson_protocol::job::{JobOptions, JobRecord, JobSpec, record_location};
+    let spec = JobSpec {
+        id: "ab".repeat(16),
         handler: "h".to_owned(),
         user: None,
-        state,
-        attempt,
-        lost: 0,
+        body: Vec::new(),
         options: JobOptions {
             max_attempts: 3,
             timeout_ms: 1000,
@@ -330,16 +325,16 @@ fn job_op(
             max_result_bytes: 1024,
         },
         created_ms: 1,
-        started_ms: None,
-        finished_ms: None,
-        not_before_ms: None,
-        node: Some(node.to_owned()),
-        progress: None,
-        cancel_requested: false,
-        result: Vec::new(),
-        error: None,
         fingerprint: None,
-        expires_unix_ms: u64::MAX,
+        headers: Default::default(),
+        traceparent: None,
+    };
+    let (scope, key) = record_location(&spec.id);
+    let record = JobRecord {
+        state,
+        attempt,
+        node: Some(node.to_owned()),
+        ..JobRecord::queued(&spec, u64::MAX)
     };
     ContextOp::Set {
         user: scope,

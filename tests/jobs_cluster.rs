@@ -384,7 +384,11 @@ async fn jobs_queued_while_every_server_is_down_run_when_they_return() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        assert_eq!(effect_count(&client, &base, &token, id).await, 1, "job {id}");
+        assert_eq!(
+            effect_count(&client, &base, &token, id).await,
+            1,
+            "job {id}"
+        );
     }
 }
 
@@ -441,7 +445,11 @@ async fn a_draining_server_hands_its_unfinished_jobs_to_a_peer() {
             .unwrap();
         assert_eq!(body["state"], "succeeded", "{body}");
         assert_eq!(body["attempts"], attempts, "{body}");
-        assert_eq!(effect_count(&client, &base, &token, id).await, 1, "job {id}");
+        assert_eq!(
+            effect_count(&client, &base, &token, id).await,
+            1,
+            "job {id}"
+        );
     }
 }
 
@@ -488,7 +496,13 @@ async fn a_job_longer_than_the_consumer_timeout_completes_once() {
     let token = mesh.token("alice");
     let client = http();
 
-    let id = submit_job(&client, &base, &token, json!({ "ms": run.as_millis() as u64 })).await;
+    let id = submit_job(
+        &client,
+        &base,
+        &token,
+        json!({ "ms": run.as_millis() as u64 }),
+    )
+    .await;
 
     // Meanwhile, the proof that the timeout is short here: a plain lapin consumer
     // holding a delivery is closed by the broker within the measured time.

@@ -17,7 +17,7 @@ use keelson_protocol::job::{
     watches_service,
 };
 use keelson_protocol::transport::{Consumer, Delivery, ServiceSpec, TransportError};
-use keelson_protocol::{ErrorInfo, ProtocolVersion, ReplyStatus, Request, decode};
+use keelson_protocol::{ErrorInfo, ReplyStatus, Request, decode};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};

@@ -466,7 +466,18 @@ impl State {
     }
 
     pub(crate) fn user_count(&self) -> usize {
-        self.users.len()
+        // Job records' shard scopes are no users.
+        self.users.len() - self.job_scopes().count()
+    }
+
+    /// The shard scopes of job records: at most 256, adjacent in key order.
+    fn job_scopes(&self) -> impl Iterator<Item = (&Box<str>, &UserState)> {
+        self.users
+            .range::<str, _>((
+                std::ops::Bound::Included(JOB_SCOPE_PREFIX),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(name, _)| name.starts_with(JOB_SCOPE_PREFIX))
     }
 
     /// Bytes of every context, as charged against the per-user limit (walks them all).
@@ -541,10 +552,7 @@ impl State {
 
     /// Every live job record at `now_ms`, of every shard scope.
     pub(crate) fn jobs(&self, now_ms: u64) -> Vec<JobRecord> {
-        let shard = |u: &str| u.starts_with(JOB_SCOPE_PREFIX);
-        self.users
-            .iter()
-            .filter(|(name, _)| shard(name))
+        self.job_scopes()
             .flat_map(|(_, u)| u.jobs())
             .filter(|j| j.expires_unix_ms > now_ms)
             .collect()

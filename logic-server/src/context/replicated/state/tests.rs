@@ -367,6 +367,7 @@ fn a_job_record_keeps_the_state_that_got_furthest_whatever_the_order() {
         }
         let jobs = state.jobs(0);
         assert_eq!(jobs.len(), 1);
+        assert_eq!(state.user_count(), 0, "a job record's scope is no user");
         assert_eq!(
             (jobs[0].state, jobs[0].attempt),
             (Succeeded, 1),

@@ -445,6 +445,13 @@ async fn conclude(
         // Decided elsewhere (cancelled while queued, say): nothing of this run stands.
         return;
     }
+    if current.state == JobState::Running && current.node.as_deref() != Some(jobs.incarnation()) {
+        // Two servers took this attempt at once (its run message was queued twice,
+        // by a takeover and by the server that lost it): every replica keeps one
+        // claim, the same one; the other's outcome and writes are dropped.
+        tracing::info!(id = %spec.id, attempt = n, "another server runs this attempt; dropping this run's outcome");
+        return;
+    }
     let mut next = current;
     next.progress = None;
     if cancelled || next.cancel_requested {

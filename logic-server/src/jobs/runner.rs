@@ -422,7 +422,12 @@ async fn conclude(
         Outcome::Returned(reply, effects, cancelled) => (reply, effects, cancelled),
     };
     // Every record written before now, here: a peer that took this attempt for
-    // lost, or a cancellation, is seen before anything is committed.
+    // lost, or a cancellation, is seen before anything is committed. Two windows
+    // stay open without a consensus store: a freeze between the lease check below
+    // and the commit's publish, and a peer's takeover published after this barrier
+    // by a peer that heard no heartbeat of this live server for three intervals;
+    // then both attempts may commit (the second finds the first's terminal record
+    // and drops its own outcome only if it concludes later).
     let current = jobs.fresh_record(&spec.id).await;
     if !jobs.liveness.holds(epoch) {
         // Peers may have taken this attempt for lost and run it again: its outcome

@@ -86,6 +86,24 @@ async fn effect_count(client: &reqwest::Client, base: &str, token: &str, id: &st
         .unwrap()
 }
 
+/// `GET /jobs/{id}{query}`: the status, asserted to be there (200).
+async fn job_status(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    id: &str,
+    query: &str,
+) -> Value {
+    let resp = client
+        .get(format!("{base}/jobs/{id}{query}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "job {id}");
+    resp.json().await.unwrap()
+}
+
 /// Submit `body` to `test.job` as a job; its id.
 async fn submit_job(client: &reqwest::Client, base: &str, token: &str, body: Value) -> String {
     let resp = client
@@ -337,13 +355,7 @@ async fn jobs_queued_while_every_server_is_down_run_when_they_return() {
     // Those over before the stop are left out: their records go with the servers.
     let mut queued = Vec::new();
     for id in &ids {
-        let resp = client
-            .get(format!("{base}/jobs/{id}"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        let body: Value = resp.json().await.unwrap();
+        let body = job_status(&client, &base, &token, id, "").await;
         if body["state"] == "queued" {
             queued.push(id.clone());
         }
@@ -415,15 +427,7 @@ async fn a_draining_server_hands_its_unfinished_jobs_to_a_peer() {
     for id in &ids {
         let until = Instant::now() + Duration::from_secs(10);
         loop {
-            let body: Value = client
-                .get(format!("{base}/jobs/{id}"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let body = job_status(&client, &base, &token, id, "").await;
             if body["state"] != "queued" {
                 break;
             }
@@ -434,15 +438,7 @@ async fn a_draining_server_hands_its_unfinished_jobs_to_a_peer() {
     server(&mut mesh, "logic-2", 8).await;
     mesh.stop_server(0).await;
     for (id, attempts) in ids.iter().zip([1, 2, 2]) {
-        let body: Value = client
-            .get(format!("{base}/jobs/{id}?wait=20"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = job_status(&client, &base, &token, id, "?wait=20").await;
         assert_eq!(body["state"], "succeeded", "{body}");
         assert_eq!(body["attempts"], attempts, "{body}");
         assert_eq!(
@@ -515,14 +511,7 @@ async fn a_job_longer_than_the_consumer_timeout_completes_once() {
     // Waits of 20 s, longer than the consumer timeout, until the job is over.
     let deadline = Instant::now() + run + Duration::from_secs(30);
     let status = loop {
-        let resp = client
-            .get(format!("{base}/jobs/{id}?wait=20"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200, "job {id}");
-        let body: Value = resp.json().await.unwrap();
+        let body = job_status(&client, &base, &token, &id, "?wait=20").await;
         if rank(&body).0 {
             break body;
         }

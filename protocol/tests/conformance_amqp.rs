@@ -418,6 +418,109 @@ mod amqp_specific {
         .await;
     }
 
+    /// The lease holder `a` (through `proxy`) and a candidate `b` (direct), same
+    /// namespace and heartbeat; returns them with `a` holding.
+    async fn lease_pair(
+        proxy: &Proxy,
+        heartbeat_s: u16,
+    ) -> (
+        Arc<AmqpTransport>,
+        Arc<AmqpTransport>,
+        Box<dyn keelson_protocol::transport::Lease>,
+        Box<dyn keelson_protocol::transport::Lease>,
+        u64,
+    ) {
+        let mut direct = test_config(vec![broker_url()]);
+        direct.heartbeat_s = heartbeat_s;
+        let mut proxied = direct.clone();
+        proxied.urls = vec![proxy.url()];
+        let a = Arc::new(AmqpTransport::connect(proxied, "lease-a").await.unwrap());
+        let b = Arc::new(AmqpTransport::connect(direct, "lease-b").await.unwrap());
+        let mut la = a.lease("pair").await.unwrap();
+        let token = match tokio::time::timeout(Duration::from_secs(5), la.next()).await {
+            Ok(Some(keelson_protocol::transport::LeaseEvent::Acquired { token })) => token,
+            other => panic!("a did not acquire: {other:?}"),
+        };
+        let lb = b.lease("pair").await.unwrap();
+        (a, b, la, lb, token)
+    }
+
+    /// Waits for `lease` to be acquired; returns its token and when.
+    async fn acquired_within(
+        lease: &mut Box<dyn keelson_protocol::transport::Lease>,
+        within: Duration,
+    ) -> (u64, Instant) {
+        match tokio::time::timeout(within, lease.next()).await {
+            Ok(Some(keelson_protocol::transport::LeaseEvent::Acquired { token })) => {
+                (token, Instant::now())
+            }
+            other => panic!("the lease was not acquired within {within:?}: {other:?}"),
+        }
+    }
+
+    /// A holder whose connection goes silent (a frozen process, a partition) fences
+    /// itself before the broker gives its baton to another candidate, which gets a
+    /// greater token.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_lease_holder_fences_itself_before_the_hand_over() {
+        let proxy = Proxy::start(broker_target()).await;
+        let (a, b, la, mut lb, first) = lease_pair(&proxy, 2).await;
+        let fence = la.fence();
+        assert_eq!(fence.check(), Some(first));
+        proxy.freeze(true);
+        let frozen_at = Instant::now();
+        let watcher = tokio::spawn(async move {
+            while fence.check().is_some() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Instant::now()
+        });
+        let (second, acquired_at) = acquired_within(&mut lb, Duration::from_secs(15)).await;
+        let fenced_at = watcher.await.unwrap();
+        eprintln!(
+            "frozen holder fenced after {:?}, baton handed over after {:?}",
+            fenced_at - frozen_at,
+            acquired_at - frozen_at
+        );
+        assert!(second > first, "token {second} after {first}");
+        assert!(
+            fenced_at < acquired_at,
+            "the old holder was still valid when the new one acquired"
+        );
+        assert!(fenced_at - frozen_at <= Duration::from_secs(2) + Duration::from_millis(500));
+        drop(la);
+        drop(lb);
+        proxy.cut();
+        a.close().await;
+        b.close().await;
+        delete_topology(&b).await;
+    }
+
+    /// A holder whose connection closes (a killed process) hands the lease over at
+    /// once, without waiting for heartbeats.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_lease_holder_connection_hands_over_at_once() {
+        let proxy = Proxy::start(broker_target()).await;
+        let (a, b, mut la, mut lb, first) = lease_pair(&proxy, 5).await;
+        let cut_at = Instant::now();
+        proxy.cut();
+        let (second, acquired_at) = acquired_within(&mut lb, Duration::from_secs(3)).await;
+        eprintln!("handed over {:?} after the cut", acquired_at - cut_at);
+        assert!(second > first);
+        match tokio::time::timeout(Duration::from_secs(5), la.next()).await {
+            Ok(Some(keelson_protocol::transport::LeaseEvent::Lost { token, .. })) => {
+                assert_eq!(token, first)
+            }
+            other => panic!("the old holder was not told it lost the lease: {other:?}"),
+        }
+        assert_eq!(la.fence().check(), None);
+        drop(la);
+        drop(lb);
+        a.close().await;
+        b.close().await;
+        delete_topology(&b).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropped_consumer_keeps_unsettled_deliveries() {
         with_transport(test_config(vec![broker_url()]), |t| async move {

@@ -718,6 +718,119 @@ pub async fn acked_enqueued_message_is_not_delivered_again(t: Arc<dyn Transport>
     );
 }
 
+// ---- leases ----
+
+/// A unique lease name per check run (checks of one transport may share a broker).
+fn lease_name(check: &str) -> String {
+    format!("conf-{check}-{}", std::process::id())
+}
+
+async fn acquired(lease: &mut Box<dyn super::Lease>) -> u64 {
+    match within("the lease", lease.next()).await {
+        Some(super::LeaseEvent::Acquired { token }) => token,
+        other => panic!("expected the lease to be acquired, got {other:?}"),
+    }
+}
+
+pub async fn first_candidate_holds_a_lease_and_others_wait(t: Arc<dyn Transport>) {
+    let name = lease_name("first");
+    let mut a = t.lease(&name).await.unwrap();
+    let token = acquired(&mut a).await;
+    assert!(token >= 1);
+    assert_eq!(a.fence().check(), Some(token));
+    let mut b = t.lease(&name).await.unwrap();
+    let waited = tokio::time::timeout(QUIET, b.next()).await;
+    assert!(
+        waited.is_err(),
+        "a second candidate got the lease: {waited:?}"
+    );
+    assert_eq!(b.fence().check(), None);
+    assert_eq!(a.fence().check(), Some(token), "the holder kept it");
+    a.release().await;
+    b.release().await;
+}
+
+pub async fn a_released_lease_passes_to_the_next_with_a_greater_token(t: Arc<dyn Transport>) {
+    let name = lease_name("release");
+    let mut a = t.lease(&name).await.unwrap();
+    let first = acquired(&mut a).await;
+    let mut b = t.lease(&name).await.unwrap();
+    let fence_a = a.fence();
+    a.release().await;
+    assert_eq!(fence_a.check(), None, "released, the old holder is fenced");
+    let second = acquired(&mut b).await;
+    assert!(second > first, "token {second} after {first}");
+    assert!(
+        tokio::time::timeout(QUIET, a.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    b.release().await;
+}
+
+pub async fn a_dropped_lease_is_handed_over(t: Arc<dyn Transport>) {
+    let name = lease_name("drop");
+    let mut a = t.lease(&name).await.unwrap();
+    let first = acquired(&mut a).await;
+    let fence_a = a.fence();
+    let mut b = t.lease(&name).await.unwrap();
+    drop(a);
+    assert_eq!(fence_a.check(), None);
+    let second = acquired(&mut b).await;
+    assert!(second > first);
+    b.release().await;
+}
+
+pub async fn lease_tokens_grow_and_one_holder_at_a_time(t: Arc<dyn Transport>) {
+    let name = lease_name("rotate");
+    let mut line = std::collections::VecDeque::new();
+    for _ in 0..3 {
+        line.push_back(t.lease(&name).await.unwrap());
+    }
+    let mut last = 0;
+    for _ in 0..6 {
+        // Whoever holds it is announced; everyone else's fence is down.
+        let mut holder = None;
+        let deadline = soon();
+        while holder.is_none() {
+            for (i, c) in line.iter().enumerate() {
+                if c.fence().check().is_some() {
+                    holder = Some(i);
+                }
+            }
+            assert!(Instant::now() < deadline, "nobody acquired the lease");
+            if holder.is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let i = holder.unwrap();
+        let mut h = line.remove(i).unwrap();
+        let token = acquired(&mut h).await;
+        assert!(token > last, "token {token} after {last}");
+        last = token;
+        for other in &line {
+            assert_eq!(other.fence().check(), None, "two holders at once");
+        }
+        h.release().await;
+        // Back in line as a new candidate.
+        line.push_back(t.lease(&name).await.unwrap());
+    }
+    for mut c in line {
+        c.release().await;
+    }
+}
+
+pub async fn leases_of_other_names_are_independent(t: Arc<dyn Transport>) {
+    let mut a = t.lease(&lease_name("one")).await.unwrap();
+    let mut b = t.lease(&lease_name("two")).await.unwrap();
+    acquired(&mut a).await;
+    acquired(&mut b).await;
+    assert!(t.lease("Not/A lease").await.is_err());
+    a.release().await;
+    b.release().await;
+}
+
 async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where
     F: std::future::Future + Send + 'static,
@@ -821,6 +934,11 @@ macro_rules! transport_conformance_tests {
             delayed_message_arrives_after_its_delay,
             delayed_message_is_routed_when_its_delay_is_over,
             acked_enqueued_message_is_not_delivered_again,
+            first_candidate_holds_a_lease_and_others_wait,
+            a_released_lease_passes_to_the_next_with_a_greater_token,
+            a_dropped_lease_is_handed_over,
+            lease_tokens_grow_and_one_holder_at_a_time,
+            leases_of_other_names_are_independent,
         );
     };
     (@cleanup $make:expr, $cleanup:path; $($name:ident),* $(,)?) => {

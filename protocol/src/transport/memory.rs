@@ -11,6 +11,8 @@
 //! queue at that moment is lost (with a warning in the log, which the broker cannot
 //! give). Closing the transport drops the delayed messages still waiting.
 
+use super::lease::{Fence, Lease, check_lease_name};
+use super::memory_lease::{Leases, MemoryLease};
 use super::window::Window;
 use super::{
     Consumer, DEAD_LETTER_REASON_HEADER, Delivery, Headers, MAX_ENQUEUE_DELAY, Message, Outcome,
@@ -22,7 +24,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -41,6 +43,9 @@ struct Inner {
     next_reply_id: AtomicU64,
     closed: AtomicBool,
     closed_notify: Notify,
+    /// Flips to true on close (the lease candidates wait on it).
+    closed_watch: watch::Sender<bool>,
+    leases: Arc<Leases>,
 }
 
 #[derive(Debug, Default)]
@@ -313,6 +318,22 @@ impl Transport for MemoryTransport {
         Ok(Some(u64::try_from(waiting).unwrap_or(u64::MAX)))
     }
 
+    async fn lease(&self, name: &str) -> Result<Box<dyn Lease>, TransportError> {
+        self.check_open()?;
+        check_lease_name(name).map_err(TransportError::Refused)?;
+        let fence = Fence::new();
+        let (id, grant) = self.inner.leases.join(name, &fence);
+        Ok(Box::new(MemoryLease {
+            leases: self.inner.leases.clone(),
+            name: name.to_owned(),
+            id: Some(id),
+            grant,
+            fence,
+            announced: None,
+            closed: self.inner.closed_watch.subscribe(),
+        }))
+    }
+
     fn publisher(&self) -> Publisher {
         Publisher::Local
     }
@@ -324,6 +345,7 @@ impl Transport for MemoryTransport {
     async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.closed_notify.notify_waiters();
+        self.inner.closed_watch.send_replace(true);
         let mut state = lock(&self.inner.state);
         for queue in state.queues.values() {
             queue.notify.notify_waiters();

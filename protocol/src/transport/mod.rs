@@ -23,7 +23,9 @@
 mod config;
 mod delivery;
 mod error;
+pub mod lease;
 pub mod memory;
+mod memory_lease;
 mod window;
 
 #[cfg(feature = "amqp")]
@@ -35,6 +37,7 @@ pub mod conformance;
 pub use config::{MemoryConfig, TransportConfig};
 pub use delivery::{Delivery, Outcome, Publisher, Replier, Settle};
 pub use error::{RequestError, TransportError};
+pub use lease::{Fence, Lease, LeaseEvent};
 
 #[cfg(feature = "amqp")]
 pub use amqp::{AmqpConfig, AmqpTransport, QueueType};
@@ -185,6 +188,17 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// broker allows every user), so a gateway's least-privilege broker user may ask.
     async fn dead_letters_waiting(&self) -> Result<Option<u64>, TransportError> {
         Ok(None)
+    }
+
+    /// Join the line of candidates for the lease `name` (see [`lease`]): at most one
+    /// candidate in the whole mesh holds it at a time, with a fencing token greater
+    /// than every earlier holder's. `name` is 1–100 characters of `[a-z0-9._-]`.
+    ///
+    /// The default refuses (a transport written before leases still builds).
+    async fn lease(&self, name: &str) -> Result<Box<dyn Lease>, TransportError> {
+        Err(TransportError::Refused(format!(
+            "this transport has no leases (lease `{name}`)"
+        )))
     }
 
     /// Who this transport's own publications come from, as its consumers see it

@@ -30,6 +30,7 @@ mod delay;
 mod enqueue;
 mod fanout;
 mod headers;
+mod lease;
 mod origin;
 mod reply;
 mod rpc;
@@ -225,6 +226,7 @@ impl AmqpTransport {
                 .services
                 .keys()
                 .map(|s| names.service_queue(s))
+                .chain(registry.leases.iter().cloned())
                 .collect();
             (queues, registry.fanouts.iter().cloned().collect::<Vec<_>>())
         };
@@ -365,6 +367,15 @@ impl Transport for AmqpTransport {
         Ok(Box::new(
             fanout::AmqpSubscription::open(shared.clone(), channel).await?,
         ))
+    }
+
+    async fn lease(&self, name: &str) -> Result<Box<dyn super::Lease>, TransportError> {
+        let shared = self.shared();
+        if shared.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        super::lease::check_lease_name(name).map_err(TransportError::Refused)?;
+        Ok(Box::new(lease::AmqpLease::start(shared.clone(), name)?))
     }
 
     async fn consume_dead_letters(

@@ -26,6 +26,9 @@ pub(crate) struct Registry {
     pub(crate) services: BTreeMap<String, BTreeSet<String>>,
     /// Fanout exchange names.
     pub(crate) fanouts: BTreeSet<String>,
+    /// Lease queue names (only deleted with the topology, never declared again by
+    /// the supervisor: each lease's driver declares its own).
+    pub(crate) leases: BTreeSet<String>,
 }
 
 #[derive(Debug)]

@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 pub(crate) const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Fanout channel names that would collide with the fixed exchanges.
-const RESERVED_CHANNELS: [&str; 2] = ["requests", "dead-letter"];
+const RESERVED_CHANNELS: [&str; 3] = ["requests", "dead-letter", "lease"];
 
 /// The names of everything the transport declares, all under one namespace.
 #[derive(Debug, Clone)]
@@ -87,6 +87,11 @@ impl Names {
     /// The queue of a service.
     pub(crate) fn service_queue(&self, service: &str) -> String {
         format!("{}.svc.{service}", self.ns)
+    }
+
+    /// The quorum queue of a lease (see `lease.rs`).
+    pub(crate) fn lease_queue(&self, name: &str) -> String {
+        format!("{}.lease.{name}", self.ns)
     }
 
     /// The fanout exchange of a broadcast channel.

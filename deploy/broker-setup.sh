@@ -77,9 +77,9 @@ roles=(
   "^(${N}control|${GEN})\$"
 
   "keelson-logic"
-  "^${GEN}\$"
+  "^(${N}lease\\..*|${GEN})\$"
   "^(${N}(requests|dead-letter|delay|control|context|svc\\..*)|${GEN}|${DEFAULT})\$"
-  "^(${N}(requests|control|context|svc\\..*)|${GEN})\$"
+  "^(${N}(requests|control|context|svc\\..*|lease\\..*)|${GEN})\$"
 
   "keelson-operator"
   "^(${N}.*|${GEN})\$"

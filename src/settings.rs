@@ -251,6 +251,13 @@ pub fn load_with_env(
         if path.is_empty() || path == "." || inner.contains(&format!("`{path}`")) {
             ConfigError::new(&origin, inner)
         } else {
+            // The `config` crate ends some messages with its own spelling of the
+            // key, wrong inside an array (`schedules[0]misfire`): the path in front
+            // names it.
+            let inner = match inner.rfind(" for key `") {
+                Some(i) if inner.ends_with('`') => &inner[..i],
+                _ => &inner,
+            };
             ConfigError::new(&origin, format!("at key `{path}`: {inner}"))
         }
     })?;
@@ -273,6 +280,8 @@ pub fn load_with_env(
     config
         .telemetry
         .validate()
+        .map_err(|e| ConfigError::new(&origin, e))?;
+    keelson_logic_server::schedules::plan::build_schedules(&config.logic_server.schedules)
         .map_err(|e| ConfigError::new(&origin, e))?;
     Ok(config)
 }

@@ -110,6 +110,8 @@ mod tests {
                 context: None,
                 digest: None,
                 jobs: None,
+                leases: Vec::new(),
+                schedules: Vec::new(),
                 interval_ms: 1000,
                 leaving: false,
             },

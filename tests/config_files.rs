@@ -289,3 +289,131 @@ fn a_handler_setting_for_no_enabled_handler_names_the_variable_and_the_forms() {
     );
     assert!(err.contains("TEST_QUOTA for test.quota"), "{err}");
 }
+
+/// `text` with the commented `[[logic_server.schedules]]` example uncommented.
+fn uncomment_schedule_example(text: &str) -> String {
+    let start = text
+        .find("# [[logic_server.schedules]]\n")
+        .expect("a commented schedule example");
+    let end = start + text[start..].find("\n\n").unwrap() + 1;
+    let example: String = text[start..end]
+        .lines()
+        .map(|line| format!("{}\n", line.strip_prefix("# ").unwrap()))
+        .collect();
+    format!("{}{example}{}", &text[..start], &text[end..])
+}
+
+#[test]
+fn the_schedule_example_of_the_shipped_configs_is_a_working_schedule() {
+    let scratch = tempfile::tempdir().unwrap();
+    for name in ["keelson.toml", "logic-server.toml"] {
+        let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(name);
+        let text = std::fs::read_to_string(&shipped).unwrap();
+        assert!(load(shipped).unwrap().logic_server.schedules.is_empty());
+        let path = scratch.path().join(name);
+        std::fs::write(&path, uncomment_schedule_example(&text)).unwrap();
+        let config = load(path).unwrap();
+        let ls = &config.logic_server;
+        assert_eq!(ls.schedules.len(), 1, "{name}");
+        let s = &ls.schedules[0];
+        assert_eq!(s.name, "nightly-report");
+        assert_eq!(s.timezone, "Europe/Berlin");
+        assert!(ls.handlers.contains(&s.handler), "{name}: {}", s.handler);
+        // An inline table is a JSON object, as in handler_settings.
+        assert_eq!(s.body, serde_json::json!({"rows": 1000}));
+        // The sections after the example are still read as theirs.
+        assert_eq!(ls.governor, Default::default());
+    }
+}
+
+#[test]
+fn schedules_default_what_they_do_not_set() {
+    let scratch = tempfile::tempdir().unwrap();
+    let path = scratch.path().join("one.toml");
+    std::fs::write(
+        &path,
+        "[[logic_server.schedules]]\nname = \"tick\"\ncron = \"*/5 * * * * *\"\nhandler = \"echo\"\n\n\
+         [[logic_server.schedules]]\nname = \"Dotted.Keys-kept\"\ncron = \"0 0 * * * *\"\nhandler = \"echo\"\n\
+         body = { \"a.b\" = { CamelCase = [1, 2.5, \"x\", true] } }\nmisfire = \"skip\"\noverlap = \"allow\"\n",
+    )
+    .unwrap();
+    let err = load(path.clone()).unwrap_err();
+    // The second's name is refused, not its body.
+    assert!(err.contains("logic_server.schedules[1].name"), "{err}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("Dotted.Keys-kept", "dotted")).unwrap();
+    let config = load(path).unwrap();
+    let [tick, dotted] = &config.logic_server.schedules[..] else {
+        panic!("{:?}", config.logic_server.schedules)
+    };
+    assert_eq!(tick.timezone, "UTC");
+    assert_eq!(tick.body, serde_json::json!({}));
+    assert_eq!(tick.misfire, keelson_logic_server::config::Misfire::FireAll);
+    assert_eq!(tick.catch_up_window_s, 300);
+    assert_eq!(tick.overlap, keelson_logic_server::config::Overlap::Skip);
+    assert_eq!(
+        dotted.body,
+        serde_json::json!({"a.b": {"CamelCase": [1, 2.5, "x", true]}})
+    );
+    assert_eq!(dotted.misfire, keelson_logic_server::config::Misfire::Skip);
+    assert_eq!(dotted.overlap, keelson_logic_server::config::Overlap::Allow);
+}
+
+#[test]
+fn a_bad_schedule_names_the_file_and_the_key() {
+    let scratch = tempfile::tempdir().unwrap();
+    let table = |body: &str| {
+        format!(
+            "[[logic_server.schedules]]\nname = \"first\"\ncron = \"0 0 * * * *\"\nhandler = \"echo\"\n\n[[logic_server.schedules]]\n{body}\n"
+        )
+    };
+    for (body, expected) in [
+        (
+            "name = \"n\"\ncron = \"30 2 * * *\"\nhandler = \"echo\"",
+            "logic_server.schedules[1].cron: `30 2 * * *` has 5 fields, but a seconds field is needed first",
+        ),
+        (
+            "name = \"n\"\ncron = \"0 30 2 * * *\"\ntimezone = \"Mars/Olympus\"\nhandler = \"echo\"",
+            "logic_server.schedules[1].timezone: `Mars/Olympus` is not an IANA time zone name",
+        ),
+        (
+            "name = \"Nightly\"\ncron = \"0 30 2 * * *\"\nhandler = \"echo\"",
+            "logic_server.schedules[1].name: `Nightly` is not a schedule name",
+        ),
+        (
+            "name = \"first\"\ncron = \"0 30 2 * * *\"\nhandler = \"echo\"",
+            "logic_server.schedules[1].name: `first` is also the name of logic_server.schedules[0]",
+        ),
+        (
+            "name = \"n\"\ncron = \"0 30 2 * * *\"\nhandler = \"echo\"\ncronn = \"x\"",
+            "unknown field `cronn`",
+        ),
+        (
+            "name = \"n\"\ncron = \"0 30 2 * * *\"\nhandler = \"echo\"\nmisfire = \"sometimes\"",
+            "at key `logic_server.schedules[1].misfire`: `sometimes` is not a misfire policy: expected one of `skip`, `fire_once`, `fire_all`",
+        ),
+        (
+            "name = \"n\"\ncron = \"0 30 2 * * *\"\nhandler = \"echo\"\noverlap = \"never\"",
+            "at key `logic_server.schedules[1].overlap`: `never` is not an overlap policy: expected `skip` or `allow`",
+        ),
+        (
+            "name = \"n\"\ncron = \"0 30 2 * * *\"\nhandler = \"echo\"\ncatch_up_window_s = -1",
+            "logic_server.schedules[1].catch_up_window_s",
+        ),
+        // (The `config` crate's wording.)
+        (
+            "name = \"n\"\nhandler = \"echo\"",
+            "at key `logic_server.schedules[1]`: missing configuration field",
+        ),
+    ] {
+        let path = scratch.path().join("sched.toml");
+        std::fs::write(&path, table(body)).unwrap();
+        let err = load(path).unwrap_err();
+        assert!(err.contains("sched.toml"), "{err}");
+        assert!(err.contains(expected), "{expected}: {err}");
+        assert!(err.contains("logic_server.schedules"), "{err}");
+        assert!(!err.contains("for key"), "the key said twice: {err}");
+    }
+}

@@ -61,6 +61,11 @@ fn check_refuses_each_kind_of_mistake_naming_the_file_and_the_key() {
             "[logic_server]\nhandlers = [\"cart.add\"]\n\n[logic_server.plugins.cart]\nmax_items = -1\n",
             "logic_server.plugins.cart.max_items",
         ),
+        (
+            "bad-schedule.toml",
+            "[[logic_server.schedules]]\nname = \"nightly\"\ncron = \"30 2 * * *\"\nhandler = \"echo\"\n",
+            "logic_server.schedules[0].cron: `30 2 * * *` has 5 fields, but a seconds field is needed first",
+        ),
     ];
     for (file, toml, key) in cases {
         let path = scratch.write(file, toml);

@@ -61,6 +61,16 @@ pub struct LogicServerConfig {
     pub admin_listen: Option<String>,
     /// Background jobs (`[logic_server.jobs]`).
     pub jobs: JobsConfig,
+    /// Cluster-wide schedules (`[[logic_server.schedules]]`): each slot of a cron
+    /// pattern runs a handler once as a background job, on one server of the
+    /// cluster. None by default.
+    pub schedules: Vec<ScheduleConfig>,
+    /// Singleton tasks to run (their names, as linked plugins register them with
+    /// `singleton!`): each runs on one server of the cluster at a time, among the
+    /// servers that list it. None by default.
+    pub singletons: Vec<String>,
+    /// Per-singleton settings, keyed by singleton name (`SingletonCtx::settings`).
+    pub singleton_settings: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for LogicServerConfig {
@@ -82,6 +92,9 @@ impl Default for LogicServerConfig {
             plugins: BTreeMap::new(),
             admin_listen: None,
             jobs: JobsConfig::default(),
+            schedules: Vec::new(),
+            singletons: Vec::new(),
+            singleton_settings: BTreeMap::new(),
         }
     }
 }
@@ -211,6 +224,133 @@ impl Default for JobsConfig {
             lease_check_ms: 5000,
             max_lost_attempts: 5,
             max_wait_s: 60,
+        }
+    }
+}
+
+/// One cluster-wide schedule (a `[[logic_server.schedules]]` table): each *slot* of
+/// `cron` (an instant the pattern matches, local time in `timezone`) runs `handler`
+/// with `body` as a background job, once for the cluster. Checked by
+/// [`ScheduleConfig::build`] into a [`Schedule`](crate::schedules::plan::Schedule).
+///
+/// ```toml
+/// [[logic_server.schedules]]
+/// name = "nightly-report"
+/// cron = "0 30 2 * * *"          # sec min hour day-of-month month day-of-week
+/// timezone = "Europe/Berlin"
+/// handler = "report.build"
+/// body = { scope = "all" }
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Unique name, 1 to 64 of `a-z 0-9 _ -`: part of each slot's job id and of the
+    /// metrics' labels, so renaming a schedule makes its slots new ones.
+    pub name: String,
+    /// Cron pattern with a seconds field, six fields `sec min hour dom month dow`:
+    /// `"* * * * * *"` every second, `"0 */5 * * * *"` every five minutes,
+    /// `"0 30 2 * * *"` daily at 02:30 in `timezone`. Also `L`, `W`, `#`, names
+    /// (`MON`, `JAN`) and `@daily`-style nicknames; no year field.
+    pub cron: String,
+    /// IANA time zone the pattern's fields are read in (`Europe/Berlin`), default
+    /// `UTC`. Across a daylight-saving change, a pattern with one fixed second,
+    /// minute and hour runs once a day (at the end of a skipped hour; at the first
+    /// pass of a repeated one); others run at each wall-clock time that happens.
+    #[serde(default = "ScheduleConfig::default_timezone")]
+    pub timezone: String,
+    /// The handler each slot runs (enabled on the servers that run jobs).
+    pub handler: String,
+    /// The request body the handler gets, a table (`{ scope = "all" }`) or any
+    /// other TOML value; default `{}`.
+    #[serde(default = "ScheduleConfig::default_body")]
+    pub body: serde_json::Value,
+    /// What to do with slots missed while no scheduler ran (all servers down, a
+    /// failover): `fire_all` (the default) runs each one no older than
+    /// `catch_up_window_s`, `fire_once` only the newest of them, `skip` none. The
+    /// slot due now always runs.
+    #[serde(default)]
+    pub misfire: Misfire,
+    /// Missed slots older than this many seconds are not caught up (they count as
+    /// skipped), whatever `misfire` says.
+    #[serde(default = "ScheduleConfig::default_catch_up_window_s")]
+    pub catch_up_window_s: u64,
+    /// Whether a slot runs while the job of an earlier slot of this schedule is
+    /// still running: `skip` (the default) skips it, `allow` runs both.
+    #[serde(default)]
+    pub overlap: Overlap,
+}
+
+impl ScheduleConfig {
+    /// The default of `timezone`.
+    pub const DEFAULT_TIMEZONE: &str = "UTC";
+    /// The default of `catch_up_window_s`.
+    pub const DEFAULT_CATCH_UP_WINDOW_S: u64 = 300;
+
+    fn default_timezone() -> String {
+        Self::DEFAULT_TIMEZONE.to_owned()
+    }
+
+    fn default_body() -> serde_json::Value {
+        serde_json::Value::Object(serde_json::Map::new())
+    }
+
+    fn default_catch_up_window_s() -> u64 {
+        Self::DEFAULT_CATCH_UP_WINDOW_S
+    }
+}
+
+/// What a schedule does with the slots it missed (`misfire`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+// Read from a string so that a bad one is refused saying what was expected (the
+// `config` crate's own enum errors do not).
+#[serde(try_from = "String")]
+pub enum Misfire {
+    /// Run none of them.
+    Skip,
+    /// Run the newest of them (within the catch-up window).
+    FireOnce,
+    /// Run each of them within the catch-up window, oldest first.
+    #[default]
+    FireAll,
+}
+
+/// Whether a slot runs while an earlier slot's job of the same schedule runs
+/// (`overlap`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub enum Overlap {
+    /// Skip the slot.
+    #[default]
+    Skip,
+    /// Run it anyway.
+    Allow,
+}
+
+impl TryFrom<String> for Misfire {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "skip" => Ok(Self::Skip),
+            "fire_once" => Ok(Self::FireOnce),
+            "fire_all" => Ok(Self::FireAll),
+            _ => Err(format!(
+                "`{value}` is not a misfire policy: expected one of `skip`, `fire_once`, `fire_all`"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for Overlap {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "skip" => Ok(Self::Skip),
+            "allow" => Ok(Self::Allow),
+            _ => Err(format!(
+                "`{value}` is not an overlap policy: expected `skip` or `allow`"
+            )),
         }
     }
 }

@@ -222,6 +222,8 @@ pub(crate) struct Shared {
     pub(crate) resources: Arc<Resources>,
     /// Sends the calls of [`RequestCtx::caller`].
     pub(crate) client: keelson_protocol::client::Client,
+    /// The node id of the server.
+    pub(crate) node: Arc<str>,
 }
 
 /// Everything a handler knows about the request it serves.
@@ -246,6 +248,11 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The node id of the server running the handler.
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
     /// The request id (the gateway's `X-Request-Id`).
     pub fn id(&self) -> &str {
         &self.id

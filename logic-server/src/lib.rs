@@ -16,7 +16,9 @@
 //!   behind the [`ContextStore`] trait, replicated between servers by
 //!   [`ReplicatedContextStore`];
 //! * [`plugin`]: registration of handler plugins and the [`Registry`] built from config;
-//! * [`server`]: the consume loop, deadlines, panics, drain on shutdown.
+//! * [`server`]: the consume loop, deadlines, panics, drain on shutdown;
+//! * [`schedules`]: cluster-wide cron schedules, each slot fired once as a job;
+//!   [`singleton`]: tasks that run on one server of the cluster at a time.
 //!
 //! # Writing a handler
 //!
@@ -75,13 +77,16 @@ pub mod operator;
 pub mod panic;
 pub mod plugin;
 pub mod resource;
+pub mod schedules;
 pub mod server;
+pub mod singleton;
 pub mod testkit;
 
 mod consume;
 mod dispatch;
 #[cfg(feature = "test-failpoints")]
 mod failpoint;
+mod leased;
 mod metrics;
 mod monitor;
 mod stats;
@@ -89,7 +94,9 @@ mod trace;
 
 pub use async_trait::async_trait;
 pub use call::Caller;
-pub use config::{ContextConfig, GovernorConfig, IdempotencyConfig, LogicServerConfig};
+pub use config::{
+    ContextConfig, GovernorConfig, IdempotencyConfig, LogicServerConfig, ScheduleConfig,
+};
 pub use context::{
     ContextError, ContextStore, Effects, RecordValue, RecordWrite, ReplicatedContextStore,
     UserContext,
@@ -106,6 +113,7 @@ pub use operator::OperatorService;
 pub use plugin::{HandlerPlugin, PluginError, Registry, Settings};
 pub use resource::{Plugin, PluginDecl, Resources};
 pub use server::{LogicServer, RunningServer, ServerError, ServerStats};
+pub use singleton::{SingletonCtx, SingletonPlugin};
 
 #[doc(hidden)]
 pub use inventory;

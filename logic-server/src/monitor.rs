@@ -5,7 +5,9 @@ use crate::context::ContextStore;
 use crate::dispatch::Dispatcher;
 use crate::governor::{CpuSampler, Governor, GovernorConfig, Transition};
 use crate::stats::ServerStats;
-use keelson_protocol::control::{ClusterView, Heartbeat, JobCounts, JobsBeat, Load, NodeState};
+use keelson_protocol::control::{
+    ClusterView, Heartbeat, JobCounts, JobsBeat, LeaseBeat, Load, NodeState,
+};
 use keelson_protocol::topic::HEARTBEATS;
 use keelson_protocol::{ProtocolVersion, Transport};
 use std::sync::{Arc, Mutex};
@@ -33,6 +35,10 @@ pub(crate) struct Monitor {
     /// The job records by state as last counted, and when: heartbeats carry them,
     /// but counting decodes every record, so it is done with the context gauges.
     pub(crate) job_counts: Mutex<Option<(JobCounts, Instant)>>,
+    /// The leases this server holds (heartbeats carry them).
+    pub(crate) leases: Arc<crate::leased::LeaseBoard>,
+    /// The schedules, when this server has any and runs jobs.
+    pub(crate) scheduler: Option<Arc<crate::schedules::scheduler::Scheduler>>,
 }
 
 impl Monitor {
@@ -87,6 +93,17 @@ impl Monitor {
             context: self.dispatcher.store.mark(),
             digest: self.dispatcher.store.digest(),
             jobs: Some(self.jobs_beat()),
+            leases: self
+                .leases
+                .held()
+                .into_iter()
+                .map(|(name, token)| LeaseBeat { name, token })
+                .collect(),
+            schedules: self
+                .scheduler
+                .as_ref()
+                .map(|s| s.beats())
+                .unwrap_or_default(),
         }
     }
 

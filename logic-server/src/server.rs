@@ -61,6 +61,8 @@ pub struct RunningServer {
     jobs: Option<crate::jobs::JobsHandle>,
     /// Stops the heartbeats, which go on while jobs drain.
     beats_stop: watch::Sender<bool>,
+    /// The singletons and the scheduler: candidates for their leases.
+    leased: Vec<crate::leased::Leased>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -90,16 +92,17 @@ impl LogicServer {
         });
         let trust_unstamped = config.trust_unstamped_requests;
         let concurrency = config.concurrency.max(1);
+        let node_id = node_id.into();
         let shared = Arc::new(crate::handler::Shared {
             resources: registry.resources().clone(),
             client: keelson_protocol::client::Client::new(transport.clone()),
+            node: Arc::from(node_id.as_str()),
         });
         let limits = Limits {
             max_deadline_ms: config.max_deadline_ms,
             max_deliveries: config.max_deliveries.max(1),
             idempotency: config.idempotency.clone(),
         };
-        let node_id = node_id.into();
         let metrics = crate::metrics::ServerMetrics::new(&node_id, &registry.names());
         Self {
             config,
@@ -138,6 +141,23 @@ impl LogicServer {
         if routes.is_empty() {
             return Err(ServerError::NoHandlers);
         }
+        let schedules = crate::schedules::plan::build_schedules(&self.config.schedules)
+            .map_err(ServerError::Config)?;
+        let singletons = self
+            .config
+            .singletons
+            .iter()
+            .map(|name| {
+                crate::singleton::find(name).ok_or_else(|| {
+                    let available: Vec<_> =
+                        crate::singleton::available().into_iter().map(|(n, _)| n).collect();
+                    ServerError::Config(format!(
+                        "logic_server.singletons: no singleton named `{name}` is linked (available: {})",
+                        available.join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let service = self.config.service.clone();
         let spec = ServiceSpec {
             name: service.clone(),
@@ -177,6 +197,64 @@ impl LogicServer {
             }
             Err(e) => return Err(err(e)),
         };
+        let board = Arc::new(crate::leased::LeaseBoard::default());
+        let mut leased = Vec::new();
+        for plugin in singletons {
+            let settings = self
+                .config
+                .singleton_settings
+                .get(plugin.name)
+                .cloned()
+                .unwrap_or(serde_json::Value::Null);
+            let node = self.dispatcher.node_id.clone();
+            let run: crate::leased::TaskFn = Arc::new(move |token, fence, cancel| {
+                let ctx = crate::singleton::SingletonCtx {
+                    name: plugin.name.to_owned(),
+                    node: node.clone(),
+                    token,
+                    fence,
+                    cancel,
+                    settings: settings.clone(),
+                };
+                Box::pin(async move {
+                    if let Err(e) = (plugin.run)(ctx).await {
+                        tracing::warn!(singleton = plugin.name, error = %e, "a singleton task failed");
+                    }
+                })
+            });
+            leased.push(crate::leased::Leased::start(
+                self.transport.clone(),
+                format!("singleton.{}", plugin.name),
+                board.clone(),
+                run,
+            ));
+        }
+        let scheduler = match (&jobs, schedules.is_empty()) {
+            (_, true) => None,
+            (None, false) => {
+                tracing::warn!(
+                    "schedules are configured but this server runs no jobs: it does not schedule"
+                );
+                None
+            }
+            (Some(jobs), false) => {
+                let scheduler = Arc::new(crate::schedules::scheduler::Scheduler::new(
+                    schedules,
+                    jobs.jobs().clone(),
+                ));
+                let s = scheduler.clone();
+                let run: crate::leased::TaskFn = Arc::new(move |token, fence, cancel| {
+                    Box::pin(s.clone().run(token, fence, cancel))
+                });
+                leased.push(crate::leased::Leased::start(
+                    self.transport.clone(),
+                    crate::schedules::scheduler::LEASE.to_owned(),
+                    board.clone(),
+                    run,
+                ));
+                Some(scheduler)
+            }
+        };
         let stats = self.dispatcher.stats.clone();
         let resources = self.dispatcher.registry.resources().clone();
         stats.set_ready(true);
@@ -205,6 +283,8 @@ impl LogicServer {
             peers: peers.clone(),
             liveness,
             job_counts: std::sync::Mutex::new(None),
+            leases: board,
+            scheduler,
         });
         let listener_task = tokio::spawn(Monitor::listen(
             self.transport.clone(),
@@ -247,6 +327,7 @@ impl LogicServer {
             resources,
             jobs,
             beats_stop,
+            leased,
         })
     }
 }
@@ -280,6 +361,9 @@ impl RunningServer {
             .leaving
             .store(true, std::sync::atomic::Ordering::Release);
         self.monitor.publish(&self.monitor.heartbeat(true)).await;
+        // Singletons and the scheduler first: each task ends, then its lease is
+        // given up, so a peer takes over at once.
+        futures_util::future::join_all(self.leased.into_iter().map(|l| l.stop())).await;
         let _ = self.stop.send(true);
         let mut task = self.task;
         // Jobs drain beside the requests; heartbeats go on until both are done, so

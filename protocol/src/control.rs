@@ -73,6 +73,45 @@ pub struct Heartbeat {
     /// state. Absent from servers that predate background jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<JobsBeat>,
+    /// The leases this server holds now (singletons, the scheduler), with their
+    /// tokens. Absent from servers that predate leases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<LeaseBeat>,
+    /// The schedules this server is configured with, and their last and next slots
+    /// as it knows them. Absent from servers that predate schedules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleBeat>,
+}
+
+/// A lease a server holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseBeat {
+    /// The lease (`scheduler`, `singleton.{name}`).
+    pub name: String,
+    /// Its fencing token.
+    pub token: u64,
+}
+
+/// A schedule, as a server sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleBeat {
+    /// The schedule's name.
+    pub name: String,
+    /// Its cron pattern (with seconds).
+    pub cron: String,
+    /// Its IANA time zone.
+    pub timezone: String,
+    /// The handler each firing runs as a job.
+    pub handler: String,
+    /// The last slot fired (Unix seconds), from the replicated mark.
+    #[serde(default)]
+    pub last_slot_s: Option<i64>,
+    /// The lease token the last slot was fired with.
+    #[serde(default)]
+    pub last_token: u64,
+    /// The next slot due (Unix seconds).
+    #[serde(default)]
+    pub next_slot_s: Option<i64>,
 }
 
 /// What a heartbeat says of background jobs.
@@ -296,6 +335,8 @@ mod tests {
             context: None,
             digest: None,
             jobs,
+            leases: Vec::new(),
+            schedules: Vec::new(),
         }
     }
 

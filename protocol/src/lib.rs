@@ -22,6 +22,7 @@ pub mod envelope;
 pub mod idempotency;
 pub mod job;
 pub mod operator;
+pub mod schedule;
 pub mod topic;
 #[cfg(feature = "trace")]
 pub mod trace;

@@ -109,9 +109,20 @@ pub enum RecordValue {
     Outcome(OutcomeRecord),
     /// A background job's record (the one that got further wins).
     Job(Box<JobRecord>),
+    /// A schedule's mark (the newest leader's, then the later slot, wins).
+    Schedule(keelson_protocol::schedule::ScheduleMark),
 }
 
 impl RecordWrite {
+    /// The write of a schedule's mark.
+    pub fn schedule(mark: keelson_protocol::schedule::ScheduleMark) -> Self {
+        Self {
+            scope: keelson_protocol::schedule::SCHEDULES_SCOPE.to_owned(),
+            key: keelson_protocol::schedule::mark_key(&mark.name),
+            record: RecordValue::Schedule(mark),
+        }
+    }
+
     /// The write of a job's record, at its place (see
     /// [`keelson_protocol::job::record_location`]).
     pub fn job(record: JobRecord) -> Self {
@@ -177,6 +188,10 @@ pub trait ContextStore: Send + Sync + fmt::Debug + 'static {
     fn record(&self, scope: &str, key: &str) -> Option<OutcomeRecord>;
     /// The record of job `id`, unless expired or unknown here.
     fn job(&self, _id: &str) -> Option<JobRecord> {
+        None
+    }
+    /// The mark of schedule `name`, unless unknown here.
+    fn schedule_mark(&self, _name: &str) -> Option<keelson_protocol::schedule::ScheduleMark> {
         None
     }
     /// Every live job record held here.

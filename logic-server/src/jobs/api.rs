@@ -123,7 +123,7 @@ async fn answer(jobs: &Jobs, delivery: Delivery) {
     let _ = delivery.ack().await;
 }
 
-type Refused = (ReplyStatus, &'static str, String);
+pub(crate) type Refused = (ReplyStatus, &'static str, String);
 
 fn not_found() -> Refused {
     (
@@ -199,6 +199,66 @@ fn options(jobs: &Jobs, submit: &Submit) -> Result<JobOptions, Refused> {
     })
 }
 
+/// Queue the new job `spec` and replicate its record (`queued`); the record.
+pub(crate) async fn accept(jobs: &Jobs, spec: JobSpec) -> Result<JobRecord, Refused> {
+    let handler = spec.handler.clone();
+    let message = JobMessage {
+        v: ProtocolVersion::CURRENT,
+        kind: JobKind::Run,
+        attempt: 1,
+        lost: 0,
+        job: spec,
+    };
+    // Queued before recorded: a record whose message was never queued would say
+    // `queued` for ever; a message whose record is late is recorded by its runner.
+    match jobs.enqueue(&message, Duration::ZERO).await {
+        Ok(()) => {}
+        Err(RequestError::Unroutable(_)) => {
+            return Err((
+                ReplyStatus::NotFound,
+                "unknown_handler",
+                format!("no logic server runs jobs of a handler named `{handler}`"),
+            ));
+        }
+        Err(e) => {
+            return Err((
+                ReplyStatus::Overloaded,
+                "unavailable",
+                format!("the job could not be queued: {e}"),
+            ));
+        }
+    }
+    let now = message.job.created_ms;
+    let record = JobRecord::queued(&message.job, now.saturating_add(UNFINISHED_TTL_MS));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    if let Err(e) = jobs
+        .dispatcher
+        .store
+        .commit(
+            &Effects::default(),
+            Some(RecordWrite::job(record.clone())),
+            deadline,
+        )
+        .await
+    {
+        // The job is queued and runs; its record stands here and goes out when the
+        // transport is back (its runner records it anyway).
+        tracing::warn!(id = %record.id, error = %e, "a job's record is not replicated yet");
+    }
+    Ok(record)
+}
+
+/// The options of a job submitted without any: the server's defaults.
+pub(crate) fn default_options(jobs: &Jobs) -> JobOptions {
+    let c = &jobs.config;
+    JobOptions {
+        max_attempts: c.max_attempts,
+        timeout_ms: c.timeout_ms,
+        result_ttl_s: c.result_ttl_s,
+        max_result_bytes: c.max_result_bytes,
+    }
+}
+
 async fn submit(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
     let submit: Submit = serde_json::from_slice(&request.body)
         .map_err(|e| bad("invalid_job", format!("invalid job submission: {e}")))?;
@@ -229,63 +289,18 @@ async fn submit(jobs: &Jobs, request: &Request) -> Result<Reply, Refused> {
         reply.headers = vec![("location".to_owned(), format!("/jobs/{id}"))];
         return Ok(reply);
     }
-    let now = unix_ms_now();
     let spec = JobSpec {
         id: id.clone(),
         handler: submit.handler.clone(),
         user,
         body,
         options,
-        created_ms: now,
+        created_ms: unix_ms_now(),
         fingerprint,
         headers: request.headers.clone(),
         traceparent: None,
     };
-    let message = JobMessage {
-        v: ProtocolVersion::CURRENT,
-        kind: JobKind::Run,
-        attempt: 1,
-        lost: 0,
-        job: spec,
-    };
-    // Queued before recorded: a record whose message was never queued would say
-    // `queued` for ever; a message whose record is late is recorded by its runner.
-    match jobs.enqueue(&message, Duration::ZERO).await {
-        Ok(()) => {}
-        Err(RequestError::Unroutable(_)) => {
-            return Err((
-                ReplyStatus::NotFound,
-                "unknown_handler",
-                format!(
-                    "no logic server runs jobs of a handler named `{}`",
-                    submit.handler
-                ),
-            ));
-        }
-        Err(e) => {
-            return Err((
-                ReplyStatus::Overloaded,
-                "unavailable",
-                format!("the job could not be queued: {e}"),
-            ));
-        }
-    }
-    let record = JobRecord::queued(&message.job, now.saturating_add(UNFINISHED_TTL_MS));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    if let Err(e) = jobs
-        .dispatcher
-        .store
-        .commit(
-            &Effects::default(),
-            Some(RecordWrite::job(record.clone())),
-            deadline,
-        )
-        .await
-    {
-        // The job is queued and runs; its record stands here and goes out when the
-        // transport is back (its runner records it anyway).
-        tracing::warn!(%id, error = %e, "a job's record is not replicated yet");
-    }
+    let record = accept(jobs, spec).await?;
     jobs.dispatcher.metrics.job_submitted();
     let mut reply = answer_with(jobs, request, &record, 202);
     reply.headers = vec![("location".to_owned(), format!("/jobs/{id}"))];

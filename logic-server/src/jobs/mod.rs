@@ -286,6 +286,11 @@ impl JobsHandle {
         })
     }
 
+    /// What the job tasks share (the scheduler submits through it).
+    pub(crate) fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
+    }
+
     /// Stop taking jobs, let the running ones finish within the drain timeout, and
     /// put those still running back on the queue as their next attempt.
     pub(crate) async fn drain(mut self) {

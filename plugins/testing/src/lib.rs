@@ -21,6 +21,15 @@
 //!   `[logic_server.plugins.fragile] fail = true`;
 //! * `test.job`: a job's test work (counts `job:{id}` for the user, waits `{"ms"}`,
 //!   fails its first `{"fail_first"}` attempts, answers `{"attempt", "count", "pad"}`);
+//! * `test.record`: appends one JSON line per call, `{"node", "handler", "job",
+//!   "attempt", "token", "slot", "body", "at_ms"}` (null where it does not apply;
+//!   `at_ms`: when it ran, Unix ms), to the file named by its setting `path`, then
+//!   answers `{}`: what the schedule tests count (a scheduled job's `token` and
+//!   `slot` come from its headers);
+//! * singleton `test.singleton`: while it runs, appends `{"event": "start" | "tick"
+//!   | "stop", "node", "token", "at_ms"}` lines to the file named by its setting
+//!   `path`: a tick every 20 ms, written only while the lease holds, with the time
+//!   of that check (so the intervals of two holders can be compared);
 //! * `test.next` (feature `next`): exists only in the "next version" build of the
 //!   rolling-upgrade test.
 //!
@@ -324,4 +333,102 @@ keelson_logic_server::handler!(
     "test.job",
     "a job's test work: counts job:{id}, waits {\"ms\"}, fails {\"fail_first\"} attempts",
     job
+);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordSettings {
+    /// The file the lines are appended to.
+    path: std::path::PathBuf,
+}
+
+/// Appends one line per call (see the crate documentation).
+struct Record {
+    path: std::path::PathBuf,
+}
+
+/// Append `line` and a newline to `path` in one write (`O_APPEND`: lines of
+/// concurrent writers, even of several processes, do not interleave).
+fn append_line(path: &std::path::Path, line: &serde_json::Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut bytes = serde_json::to_vec(line).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(&bytes)
+}
+
+#[async_trait]
+impl Handler for Record {
+    async fn call(&self, req: RequestCtx) -> Result<Response, HandlerError> {
+        let header = |name: &str| req.headers().get(name).cloned();
+        let body: serde_json::Value =
+            serde_json::from_slice(req.body()).unwrap_or(serde_json::Value::Null);
+        let line = json!({
+            "node": req.node(),
+            "handler": req.handler(),
+            "job": req.job().map(|j| j.id().to_owned()),
+            "attempt": req.job().map(|j| j.attempt()),
+            "token": header(keelson_protocol::schedule::TOKEN_HEADER)
+                .and_then(|t| t.parse::<u64>().ok()),
+            "slot": header(keelson_protocol::schedule::SLOT_HEADER),
+            "body": body,
+            "at_ms": unix_ms(),
+        });
+        append_line(&self.path, &line)
+            .map_err(|e| HandlerError::internal(format!("test.record: {e}")))?;
+        Response::json(&json!({}))
+    }
+}
+
+keelson_logic_server::register_handler!(
+    "test.record",
+    "appends a JSON line per call to the file of its setting path",
+    |settings| {
+        let s: RecordSettings = settings.parse()?;
+        Ok(Record { path: s.path })
+    }
+);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The test singleton (see the crate documentation).
+async fn singleton(ctx: keelson_logic_server::SingletonCtx) -> Result<(), HandlerError> {
+    let s: RecordSettings = ctx.settings()?;
+    let line = |event: &str, at_ms: u64| json!({"event": event, "node": ctx.node(), "token": ctx.token(), "at_ms": at_ms});
+    let write = |v: serde_json::Value| {
+        append_line(&s.path, &v).map_err(|e| HandlerError::internal(format!("test.singleton: {e}")))
+    };
+    let mut last_valid = unix_ms();
+    if !ctx.is_leader() {
+        return Ok(());
+    }
+    write(line("start", last_valid))?;
+    loop {
+        // The time of the check is what the line says: the holder acted then.
+        let at = unix_ms();
+        if !ctx.is_leader() {
+            break;
+        }
+        last_valid = at;
+        write(line("tick", at))?;
+        tokio::select! {
+            () = ctx.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    write(line("stop", last_valid))?;
+    Ok(())
+}
+
+keelson_logic_server::singleton!(
+    "test.singleton",
+    "appends start, tick and stop lines with its token to the file of its setting path",
+    singleton
 );

@@ -20,6 +20,7 @@
 use keelson_protocol::context::{ContextOp, CounterEntry, Hlc, UserSnapshot, ValueEntry};
 use keelson_protocol::idempotency::{RECORD_KEY_PREFIX, is_client_key};
 use keelson_protocol::job::{JOB_SCOPE_PREFIX, JobRecord, is_job_key};
+use keelson_protocol::schedule::{ScheduleMark, is_mark_key};
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -220,6 +221,17 @@ fn job_order(a: &Record, b: &Record) -> std::cmp::Ordering {
     rank(a).cmp(&rank(b)).then_with(|| a.ts.cmp(&b.ts))
 }
 
+/// Of two marks of one schedule, which wins: by [`ScheduleMark::rank`], then by
+/// stamp (an undecodable one ranks lowest).
+fn mark_order(a: &Record, b: &Record) -> std::cmp::Ordering {
+    let rank = |r: &Record| {
+        keelson_protocol::decode::<ScheduleMark>(&r.value)
+            .ok()
+            .map(|m| m.rank())
+    };
+    rank(a).cmp(&rank(b)).then_with(|| a.ts.cmp(&b.ts))
+}
+
 /// One user's replicated context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UserState {
@@ -261,8 +273,13 @@ impl UserState {
         // A record is never deleted, only replaced or expired.
         let Some(value) = value else { return 0 };
         let job = is_job_key(key);
+        let mark = is_mark_key(key);
         let expires_ms = if job {
             keelson_protocol::decode::<JobRecord>(value)
+                .ok()
+                .map(|r| r.expires_unix_ms)
+        } else if mark {
+            keelson_protocol::decode::<ScheduleMark>(value)
                 .ok()
                 .map(|r| r.expires_unix_ms)
         } else {
@@ -285,7 +302,9 @@ impl UserState {
             // A job's record keeps the one that got further, whatever the order of
             // the writes (see `JobRecord::rank`); the later write only among equals.
             Some(r) if job && job_order(&new, r) != std::cmp::Ordering::Greater => 0,
-            Some(r) if !job && new.ts <= r.ts => 0,
+            // A schedule's mark keeps the newest leader's, then the later slot.
+            Some(r) if mark && mark_order(&new, r) != std::cmp::Ordering::Greater => 0,
+            Some(r) if !job && !mark && new.ts <= r.ts => 0,
             Some(r) => {
                 let change = record_hash(user, key, r) ^ record_hash(user, key, &new);
                 *r = new;

@@ -898,6 +898,16 @@ impl ContextStore for ReplicatedContextStore {
         self.lock().state.jobs(now_ms())
     }
 
+    fn schedule_mark(&self, name: &str) -> Option<keelson_protocol::schedule::ScheduleMark> {
+        let key = keelson_protocol::schedule::mark_key(name);
+        let inner = self.lock();
+        let bytes =
+            inner
+                .state
+                .record(keelson_protocol::schedule::SCHEDULES_SCOPE, &key, now_ms())?;
+        decode(bytes).ok()
+    }
+
     fn job_changes(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<str>>> {
         Some(self.job_changes.subscribe())
     }
@@ -1035,6 +1045,7 @@ impl ReplicatedContextStore {
                 let value = match &record {
                     RecordValue::Outcome(r) => encode(r),
                     RecordValue::Job(r) => encode(r.as_ref()),
+                    RecordValue::Schedule(m) => encode(m),
                 }
                 .map_err(|e| ContextError::Unavailable(e.to_string()))?;
                 let mut inner = self.lock();

@@ -377,3 +377,57 @@ fn a_job_record_keeps_the_state_that_got_furthest_whatever_the_order() {
     }
     assert!(states.windows(2).all(|w| w[0] == w[1]), "replicas disagree");
 }
+
+/// A schedule mark of slot `slot_s` fired with lease token `token`.
+fn mark_op(token: u64, slot_s: i64, wall_ms: u64, node: &str) -> ContextOp {
+    use keelson_protocol::schedule::{SCHEDULES_SCOPE, ScheduleMark, mark_key};
+    let mark = ScheduleMark {
+        v: keelson_protocol::ProtocolVersion::CURRENT,
+        name: "tick".to_owned(),
+        slot_s,
+        token,
+        node: node.to_owned(),
+        fired_ms: wall_ms,
+        expires_unix_ms: u64::MAX,
+    };
+    ContextOp::Set {
+        user: SCHEDULES_SCOPE.to_owned(),
+        key: mark_key("tick"),
+        value: Some(keelson_protocol::encode(&mark).unwrap().to_vec()),
+        ts: Hlc {
+            wall_ms,
+            logical: 0,
+            node: node.to_owned(),
+        },
+    }
+}
+
+#[test]
+fn a_schedule_mark_keeps_the_newest_leaders_whatever_the_order() {
+    use keelson_protocol::schedule::{SCHEDULES_SCOPE, ScheduleMark, mark_key};
+    // Leader 5 fired slot 100 then 101; leader 6 took over and fired 102; the old
+    // leader, frozen, wakes up and writes slot 103 late with token 5 (the latest
+    // stamp of all): it must not win.
+    let ops = [
+        mark_op(5, 100, 10, "node-a"),
+        mark_op(5, 101, 20, "node-a"),
+        mark_op(6, 102, 30, "node-b"),
+        mark_op(5, 103, 90, "node-a"),
+    ];
+    let mut digests = Vec::new();
+    for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+        let mut state = State::default();
+        for i in order {
+            state.apply(&ops[i]);
+        }
+        let bytes = state.record(SCHEDULES_SCOPE, &mark_key("tick"), 0).unwrap();
+        let mark: ScheduleMark = keelson_protocol::decode(bytes).unwrap();
+        assert_eq!((mark.token, mark.slot_s), (6, 102), "order {order:?}");
+        assert_eq!(state.user_count(), 0, "the marks' scope is no user");
+        digests.push(state.digest());
+    }
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "replicas disagree"
+    );
+}

@@ -1,0 +1,439 @@
+//! Singletons and schedules over RabbitMQ with real processes: the scheduler's
+//! leader killed (`kill -9`) and frozen (`SIGSTOP`) while a schedule fires every
+//! second, a singleton's holder stopped, killed and frozen in turn, and a rolling
+//! upgrade of every server, all read back from the lines `test.record` and
+//! `test.singleton` append to files.
+//!
+//! The long run: `KEELSON_SCHEDULE_TEST_S=600 cargo test --features
+//! keelson/test-handlers --test schedules slot -- --nocapture` (600 slots; the
+//! README's test command runs 150).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::broker::{Vhost, amqp_transport};
+use support::mesh::{Mesh, ServerSpec};
+
+/// The AMQP heartbeat of the test transports (`support::broker::amqp_transport`).
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Seconds since the Unix epoch of `2026-11-29T22:30:05Z`.
+fn unix_s(rfc3339: &str) -> i64 {
+    let (date, time) = rfc3339.trim_end_matches('Z').split_once('T').unwrap();
+    let d: Vec<i64> = date.split('-').map(|p| p.parse().unwrap()).collect();
+    let t: Vec<i64> = time.split(':').map(|p| p.parse().unwrap()).collect();
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a bad line {l:?}: {e}")))
+        .collect()
+}
+
+/// The server settings of a schedule test: the recording handler, one schedule
+/// firing it every second, and job slots.
+fn schedule_spec(node: &str, record: &Path) -> ServerSpec {
+    ServerSpec::new(node)
+        .service("default", &["test.record"])
+        .extra(&format!(
+            r#"
+[logic_server.jobs]
+concurrency = 8
+lease_check_ms = 1000
+
+[logic_server.handler_settings."test.record"]
+path = "{}"
+
+[[logic_server.schedules]]
+name = "tick"
+cron = "* * * * * *"
+handler = "test.record"
+body = {{ from = "schedule" }}
+misfire = "fire_all"
+catch_up_window_s = 300
+overlap = "allow"
+"#,
+            record.display()
+        ))
+}
+
+/// The node holding lease `lease` with a token above `above`, from a gateway's
+/// `/cluster`; waits for it (a hand-over is seen in the next heartbeats).
+async fn holder(mesh: &Mesh, client: &reqwest::Client, lease: &str, above: u64) -> (String, u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cluster = mesh.cluster(client).await;
+        for node in cluster["nodes"].as_array().into_iter().flatten() {
+            if node["state"] != "up" {
+                continue;
+            }
+            for l in node["leases"].as_array().into_iter().flatten() {
+                let token = l["token"].as_u64().unwrap_or(0);
+                if l["name"] == lease && token > above {
+                    return (node["node"].as_str().unwrap().to_owned(), token);
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no server holds lease {lease} with a token above {above}: {cluster}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What happened to the leader, for the report and the bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Kill,
+    Freeze,
+}
+
+/// Every slot of a schedule firing every second runs exactly once as a first
+/// attempt (a second line for a slot only as a rerun, attempt > 1), none missing,
+/// while its leader is killed and frozen; the slots a hand-over left behind are
+/// caught up within 1 s of the new leader taking over; a frozen leader that wakes
+/// up has its stale-token firing dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_slot_runs_once_while_the_leader_is_killed_and_frozen() {
+    let duration = std::env::var("KEELSON_SCHEDULE_TEST_S")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(150);
+    let vhost = Vhost::create("schedules-slots");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    let record = mesh.scratch.path().join("record.jsonl");
+    let spec =
+        |node: &str| schedule_spec(node, &record).env("KEELSON_TEST_STALE_FIRE_ON_LOSS", "1");
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for node in ["logic-a", "logic-b", "logic-c"] {
+        index.insert(node.to_owned(), mesh.add_server(spec(node)).await);
+    }
+    mesh.add_gateway().await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let events = ((duration.saturating_sub(30)) / 60).max(5);
+    let spacing = Duration::from_secs(duration.saturating_sub(30)) / events as u32;
+    let mut faults = Vec::new();
+    let mut token = 0;
+    for e in 0..events {
+        let at = started + Duration::from_secs(10) + spacing * (e as u32 + 1);
+        tokio::time::sleep_until(at.into()).await;
+        let (leader, t) = holder(&mesh, &client, "scheduler", token).await;
+        token = t;
+        let i = index[&leader];
+        let fault = if e == 1 || e == 3 {
+            Fault::Freeze
+        } else {
+            Fault::Kill
+        };
+        let at_ms = support::unix_ms();
+        match fault {
+            Fault::Kill => {
+                mesh.kill_server(i).await;
+                index.insert(leader.clone(), mesh.add_server(spec(&leader)).await);
+            }
+            Fault::Freeze => {
+                let p = mesh.servers[i].as_ref().unwrap();
+                p.signal("STOP");
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                mesh.servers[i].as_ref().unwrap().signal("CONT");
+            }
+        }
+        eprintln!(
+            "{:?}: {fault:?} of the leader {leader} (token {token})",
+            started.elapsed()
+        );
+        faults.push((fault, at_ms, token));
+    }
+    let end = started + Duration::from_secs(duration);
+    tokio::time::sleep_until(end.into()).await;
+    // The last slots' jobs are run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let lines = lines(&record);
+    let mut by_slot: BTreeMap<i64, Vec<&Value>> = BTreeMap::new();
+    for l in &lines {
+        by_slot
+            .entry(unix_s(l["slot"].as_str().expect("a slot")))
+            .or_default()
+            .push(l);
+    }
+    let first = *by_slot.keys().next().expect("no slot fired at all");
+    let last_expected = first + i64::try_from(duration).unwrap() - 15;
+    let mut missing = Vec::new();
+    let mut doubled = Vec::new();
+    let mut reruns = 0;
+    for slot in first..=last_expected {
+        let Some(ls) = by_slot.get(&slot) else {
+            missing.push(slot);
+            continue;
+        };
+        let firsts = ls.iter().filter(|l| l["attempt"] == 1).count();
+        if firsts != 1 {
+            doubled.push((slot, ls.clone()));
+        }
+        reruns += ls.len() - firsts;
+    }
+    // How late each slot ran (its first line after the slot), around each fault.
+    let lateness = |slot: i64| -> i64 {
+        by_slot.get(&slot).map_or(i64::MAX, |ls| {
+            ls.iter()
+                .map(|l| l["at_ms"].as_i64().unwrap() - slot * 1000)
+                .min()
+                .unwrap()
+        })
+    };
+    let mut worst: Vec<(Fault, i64)> = Vec::new();
+    for (fault, at_ms, _) in &faults {
+        let from = (*at_ms / 1000) as i64 - 1;
+        let to = from + 15;
+        let w = (from..to).map(lateness).max().unwrap();
+        worst.push((*fault, w));
+    }
+    let stale_all: usize = std::fs::read_dir(mesh.scratch.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|log| {
+            log.matches("a firing with a stale lease token was dropped")
+                .count()
+        })
+        .sum();
+    eprintln!(
+        "{} slots ({first}..={last_expected}), {} lines, {reruns} reruns, missing {missing:?}, \
+         doubled {}, worst lateness around each fault (ms): {worst:?}, stale firings dropped: {stale_all}",
+        last_expected - first + 1,
+        lines.len(),
+        doubled.len(),
+    );
+    assert!(missing.is_empty(), "slots never fired: {missing:?}");
+    assert!(
+        doubled.is_empty(),
+        "slots with other than one first run: {doubled:?}"
+    );
+    let kill_bound = (2 * HEARTBEAT + Duration::from_secs(2)).as_millis() as i64;
+    let freeze_bound = (3 * HEARTBEAT + Duration::from_secs(2)).as_millis() as i64;
+    for (fault, w) in &worst {
+        let bound = if *fault == Fault::Kill {
+            kill_bound
+        } else {
+            freeze_bound
+        };
+        assert!(
+            *w <= bound,
+            "a slot ran {w} ms late around a {fault:?} (bound {bound} ms)"
+        );
+    }
+    assert!(stale_all >= 1, "no stale-token firing was dropped");
+}
+
+/// The intervals (start, last act) of each token of the singleton's lines.
+fn holdings(lines: &[Value]) -> BTreeMap<u64, (String, u64, u64)> {
+    let mut by_token: BTreeMap<u64, (String, u64, u64)> = BTreeMap::new();
+    for l in lines {
+        let token = l["token"].as_u64().unwrap();
+        let at = l["at_ms"].as_u64().unwrap();
+        let node = l["node"].as_str().unwrap().to_owned();
+        let e = by_token.entry(token).or_insert((node, at, at));
+        e.1 = e.1.min(at);
+        e.2 = e.2.max(at);
+    }
+    by_token
+}
+
+/// Waits until the singleton runs with a token above `above`; its node and token,
+/// and when it started (its start line).
+async fn singleton_started(file: &Path, above: u64, within: Duration) -> (String, u64, u64) {
+    let deadline = Instant::now() + within;
+    loop {
+        for l in lines(file) {
+            let token = l["token"].as_u64().unwrap();
+            if l["event"] == "start" && token > above {
+                return (
+                    l["node"].as_str().unwrap().to_owned(),
+                    token,
+                    l["at_ms"].as_u64().unwrap(),
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the singleton did not start again within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A singleton on 3 servers, its holder stopped (SIGTERM), killed and frozen in
+/// turn: at no instant two holders acting, each new holder with a greater token,
+/// the hand-over immediate on SIGTERM and within two heartbeats on `kill -9`, and
+/// the frozen holder's late lines carrying its old token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_singleton_runs_on_one_server_at_a_time() {
+    let vhost = Vhost::create("schedules-singleton");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    let file = mesh.scratch.path().join("singleton.jsonl");
+    let spec = |node: &str| {
+        ServerSpec::new(node)
+            .service("default", &["echo"])
+            .logic("singletons = [\"test.singleton\"]\n")
+            .extra(&format!(
+                "\n[logic_server.singleton_settings.\"test.singleton\"]\npath = \"{}\"\n",
+                file.display()
+            ))
+    };
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for node in ["logic-a", "logic-b", "logic-c"] {
+        index.insert(node.to_owned(), mesh.add_server(spec(node)).await);
+    }
+    let (mut node, mut token, _) = singleton_started(&file, 0, Duration::from_secs(10)).await;
+    let mut report = Vec::new();
+    for fault in ["TERM", "KILL", "STOP"] {
+        let i = index[&node];
+        let at = support::unix_ms();
+        match fault {
+            "TERM" => {
+                mesh.stop_server(i).await;
+            }
+            "KILL" => mesh.kill_server(i).await,
+            _ => mesh.servers[i].as_ref().unwrap().signal("STOP"),
+        }
+        let (next, next_token, started) =
+            singleton_started(&file, token, Duration::from_secs(20)).await;
+        report.push((
+            fault,
+            node.clone(),
+            token,
+            next.clone(),
+            next_token,
+            started - at,
+        ));
+        assert!(next_token > token);
+        assert_ne!(next, node);
+        match fault {
+            "TERM" => assert!(
+                started - at <= 1_000,
+                "a SIGTERM hand-over took {} ms",
+                started - at
+            ),
+            "KILL" => assert!(
+                started - at <= (2 * HEARTBEAT).as_millis() as u64,
+                "a kill -9 hand-over took {} ms",
+                started - at
+            ),
+            _ => {
+                tokio::time::sleep(
+                    Duration::from_secs(8)
+                        .saturating_sub(Duration::from_millis(support::unix_ms() - at)),
+                )
+                .await;
+                mesh.servers[i].as_ref().unwrap().signal("CONT");
+                // The woken holder writes its stop line, late, with its old token.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !lines(&file)
+                    .iter()
+                    .any(|l| l["event"] == "stop" && l["token"].as_u64() == Some(token))
+                {
+                    assert!(Instant::now() < deadline, "the frozen holder never stopped");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        if fault != "STOP" {
+            index.insert(node.clone(), mesh.add_server(spec(&node)).await);
+        }
+        node = next;
+        token = next_token;
+    }
+    let all = lines(&file);
+    let held = holdings(&all);
+    eprintln!("hand-overs (fault, from, token, to, token, ms): {report:?}");
+    eprintln!("holdings (token: node, from, to): {held:?}");
+    let spans: Vec<_> = held.iter().collect();
+    for pair in spans.windows(2) {
+        let ((t1, (n1, _, end1)), (t2, (n2, start2, _))) = (pair[0], pair[1]);
+        assert!(
+            end1 < start2,
+            "token {t1} on {n1} acted until {end1}, after token {t2} on {n2} started at {start2}"
+        );
+    }
+    // The late lines of the frozen holder (written after a newer token started) carry
+    // its older token.
+    let mut newest = 0;
+    let mut late_old = 0;
+    for l in &all {
+        let t = l["token"].as_u64().unwrap();
+        if t < newest {
+            late_old += 1;
+        }
+        newest = newest.max(t);
+    }
+    assert!(
+        late_old >= 1,
+        "the frozen holder wrote nothing after waking up"
+    );
+}
+
+/// The servers of a schedule replaced one by one (SIGTERM, then the next
+/// version's build started): no slot missed, none run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_upgrade_misses_and_doubles_no_slot() {
+    let vhost = Vhost::create("schedules-rolling");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    let record = mesh.scratch.path().join("record.jsonl");
+    let mut servers = Vec::new();
+    for node in ["logic-a", "logic-b", "logic-c"] {
+        servers.push(mesh.add_server(schedule_spec(node, &record)).await);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = support::unix_ms() / 1000;
+    for (n, i) in servers.into_iter().enumerate() {
+        mesh.stop_server(i).await;
+        mesh.add_server(schedule_spec(&format!("logic-next-{n}"), &record).next_version())
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let ended = support::unix_ms() / 1000;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines = lines(&record);
+    let mut firsts: BTreeMap<i64, usize> = BTreeMap::new();
+    for l in &lines {
+        if l["attempt"] == 1 {
+            *firsts
+                .entry(unix_s(l["slot"].as_str().unwrap()))
+                .or_default() += 1;
+        }
+    }
+    let wrong: Vec<_> = (started as i64..=ended as i64)
+        .filter(|s| firsts.get(s) != Some(&1))
+        .map(|s| (s, firsts.get(&s).copied().unwrap_or(0)))
+        .collect();
+    eprintln!(
+        "{} slots through the upgrade; wrong: {wrong:?}",
+        ended - started + 1
+    );
+    assert!(
+        wrong.is_empty(),
+        "slots missed or doubled (slot, first runs): {wrong:?}"
+    );
+}

@@ -244,6 +244,18 @@ async fn every_slot_runs_once_while_the_leader_is_killed_and_frozen() {
             "a slot ran {w} ms late around a {fault:?} (bound {bound} ms)"
         );
     }
+    if stale_all == 0 {
+        for e in std::fs::read_dir(mesh.scratch.path()).unwrap().flatten() {
+            if e.file_name().to_string_lossy().ends_with(".log") {
+                let log = std::fs::read_to_string(e.path()).unwrap_or_default();
+                for l in log.lines().filter(|l| {
+                    l.contains("lease") || l.contains("scheduler") || l.contains("failpoint")
+                }) {
+                    eprintln!("{}: {l}", e.file_name().to_string_lossy());
+                }
+            }
+        }
+    }
     assert!(stale_all >= 1, "no stale-token firing was dropped");
 }
 

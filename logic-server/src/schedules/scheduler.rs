@@ -112,7 +112,7 @@ impl Scheduler {
             last.insert(s.name.clone(), start);
         }
         info!(token, schedules = self.schedules.len(), "scheduler leading");
-        loop {
+        'lead: loop {
             let now = Utc::now();
             let mut retry = false;
             for s in &self.schedules {
@@ -147,7 +147,7 @@ impl Scheduler {
                         }
                         Firing::Fenced => {
                             debug!(schedule = %s.name, "scheduler fenced: not firing");
-                            return;
+                            break 'lead;
                         }
                         Firing::Failed(e) => {
                             warn!(schedule = %s.name, slot = %slot, error = %e, "scheduler: a firing failed; trying again");
@@ -170,6 +170,7 @@ impl Scheduler {
                 () = tokio::time::sleep_until(wake) => {}
             }
         }
+        // Lost the lease (fenced or cancelled).
         if stale_fire_on_loss() {
             self.fire_stale(token, &last).await;
         }

@@ -5,7 +5,7 @@
 //! overrides of the shell it runs in), so unknown keys, bad types, bad values and
 //! an unknown log level are refused as a process would refuse them at start; then
 //! it checks what a logic server checks only once it starts: that each enabled
-//! handler is linked into this binary, and that the handlers' and plugins' settings
+//! handler and singleton is linked into this binary, and that the handlers' and plugins' settings
 //! read as their types (without any plugin's `setup`). Secrets (`auth.secret_env`,
 //! `password_file`, ...) are not read: they usually exist only where the process
 //! runs.
@@ -28,6 +28,11 @@ pub fn problems(source: &Source) -> Vec<String> {
             .into_iter()
             .map(|e| format!("{file}: {e}"))
             .collect();
+    problems.extend(
+        keelson_logic_server::singleton::check(&ls.singletons, &ls.singleton_settings)
+            .into_iter()
+            .map(|e| format!("{file}: {e}")),
+    );
     if let Err(e) = ls.governor.validate() {
         problems.push(format!("{file}: logic_server.governor: {e}"));
     }

@@ -74,11 +74,20 @@ async fn role_users_run_the_mesh_on_a_topology_the_operator_declared() {
     assert_eq!(declare_topology(&operator), first);
 
     let mut mesh = Mesh::new(users.passive_transport(&vhost, NS, "logic"));
-    mesh.add_server(ServerSpec::new("logic").logic(&format!(
-        "trusted_publishers = [\"{}\", \"{}\"]\n",
-        users.name("gateway"),
-        users.name("operator")
-    )))
+    // With a singleton: its lease queue is declared by the logic user itself.
+    let singleton_file = scratch.path().join("singleton.jsonl");
+    mesh.add_server(
+        ServerSpec::new("logic")
+            .logic(&format!(
+                "trusted_publishers = [\"{}\", \"{}\"]\nsingletons = [\"test.singleton\"]\n",
+                users.name("gateway"),
+                users.name("operator")
+            ))
+            .extra(&format!(
+                "\n[logic_server.singleton_settings.\"test.singleton\"]\npath = \"{}\"\n",
+                singleton_file.display()
+            )),
+    )
     .await;
     mesh.transport = users.passive_transport(&vhost, NS, "gateway");
     mesh.add_gateway().await;
@@ -94,6 +103,18 @@ async fn role_users_run_the_mesh_on_a_topology_the_operator_declared() {
     .await;
     assert_eq!(outcome.status, 200, "{outcome:?}");
     assert!(outcome.body.contains('2'), "{outcome:?}");
+    // The logic user may declare and consume its lease queue: the singleton runs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&singleton_file)
+        .unwrap_or_default()
+        .contains("\"start\"")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the singleton did not start under the logic user"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // It may not read the dead-letter queue (below), yet counts what waits there
     // (a passive declaration needs no right).
     let table = mesh.cluster(&client).await;

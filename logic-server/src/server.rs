@@ -143,21 +143,17 @@ impl LogicServer {
         }
         let schedules = crate::schedules::plan::build_schedules(&self.config.schedules)
             .map_err(ServerError::Config)?;
-        let singletons = self
+        let problems =
+            crate::singleton::check(&self.config.singletons, &self.config.singleton_settings);
+        if !problems.is_empty() {
+            return Err(ServerError::Config(problems.join("; ")));
+        }
+        let singletons: Vec<_> = self
             .config
             .singletons
             .iter()
-            .map(|name| {
-                crate::singleton::find(name).ok_or_else(|| {
-                    let available: Vec<_> =
-                        crate::singleton::available().into_iter().map(|(n, _)| n).collect();
-                    ServerError::Config(format!(
-                        "logic_server.singletons: no singleton named `{name}` is linked (available: {})",
-                        available.join(", ")
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|name| crate::singleton::find(name))
+            .collect();
         let service = self.config.service.clone();
         let spec = ServiceSpec {
             name: service.clone(),

@@ -98,6 +98,43 @@ pub fn available() -> Vec<(&'static str, &'static str)> {
     all
 }
 
+/// What is wrong with the singletons of a configuration (`logic_server.singletons`
+/// and `logic_server.singleton_settings`), one line per problem naming the key.
+pub fn check(
+    enabled: &[String],
+    settings: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Vec<String> {
+    let names = || {
+        available()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut problems = Vec::new();
+    for (i, name) in enabled.iter().enumerate() {
+        if find(name).is_none() {
+            problems.push(format!(
+                "logic_server.singletons[{i}]: no singleton named `{name}` is linked into this binary (linked: {})",
+                names()
+            ));
+        } else if let Err(e) = keelson_protocol::transport::lease::check_lease_name(name) {
+            problems.push(format!("logic_server.singletons[{i}]: {e}"));
+        }
+        if enabled[..i].contains(name) {
+            problems.push(format!(
+                "logic_server.singletons[{i}]: `{name}` is listed twice"
+            ));
+        }
+    }
+    for name in settings.keys().filter(|k| !enabled.contains(k)) {
+        problems.push(format!(
+            "logic_server.singleton_settings.{name}: `{name}` is not in logic_server.singletons"
+        ));
+    }
+    problems
+}
+
 /// What a singleton task knows while it runs.
 #[derive(Clone)]
 pub struct SingletonCtx {
@@ -176,5 +213,49 @@ impl SingletonCtx {
             cancel,
             settings: serde_json::Value::Null,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn noop(_ctx: SingletonCtx) -> Result<(), HandlerError> {
+        Ok(())
+    }
+    crate::singleton!("unit.noop", "does nothing", noop);
+
+    #[test]
+    fn a_configuration_naming_unknown_or_repeated_singletons_is_refused() {
+        let settings =
+            std::collections::BTreeMap::from([("unit.other".to_owned(), serde_json::json!({}))]);
+        let problems = check(
+            &[
+                "unit.noop".to_owned(),
+                "unit.missing".to_owned(),
+                "unit.noop".to_owned(),
+            ],
+            &settings,
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0]
+                .starts_with("logic_server.singletons[1]: no singleton named `unit.missing`")
+        );
+        assert!(problems[0].contains("unit.noop"), "lists what is linked");
+        assert!(problems[1].starts_with("logic_server.singletons[2]: `unit.noop` is listed twice"));
+        assert!(problems[2].starts_with("logic_server.singleton_settings.unit.other:"));
+        assert!(check(&["unit.noop".to_owned()], &Default::default()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_test_context_leads_until_cancelled() {
+        let cancel = CancellationToken::new();
+        let ctx = SingletonCtx::for_test("unit.noop", 3, cancel.clone());
+        assert!(ctx.is_leader());
+        assert_eq!(ctx.token(), 3);
+        cancel.cancel();
+        assert!(!ctx.is_leader());
+        ctx.cancelled().await;
     }
 }

@@ -200,6 +200,9 @@ enum Phase {
 
 impl Driver {
     async fn run(mut self) {
+        // The last failure logged, so that a lasting one (a refused declaration: the
+        // broker user lacks the right) is said once, not every half second.
+        let mut said = String::new();
         loop {
             let link = tokio::select! {
                 link = self.shared.wait_link() => link,
@@ -214,7 +217,12 @@ impl Driver {
             match end {
                 End::Stopped => return,
                 End::Failed(reason) => {
-                    debug!(queue = %self.queue, %reason, "lease session ended");
+                    if reason != said {
+                        warn!(queue = %self.queue, %reason, "lease candidate detached; attaching again");
+                        said = reason;
+                    } else {
+                        debug!(queue = %self.queue, %reason, "lease session ended");
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(RETRY_DELAY) => {}
                         () = stopped(&mut self.stop) => return,

@@ -449,3 +449,115 @@ async fn a_rolling_upgrade_misses_and_doubles_no_slot() {
         "slots missed or doubled (slot, first runs): {wrong:?}"
     );
 }
+
+/// The embedded mesh (memory transport) runs schedules and singletons too: each
+/// slot once, a slot skipped while the previous run of an `overlap = "skip"`
+/// schedule is unfinished, and a drained process stops its singleton.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_mesh_runs_schedules_and_singletons() {
+    let scratch = support::Scratch::new();
+    let record = scratch.path().join("record.jsonl");
+    let singleton = scratch.path().join("singleton.jsonl");
+    let config = scratch.write(
+        "keelson.toml",
+        &format!(
+            r#"
+[transport]
+kind = "memory"
+
+[gateway]
+listen = "127.0.0.1:0"
+
+[auth]
+secret = "{secret}"
+
+[logic_server]
+handlers = ["test.record", "test.slow"]
+singletons = ["test.singleton"]
+drain_timeout_ms = 5000
+
+[logic_server.jobs]
+concurrency = 4
+
+[logic_server.handler_settings."test.record"]
+path = "{record}"
+
+[logic_server.singleton_settings."test.singleton"]
+path = "{singleton}"
+
+[[logic_server.schedules]]
+name = "every-second"
+cron = "* * * * * *"
+handler = "test.record"
+body = {{ n = 1 }}
+
+[[logic_server.schedules]]
+name = "slow"
+cron = "* * * * * *"
+handler = "test.slow"
+body = {{ ms = 2500 }}
+overlap = "skip"
+"#,
+            secret = support::SECRET,
+            record = record.display(),
+            singleton = singleton.display(),
+        ),
+    );
+    let log = scratch.path().join("keelson.log");
+    let process = support::Process::start(support::Bin::Keelson, &config, &log, &[]).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let metrics = reqwest::get(process.url("x").replace("/api/x", "/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let status = process.terminate(Duration::from_secs(20)).await;
+    assert!(status.success());
+
+    let mut firsts: BTreeMap<i64, usize> = BTreeMap::new();
+    for l in lines(&record) {
+        assert_eq!(l["token"], 1, "{l}");
+        assert_eq!(l["body"]["n"], 1, "{l}");
+        *firsts
+            .entry(unix_s(l["slot"].as_str().unwrap()))
+            .or_default() += 1;
+    }
+    let (first, last) = (
+        *firsts.keys().next().unwrap(),
+        *firsts.keys().last().unwrap(),
+    );
+    assert!(last - first >= 3, "too few slots: {firsts:?}");
+    assert!(
+        (first..=last).all(|s| firsts.get(&s) == Some(&1)),
+        "each slot once: {firsts:?}"
+    );
+    let series = |name: &str, label: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains("schedule=\"slow\"") && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // Runs of 2.5 s, a slot a second, for about 6 s: a run every third slot at most.
+    let skipped = series("keelson_schedule_skipped_total", "reason=\"overlap\"");
+    let fired = series("keelson_schedule_firings_total", "kind=");
+    assert!(
+        skipped >= 2.0 && (1.0..=3.0).contains(&fired),
+        "the slow schedule: {fired} fired, {skipped} skipped for overlap\n{metrics}"
+    );
+    let events: Vec<String> = lines(&singleton)
+        .iter()
+        .map(|l| l["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("start"),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("stop"),
+        "drained: {events:?}"
+    );
+}

@@ -53,6 +53,10 @@ pub struct ScheduleMark {
     pub slot_s: i64,
     /// The lease token of the scheduler that fired it.
     pub token: u64,
+    /// The last slot that ran as a job (Unix seconds): `slot_s`, unless that slot
+    /// was skipped because the previous run was unfinished (`overlap = "skip"`).
+    #[serde(default)]
+    pub run_slot_s: Option<i64>,
     /// The node that fired it.
     pub node: String,
     /// When it was fired (Unix ms).

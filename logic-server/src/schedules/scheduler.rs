@@ -95,6 +95,8 @@ impl Scheduler {
             warn!("scheduler: the context barrier timed out; replaying from the marks held here");
         }
         let mut last: HashMap<String, Option<DateTime<Utc>>> = HashMap::new();
+        // The last slot of each schedule that ran as a job (for `overlap = "skip"`).
+        let mut ran: HashMap<String, Option<DateTime<Utc>>> = HashMap::new();
         for s in &self.schedules {
             let mark = self.mark(&s.name);
             if let Some(m) = &mark
@@ -129,9 +131,10 @@ impl Scheduler {
                     } else {
                         "on_time"
                     };
-                    let fired_before = last.get(&s.name).copied().flatten();
-                    match self.fire(s, *slot, fired_before, token, &fence).await {
+                    let ran_before = ran.get(&s.name).copied().flatten();
+                    match self.fire(s, *slot, ran_before, token, &fence).await {
                         Firing::Done => {
+                            ran.insert(s.name.clone(), Some(*slot));
                             metrics::counter!("keelson_schedule_firings_total", "schedule" => s.name.clone(), "kind" => kind)
                                 .increment(1);
                             last.insert(s.name.clone(), Some(*slot));
@@ -212,7 +215,7 @@ impl Scheduler {
         &self,
         s: &Schedule,
         slot: DateTime<Utc>,
-        previous: Option<DateTime<Utc>>,
+        ran_before: Option<DateTime<Utc>>,
         token: u64,
         fence: &Fence,
     ) -> Firing {
@@ -225,7 +228,7 @@ impl Scheduler {
         }
         let id = plan::slot_job_id(&s.name, slot);
         let skipped = if s.overlap == crate::config::Overlap::Skip
-            && let Some(prev) = previous
+            && let Some(prev) = ran_before
         {
             let prev_id = plan::slot_job_id(&s.name, prev);
             self.store()
@@ -264,6 +267,11 @@ impl Scheduler {
             name: s.name.clone(),
             slot_s: slot.timestamp(),
             token,
+            run_slot_s: if skipped {
+                ran_before.map(|r| r.timestamp())
+            } else {
+                Some(slot.timestamp())
+            },
             node: self.jobs.node().to_owned(),
             fired_ms: unix_ms_now(),
             expires_unix_ms: unix_ms_now().saturating_add(MARK_TTL_MS),

@@ -386,6 +386,7 @@ fn mark_op(token: u64, slot_s: i64, wall_ms: u64, node: &str) -> ContextOp {
         name: "tick".to_owned(),
         slot_s,
         token,
+        run_slot_s: Some(slot_s),
         node: node.to_owned(),
         fired_ms: wall_ms,
         expires_unix_ms: u64::MAX,

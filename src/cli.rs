@@ -71,18 +71,31 @@ enum Command {
     /// so that they can run with `declare_topology = false` (least privilege).
     Topology(crate::topology::TopologyArgs),
     /// Print the logic servers of the cluster the configuration's transport reaches,
-    /// from their heartbeats.
+    /// from their heartbeats, then the leases they hold and the schedules they fire.
     Status {
         /// How long to listen for heartbeats, in milliseconds.
         #[arg(long, default_value_t = 2500)]
         listen_ms: u64,
-        /// Print JSON instead of a table.
+        /// Print JSON (the array of nodes, leases and schedules inside each) instead
+        /// of the tables.
         #[arg(long)]
         json: bool,
         /// Exit with status 3 unless this node is up (ready and taking requests):
         /// what an upgrade script waits for.
         #[arg(long, value_name = "NODE")]
         expect_up: Option<String>,
+    },
+    /// Print the cluster's schedules, from the logic servers' heartbeats: pattern,
+    /// time zone, handler, last and next slot (RFC 3339 UTC), and the leader that
+    /// fires them (the holder of the `scheduler` lease; none: nothing fires).
+    Schedules {
+        /// How long to listen for heartbeats, in milliseconds.
+        #[arg(long, default_value_t = 2500)]
+        listen_ms: u64,
+        /// Print JSON (the `schedules` array of a gateway's `GET /cluster`) instead
+        /// of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate the configuration completely without connecting to anything: keys,
     /// types, log level, the handler list against the handlers linked into this
@@ -266,23 +279,36 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = settings::load(&source)?;
             let runtime = tokio::runtime::Runtime::new()?;
-            let nodes = runtime.block_on(crate::status::collect(
+            let heard = runtime.block_on(crate::status::collect(
                 &config,
                 Duration::from_millis(listen_ms),
             ))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
+                println!("{}", serde_json::to_string_pretty(&heard.nodes)?);
             } else {
-                print!("{}", crate::status::render(&nodes));
+                print!("{}", crate::status::render(&heard));
             }
             if let Some(node) = expect_up {
-                let up = nodes.iter().any(|n| {
+                let up = heard.nodes.iter().any(|n| {
                     n.heartbeat.node == node && n.state == keelson_protocol::control::NodeState::Up
                 });
                 if !up {
                     eprintln!("keelson status: node {node} is not up");
                     return Ok(ExitCode::from(3));
                 }
+            }
+        }
+        Command::Schedules { listen_ms, json } => {
+            let config = settings::load(&source)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            let heard = runtime.block_on(crate::status::collect(
+                &config,
+                Duration::from_millis(listen_ms),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&heard.schedules)?);
+            } else {
+                print!("{}", crate::status::render_schedules(&heard.schedules));
             }
         }
         Command::Dlq(args) => {

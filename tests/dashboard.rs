@@ -9,6 +9,10 @@
 //! counts by state (from the logic servers' heartbeats) and the servers table how
 //! many each server runs (screenshot: `target/test-outputs/dashboard-jobs.png`).
 //!
+//! With a schedule firing every second, the "Leases and schedules" panel shows the
+//! scheduler's lease and its holder, and the schedule with its slots and leader
+//! (screenshot: `target/test-outputs/dashboard-schedules.png`).
+//!
 //! The script's arithmetic (Prometheus text parsing, rates, error shares, p99 from
 //! histogram buckets) is checked in the same browser on a fixture page.
 
@@ -22,7 +26,7 @@ use std::time::Duration;
 use support::broker::{Vhost, amqp_transport, confirmed_channel, dead_letter};
 use support::browser::{dump_dom, screenshot, test_outputs};
 use support::http;
-use support::mesh::{Mesh, ServerSpec, node_state, post};
+use support::mesh::{Mesh, ServerSpec, node_state, post, schedule_spec};
 
 /// Page time the browser gives the dashboard before reading it: a few polls.
 const BUDGET: Duration = Duration::from_millis(2500);
@@ -38,17 +42,24 @@ fn text_of(dom: &str, id: &str) -> String {
     rest[start..end].to_owned()
 }
 
+/// The text (up to its first child tag) of the cell of class `class` in the row
+/// that starts `<tr {row}`.
+fn cell_of(dom: &str, row: &str, class: &str) -> String {
+    let at = dom
+        .find(&format!("<tr {row}"))
+        .unwrap_or_else(|| panic!("no row {row}:\n{dom}"));
+    let row_html = &dom[at..at + dom[at..].find("</tr>").expect("a row ends")];
+    let marker = format!(r#"class="{class}">"#);
+    let cell = row_html
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {class} cell in the row {row}: {row_html}"));
+    let rest = &row_html[cell + marker.len()..];
+    rest[..rest.find('<').expect("a cell ends")].to_owned()
+}
+
 /// The "Jobs running" cell of `node`'s row in the servers table.
 fn jobs_running_of(dom: &str, node: &str) -> String {
-    let at = dom
-        .find(&format!(r#"<tr data-node="{node}""#))
-        .unwrap_or_else(|| panic!("no row of {node}:\n{dom}"));
-    let row = &dom[at..at + dom[at..].find("</tr>").expect("a row ends")];
-    let cell = row
-        .find(r#"class="num jobs-running">"#)
-        .unwrap_or_else(|| panic!("no jobs cell in the row of {node}: {row}"));
-    let rest = &row[cell + r#"class="num jobs-running">"#.len()..];
-    rest[..rest.find('<').expect("a cell ends")].to_owned()
+    cell_of(dom, &format!(r#"data-node="{node}""#), "num jobs-running")
 }
 
 /// The row of `node` in the servers table says `state`.
@@ -104,6 +115,12 @@ async fn the_dashboard_shows_both_servers_a_pause_and_the_dead_letters() {
     assert_eq!(text_of(&dom, "sum-paused"), "1");
     assert_eq!(text_of(&dom, "sum-up"), "1");
     assert_eq!(text_of(&dom, "sum-dead-letters"), "1");
+    // No singleton, no schedule: the panel says so in one line.
+    assert!(
+        dom.contains(r#"<p id="leased-empty" class="empty">"#)
+            && dom.contains(r#"<div class="pair" id="leased-pair" hidden="">"#),
+        "{dom}"
+    );
     // Per-handler figures, from the gateway's /metrics.
     assert!(dom.contains(r#"<tr data-handler="echo">"#), "{dom}");
     // Handlers the servers offer but nobody called get no row.
@@ -214,6 +231,83 @@ async fn the_dashboard_shows_jobs_by_state_and_the_jobs_each_server_runs() {
     screenshot(
         &dashboard,
         &test_outputs().join("dashboard-jobs.png"),
+        BUDGET,
+    )
+    .await;
+
+    drop(vhost);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_scheduler_lease_and_the_schedule_it_fires() {
+    let vhost = Vhost::create("dashboard-schedules");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    let record = mesh.scratch.path().join("record.jsonl");
+    for node in ["sched-a", "sched-b"] {
+        mesh.add_server(schedule_spec(node, &record)).await;
+    }
+    mesh.add_gateway().await;
+    let client = http();
+    let dashboard = format!("{}/dashboard", mesh.gateways[0].base_url.clone().unwrap());
+
+    // One of the servers leads and has fired a slot.
+    let table = mesh
+        .wait_for_cluster_within(
+            &client,
+            "the scheduler lease held and a slot of tick fired",
+            Duration::from_secs(30),
+            |t| {
+                let leader = t["leases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|l| l["name"] == "scheduler")
+                    .map(|l| l["node"].clone());
+                let tick = &t["schedules"][0];
+                leader.is_some_and(|l| l.is_string() && tick["leader"] == l)
+                    && tick["last_slot"].is_string()
+            },
+        )
+        .await;
+    let leader = table["schedules"][0]["leader"].as_str().unwrap().to_owned();
+    assert!(["sched-a", "sched-b"].contains(&leader.as_str()), "{table}");
+
+    let dom = dump_dom(&dashboard, BUDGET).await;
+    let lease = r#"data-lease="scheduler""#;
+    assert_eq!(cell_of(&dom, lease, "node"), "scheduler", "{dom}");
+    assert_eq!(cell_of(&dom, lease, "lease-holder"), leader, "{dom}");
+    let token: u64 = cell_of(&dom, lease, "num mono").parse().unwrap();
+    assert!(token > 0, "{dom}");
+    let tick = r#"data-schedule="tick""#;
+    assert_eq!(cell_of(&dom, tick, "node"), "tick", "{dom}");
+    assert_eq!(
+        cell_of(&dom, tick, "sub schedule-handler"),
+        "test.record",
+        "{dom}"
+    );
+    assert_eq!(
+        cell_of(&dom, tick, "mono schedule-cron"),
+        "* * * * * *",
+        "{dom}"
+    );
+    assert_eq!(cell_of(&dom, tick, "sub schedule-timezone"), "UTC", "{dom}");
+    assert_eq!(cell_of(&dom, tick, "schedule-leader"), leader, "{dom}");
+    for slot in ["mono schedule-last", "mono schedule-next"] {
+        let text = cell_of(&dom, tick, slot);
+        assert!(
+            text.len() == 20 && text.ends_with('Z') && text.contains('T'),
+            "{slot}: {text}"
+        );
+    }
+    assert!(
+        ["leases-empty", "schedules-empty", "leased-empty"]
+            .iter()
+            .all(|id| dom.contains(&format!(r#"<p id="{id}" class="empty" hidden="">"#))),
+        "the panel still says it is empty:\n{dom}"
+    );
+    screenshot(
+        &dashboard,
+        &test_outputs().join("dashboard-schedules.png"),
         BUDGET,
     )
     .await;

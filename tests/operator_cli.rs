@@ -1,17 +1,18 @@
 //! The operator's command line, run as an operator runs it: `keelson check`,
 //! `keelson call` (through a gateway and over the transport), `keelson context
-//! get`, `keelson jobs`, `keelson completions` and `keelson man`, against real
-//! processes on a real RabbitMQ.
+//! get`, `keelson jobs`, `keelson schedules` and `keelson status`, `keelson
+//! completions` and `keelson man`, against real processes on a real RabbitMQ.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
-use support::mesh::{Mesh, ServerSpec};
+use support::mesh::{Mesh, ServerSpec, schedule_spec};
 use support::{SECRET, Scratch, http, keelson};
 
 fn text(bytes: &[u8]) -> String {
@@ -125,6 +126,7 @@ fn completions_and_the_man_page_name_the_subcommands() {
         "call",
         "context",
         "jobs",
+        "schedules",
         "status",
         "dlq",
         "completions",
@@ -470,4 +472,133 @@ async fn jobs_list_show_and_cancel_on_a_mesh_over_rabbitmq() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("`nope` is not a job id"), "{stderr}");
+}
+
+/// The row of the table headed by a line starting with `header` whose first cell is
+/// `first`, by column name: cells are cut at the header's column positions (a cron
+/// pattern has blanks).
+fn table_row(text: &str, header: &str, first: &str) -> BTreeMap<String, String> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(header));
+    let head = lines
+        .next()
+        .unwrap_or_else(|| panic!("no table headed {header}:\n{text}"));
+    let row = lines
+        .take_while(|l| !l.is_empty())
+        .find(|l| l.split_whitespace().next() == Some(first))
+        .unwrap_or_else(|| panic!("no row {first} under {header}:\n{text}"));
+    let mut starts: Vec<(usize, &str)> = Vec::new();
+    for name in head.split_whitespace() {
+        let from = starts.last().map_or(0, |(at, n)| at + n.len());
+        starts.push((from + head[from..].find(name).unwrap(), name));
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, (at, name))| {
+            let end = starts
+                .get(i + 1)
+                .map_or(row.len(), |(e, _)| (*e).min(row.len()));
+            let cell = row.get((*at).min(end)..end).unwrap_or("");
+            ((*name).to_owned(), cell.trim().to_owned())
+        })
+        .collect()
+}
+
+/// A slot as `GET /cluster` and `keelson schedules` write it: RFC 3339 UTC, seconds.
+fn is_slot(v: &str) -> bool {
+    let b = v.as_bytes();
+    b.len() == 20
+        && v.ends_with('Z')
+        && [4, 7].iter().all(|i| b[*i] == b'-')
+        && b[10] == b'T'
+        && [13, 16].iter().all(|i| b[*i] == b':')
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_and_status_show_each_schedule_and_the_lease_of_its_leader() {
+    let vhost = Vhost::create("operator-schedules");
+    let transport = amqp_transport(&[vhost.url()]);
+    let mut mesh = Mesh::new(transport.clone());
+    let record = mesh.scratch.path().join("record.jsonl");
+    for node in ["logic-1", "logic-2"] {
+        mesh.add_server(schedule_spec(node, &record)).await;
+    }
+    let operator = mesh.scratch.write("operator.toml", &transport);
+
+    // The schedule, once one of the servers leads and has fired a slot.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tick = loop {
+        let (ok, stdout, stderr) = run(&["schedules", "--json", "--listen-ms", "1500"], &operator);
+        assert!(ok, "{stdout}{stderr}");
+        let schedules: Value = serde_json::from_str(&stdout).unwrap();
+        let tick = schedules.as_array().unwrap().first().cloned();
+        if let Some(tick) = tick.filter(|t| t["leader"].is_string() && t["last_slot"].is_string()) {
+            assert_eq!(schedules.as_array().unwrap().len(), 1, "{schedules}");
+            break tick;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no schedule with a leader and a fired slot: {schedules}"
+        );
+    };
+    assert_eq!(tick["name"], "tick");
+    assert_eq!(tick["cron"], "* * * * * *");
+    assert_eq!(tick["timezone"], "UTC");
+    assert_eq!(tick["handler"], "test.record");
+    let leader = tick["leader"].as_str().unwrap().to_owned();
+    assert!(["logic-1", "logic-2"].contains(&leader.as_str()), "{tick}");
+    let (last, next) = (
+        tick["last_slot"].as_str().unwrap(),
+        tick["next_slot"].as_str().unwrap(),
+    );
+    assert!(is_slot(last) && is_slot(next) && next > last, "{tick}");
+    let token = tick["last_token"].as_u64().unwrap();
+    assert!(token > 0, "{tick}");
+    // The slot fired is one the handler runs (as a job, a moment after the mark),
+    // with the leader's token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fired: Vec<Value> = std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if fired
+            .iter()
+            .any(|f| f["slot"] == last && f["token"] == token)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{last} (token {token}) never ran: {fired:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The table: the same schedule, its slots and its leader.
+    let (ok, stdout, stderr) = run(&["schedules", "--listen-ms", "1500"], &operator);
+    assert!(ok, "{stdout}{stderr}");
+    let row = table_row(&stdout, "SCHEDULE ", "tick");
+    assert_eq!(row["CRON"], "* * * * * *", "{stdout}");
+    assert_eq!(row["TIMEZONE"], "UTC", "{stdout}");
+    assert_eq!(row["HANDLER"], "test.record", "{stdout}");
+    assert_eq!(row["LEADER"], leader, "{stdout}");
+    assert!(
+        is_slot(&row["LAST-SLOT"]) && is_slot(&row["NEXT-SLOT"]),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("NODE "), "the schedules alone:\n{stdout}");
+
+    // `keelson status`: the servers, then the scheduler lease held by the leader
+    // with the token it fires with, then the schedule.
+    let (ok, stdout, stderr) = run(&["status", "--listen-ms", "1500"], &operator);
+    assert!(ok, "{stdout}{stderr}");
+    for node in ["logic-1", "logic-2"] {
+        assert_eq!(table_row(&stdout, "NODE ", node)["STATE"], "up", "{stdout}");
+    }
+    let lease = table_row(&stdout, "LEASE ", "scheduler");
+    assert_eq!(lease["NODE"], leader, "{stdout}");
+    assert_eq!(lease["TOKEN"], token.to_string(), "{stdout}");
+    assert_eq!(table_row(&stdout, "SCHEDULE ", "tick")["LEADER"], leader);
 }

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::broker::{Vhost, amqp_transport};
-use support::mesh::{Mesh, ServerSpec};
+use support::mesh::{Mesh, ServerSpec, schedule_spec};
 
 /// The AMQP heartbeat of the test transports (`support::broker::amqp_transport`).
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -46,33 +46,6 @@ fn lines(path: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a bad line {l:?}: {e}")))
         .collect()
-}
-
-/// The server settings of a schedule test: the recording handler, one schedule
-/// firing it every second, and job slots.
-fn schedule_spec(node: &str, record: &Path) -> ServerSpec {
-    ServerSpec::new(node)
-        .service("default", &["test.record"])
-        .extra(&format!(
-            r#"
-[logic_server.jobs]
-concurrency = 8
-lease_check_ms = 1000
-
-[logic_server.handler_settings."test.record"]
-path = "{}"
-
-[[logic_server.schedules]]
-name = "tick"
-cron = "* * * * * *"
-handler = "test.record"
-body = {{ from = "schedule" }}
-misfire = "fire_all"
-catch_up_window_s = 300
-overlap = "allow"
-"#,
-            record.display()
-        ))
 }
 
 /// The node holding lease `lease` with a token above `above`, from a gateway's

@@ -251,5 +251,25 @@ pub fn describe_metrics() {
         "keelson_jobs",
         "Job records held (the same on every server), by state: queued, running, succeeded, failed, cancelled"
     );
+    describe_counter!(
+        "keelson_lease_acquisitions_total",
+        "Leases this server gained, by lease: scheduler, singleton.NAME"
+    );
+    describe_counter!(
+        "keelson_lease_losses_total",
+        "Leases this server lost while holding them (it fenced itself: broker connection gone or a renewal not confirmed in time; a drain's hand-over is not counted), by lease"
+    );
+    describe_counter!(
+        "keelson_schedule_firings_total",
+        "Schedule slots this server's scheduler fired as jobs, by schedule and kind: on_time, catch_up (a slot missed while no scheduler ran, fired late)"
+    );
+    describe_counter!(
+        "keelson_schedule_skipped_total",
+        "Schedule slots not fired, by schedule and reason: misfire (missed, and not caught up by the misfire policy or older than catch_up_window_s), overlap (an earlier slot's job still running, overlap = skip)"
+    );
+    describe_counter!(
+        "keelson_schedule_stale_dropped_total",
+        "Firings dropped because their lease token was stale (a newer scheduler's mark was seen: this server no longer leads), by schedule"
+    );
     crate::context::describe_metrics();
 }

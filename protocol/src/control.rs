@@ -179,6 +179,40 @@ pub struct ClusterJobCounts {
     pub age_ms: u64,
 }
 
+/// A lease of the cluster and the node that holds it, from the heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterLease {
+    /// The lease (`scheduler`, `singleton.{name}`).
+    pub name: String,
+    /// The node holding it.
+    pub node: String,
+    /// Its fencing token.
+    pub token: u64,
+}
+
+/// A schedule of the cluster, from the heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSchedule {
+    /// The schedule's name.
+    pub name: String,
+    /// Its cron pattern (with seconds).
+    pub cron: String,
+    /// Its IANA time zone.
+    pub timezone: String,
+    /// The handler each firing runs as a job.
+    pub handler: String,
+    /// The last slot fired, RFC 3339 UTC to the second; `None` before the first.
+    pub last_slot: Option<String>,
+    /// The lease token the last slot was fired with (0 before the first).
+    pub last_token: u64,
+    /// The next slot due, RFC 3339 UTC to the second; `None` when the pattern has
+    /// no later slot.
+    pub next_slot: Option<String>,
+    /// The node holding the [scheduler lease](crate::schedule::SCHEDULER_LEASE),
+    /// which fires every schedule; `None` while no live node holds it.
+    pub leader: Option<String>,
+}
+
 impl Envelope for Heartbeat {
     const KIND: &'static str = "heartbeat";
     fn version(&self) -> ProtocolVersion {
@@ -283,6 +317,73 @@ impl ClusterView {
             .min_by_key(|c| c.age_ms)
     }
 
+    /// The leases held in the cluster, by name, each with its holder: from the
+    /// nodes that are up, paused or not ready (a node gone or left holds nothing).
+    /// When two nodes claim one lease (the old holder's last heartbeat still here
+    /// after a hand-over), the higher token is the holder.
+    pub fn leases(&self, now: tokio::time::Instant) -> Vec<ClusterLease> {
+        let mut leases: std::collections::BTreeMap<&str, ClusterLease> = Default::default();
+        let nodes = self.nodes(now);
+        for n in &nodes {
+            if !matches!(
+                n.state,
+                NodeState::Up | NodeState::Paused | NodeState::NotReady
+            ) {
+                continue;
+            }
+            for lease in &n.heartbeat.leases {
+                let claim = ClusterLease {
+                    name: lease.name.clone(),
+                    node: n.heartbeat.node.clone(),
+                    token: lease.token,
+                };
+                match leases.get(lease.name.as_str()) {
+                    Some(held) if held.token >= claim.token => {}
+                    _ => {
+                        leases.insert(lease.name.as_str(), claim);
+                    }
+                }
+            }
+        }
+        leases.into_values().collect()
+    }
+
+    /// The schedules of the cluster, by name: each as the freshest heartbeat that
+    /// lists it says (every server reads the same replicated marks), with the
+    /// holder of the scheduler lease as its leader.
+    pub fn schedules(&self, now: tokio::time::Instant) -> Vec<ClusterSchedule> {
+        let leader = self
+            .leases(now)
+            .into_iter()
+            .find(|l| l.name == crate::schedule::SCHEDULER_LEASE)
+            .map(|l| l.node);
+        let mut freshest: std::collections::BTreeMap<&str, (&ScheduleBeat, tokio::time::Instant)> =
+            Default::default();
+        for (hb, at) in self.nodes.values() {
+            for s in &hb.schedules {
+                match freshest.get(s.name.as_str()) {
+                    Some((_, seen)) if seen >= at => {}
+                    _ => {
+                        freshest.insert(s.name.as_str(), (s, *at));
+                    }
+                }
+            }
+        }
+        freshest
+            .into_values()
+            .map(|(s, _)| ClusterSchedule {
+                name: s.name.clone(),
+                cron: s.cron.clone(),
+                timezone: s.timezone.clone(),
+                handler: s.handler.clone(),
+                last_slot: s.last_slot_s.map(crate::schedule::slot_rfc3339),
+                last_token: s.last_token,
+                next_slot: s.next_slot_s.map(crate::schedule::slot_rfc3339),
+                leader: leader.clone(),
+            })
+            .collect()
+    }
+
     /// Nodes other than `except` that consume `service` and take requests now.
     pub fn active_in_service(
         &self,
@@ -302,118 +403,4 @@ impl ClusterView {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    /// A reader of heartbeats from before background jobs.
-    #[derive(Debug, Deserialize, Serialize)]
-    struct HeartbeatBeforeJobs {
-        v: ProtocolVersion,
-        node: String,
-        in_flight: u32,
-        contexts: u64,
-    }
-
-    fn heartbeat(node: &str, jobs: Option<JobsBeat>) -> Heartbeat {
-        Heartbeat {
-            v: ProtocolVersion::CURRENT,
-            node: node.to_owned(),
-            version: "0.1.0".to_owned(),
-            services: vec!["default".to_owned()],
-            handlers: vec!["echo".to_owned()],
-            load: Load::default(),
-            paused: false,
-            in_flight: 2,
-            concurrency: 16,
-            window: 16,
-            ready: true,
-            contexts: 5,
-            interval_ms: 1000,
-            leaving: false,
-            context: None,
-            digest: None,
-            jobs,
-            leases: Vec::new(),
-            schedules: Vec::new(),
-        }
-    }
-
-    fn counts(succeeded: u64) -> JobCounts {
-        JobCounts {
-            queued: 1,
-            running: 2,
-            succeeded,
-            failed: 0,
-            cancelled: 0,
-        }
-    }
-
-    #[test]
-    fn job_figures_are_read_by_older_peers_and_absent_ones_read_as_none() {
-        let beat = heartbeat(
-            "a",
-            Some(JobsBeat {
-                running_here: 3,
-                records: Some(counts(7)),
-                counted_ms_ago: 400,
-            }),
-        );
-        let bytes = crate::encode(&beat).unwrap();
-        let old: HeartbeatBeforeJobs = rmp_serde::from_slice(&bytes).unwrap();
-        assert_eq!(
-            (old.node.as_str(), old.in_flight, old.contexts),
-            ("a", 2, 5)
-        );
-        assert_eq!(crate::decode::<Heartbeat>(&bytes).unwrap(), beat);
-        // A heartbeat without them: no bytes on the wire, `None` when read.
-        let without = heartbeat("a", None);
-        let bytes = crate::encode(&without).unwrap();
-        assert!(!bytes.windows(4).any(|w| w == b"jobs"));
-        assert_eq!(crate::decode::<Heartbeat>(&bytes).unwrap().jobs, None);
-    }
-
-    #[test]
-    fn the_cluster_job_counts_are_the_freshest_ones_never_a_sum() {
-        let mut view = ClusterView::default();
-        let start = tokio::time::Instant::now();
-        assert_eq!(view.job_counts(start), None);
-        view.observe(heartbeat("old-server", None), start);
-        assert_eq!(view.job_counts(start), None);
-        // Counted 8 s before its heartbeat.
-        let stale = JobsBeat {
-            running_here: 1,
-            records: Some(counts(5)),
-            counted_ms_ago: 8000,
-        };
-        view.observe(heartbeat("a", Some(stale)), start);
-        // Counted 1 s before a heartbeat heard 2 s later.
-        let fresh = JobsBeat {
-            running_here: 0,
-            records: Some(counts(9)),
-            counted_ms_ago: 1000,
-        };
-        view.observe(heartbeat("b", Some(fresh)), start);
-        let now = start + Duration::from_millis(2000);
-        let c = view.job_counts(now).unwrap();
-        assert_eq!(
-            (c.node.as_str(), c.counts, c.age_ms),
-            ("b", counts(9), 3000)
-        );
-        // A server that has not counted yet says nothing of the records.
-        let uncounted = JobsBeat {
-            running_here: 4,
-            records: None,
-            counted_ms_ago: 0,
-        };
-        view.observe(heartbeat("c", Some(uncounted)), now);
-        assert_eq!(view.job_counts(now).unwrap().node, "b");
-        let json = serde_json::to_value(view.job_counts(now).unwrap()).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"queued": 1, "running": 2, "succeeded": 9, "failed": 0,
-                "cancelled": 0, "node": "b", "age_ms": 3000})
-        );
-    }
-}
+mod tests;

@@ -320,11 +320,17 @@ impl JobRecord {
 
 /// `ms` since the Unix epoch as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    format!("{}.{:03}Z", date_time(secs), ms % 1000)
+}
+
+/// `secs` since the Unix epoch (before it when negative) as the date and time of
+/// day in UTC, `2026-03-29T00:30:00`, without a fraction or an offset.
+pub(crate) fn date_time(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
+    let z = days.saturating_add(719_468);
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
@@ -333,10 +339,7 @@ pub fn rfc3339(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}.{:03}Z",
-        ms % 1000
-    )
+    format!("{year:04}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}")
 }
 
 /// What a job queue carries: one attempt to run ([`JobKind::Run`]), or the check

@@ -27,6 +27,21 @@ pub const SLOT_HEADER: &str = "x-keelson-slot";
 /// The scheduler's lease token when it fired the slot.
 pub const TOKEN_HEADER: &str = "x-keelson-token";
 
+/// The lease of the cluster's scheduler: its holder fires every schedule.
+pub const SCHEDULER_LEASE: &str = "scheduler";
+
+/// A slot (Unix seconds) as RFC 3339 UTC to the second, as [`SLOT_HEADER`] and
+/// `GET /cluster` write it.
+///
+/// ```
+/// use keelson_protocol::schedule::slot_rfc3339;
+/// assert_eq!(slot_rfc3339(1_774_744_200), "2026-03-29T00:30:00Z");
+/// assert_eq!(slot_rfc3339(-1), "1969-12-31T23:59:59Z");
+/// ```
+pub fn slot_rfc3339(slot_s: i64) -> String {
+    format!("{}Z", crate::job::date_time(slot_s))
+}
+
 /// The record key of the mark of schedule `name`.
 ///
 /// ```

@@ -2,6 +2,7 @@
 //! AMQP transport, each test in a RabbitMQ vhost of its own.
 
 use super::{Bin, Process, SECRET, Scratch};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The response header naming the logic server that answered.
@@ -142,6 +143,34 @@ join_timeout_ms = 1000
             concurrency = self.concurrency,
         )
     }
+}
+
+/// The server settings of a schedule test: the recording handler `test.record`
+/// (a line per call appended to `record`), one schedule `tick` firing it every
+/// second (UTC), and job slots.
+pub fn schedule_spec(node: &str, record: &Path) -> ServerSpec {
+    ServerSpec::new(node)
+        .service("default", &["test.record"])
+        .extra(&format!(
+            r#"
+[logic_server.jobs]
+concurrency = 8
+lease_check_ms = 1000
+
+[logic_server.handler_settings."test.record"]
+path = "{}"
+
+[[logic_server.schedules]]
+name = "tick"
+cron = "* * * * * *"
+handler = "test.record"
+body = {{ from = "schedule" }}
+misfire = "fire_all"
+catch_up_window_s = 300
+overlap = "allow"
+"#,
+            record.display()
+        ))
 }
 
 /// Gateways and logic servers sharing one transport configuration.

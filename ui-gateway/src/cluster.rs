@@ -7,13 +7,27 @@
 //!  "stalled_services": [],
 //!  "dead_letters": {"waiting": 0},
 //!  "jobs": {"queued": 0, "running": 2, "succeeded": 40, "failed": 1, "cancelled": 0,
-//!           "node": "logic-1", "age_ms": 3200}}
+//!           "node": "logic-1", "age_ms": 3200},
+//!  "leases": [{"name": "scheduler", "node": "logic-2", "token": 7},
+//!             {"name": "singleton.cleanup", "node": "logic-1", "token": 3}],
+//!  "schedules": [{"name": "nightly-report", "cron": "0 30 2 * * *",
+//!                 "timezone": "Europe/Berlin", "handler": "report.build",
+//!                 "last_slot": "2026-03-29T00:30:00Z", "last_token": 7,
+//!                 "next_slot": "2026-03-30T00:30:00Z", "leader": "logic-2"}]}
 //! ```
 //!
 //! `jobs` counts the background jobs by state (`null` until a server has counted
 //! them): every server holds every job's record and counts them every few seconds,
 //! so these are the counts of the server that counted last (`node`, `age_ms` ago),
 //! not a sum. Each node's `jobs.running_here` is the attempts it runs now.
+//!
+//! `leases` are the leases held now (the scheduler's, singletons'), each with the
+//! node that holds it and its fencing token, from the nodes up, paused or not ready;
+//! when two claim one (an old holder's last heartbeat after a hand-over), the higher
+//! token wins. `schedules` are the cluster's schedules as the freshest heartbeat
+//! listing each says: slots in RFC 3339 UTC (`null` before the first firing, or when
+//! the pattern has no next slot), and `leader`, the node holding the `scheduler`
+//! lease (`null` while none does: no schedule fires).
 //!
 //! `dead_letters.waiting` counts the namespace's dead letters waiting to be read
 //! (`null` when the transport cannot tell now; see [`crate::dead_letters`]).
@@ -27,7 +41,9 @@ use crate::routes::AppState;
 use axum::Json;
 use axum::extract::State;
 use keelson_protocol::Transport;
-use keelson_protocol::control::{ClusterJobCounts, ClusterView, NodeState, NodeStatus};
+use keelson_protocol::control::{
+    ClusterJobCounts, ClusterLease, ClusterSchedule, ClusterView, NodeState, NodeStatus,
+};
 use keelson_protocol::topic::HEARTBEATS;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -74,10 +90,15 @@ impl Cluster {
     }
 
     pub(crate) fn report(&self) -> ClusterReport {
-        let (nodes, jobs) = {
+        let (nodes, jobs, leases, schedules) = {
             let view = self.lock();
             let now = Instant::now();
-            (view.nodes(now), view.job_counts(now))
+            (
+                view.nodes(now),
+                view.job_counts(now),
+                view.leases(now),
+                view.schedules(now),
+            )
         };
         let mut services: BTreeMap<String, ServiceCounts> = BTreeMap::new();
         for n in &nodes {
@@ -103,6 +124,8 @@ impl Cluster {
             stalled_services,
             dead_letters: DeadLetterCount::default(),
             jobs,
+            leases,
+            schedules,
         }
     }
 }
@@ -125,6 +148,8 @@ pub(crate) struct ClusterReport {
     stalled_services: Vec<String>,
     dead_letters: DeadLetterCount,
     jobs: Option<ClusterJobCounts>,
+    leases: Vec<ClusterLease>,
+    schedules: Vec<ClusterSchedule>,
 }
 
 /// `GET /cluster`.

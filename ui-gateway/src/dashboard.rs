@@ -2,11 +2,11 @@
 //!
 //! One page, its script and its style, all compiled into the binary (no CDN, nothing
 //! fetched from elsewhere). The script polls this gateway's own `GET /cluster`
-//! (servers and job counts, from heartbeats; dead letters) and `GET /metrics` (per-handler rate,
-//! error rate and p99, from counter and histogram-bucket deltas between polls) about
-//! once a second, and renders with `textContent` only: names from heartbeats are
-//! never read as HTML. The page shows no request data and no user ids, because
-//! neither source holds any.
+//! (servers, job counts, leases and schedules, from heartbeats; dead letters) and
+//! `GET /metrics` (per-handler rate, error rate and p99, from counter and
+//! histogram-bucket deltas between polls) about once a second, and renders with
+//! `textContent` only: names from heartbeats are never read as HTML. The page shows
+//! no request data and no user ids, because neither source holds any.
 //!
 //! The responses forbid everything the page does not need (a `Content-Security-Policy`
 //! that allows only this origin's script, style and fetches, no framing), and are

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// The lease every scheduler of the cluster is a candidate for.
-pub(crate) const LEASE: &str = "scheduler";
+pub(crate) const LEASE: &str = keelson_protocol::schedule::SCHEDULER_LEASE;
 
 /// How long a mark is kept without a new firing (a schedule removed from the
 /// configuration is forgotten after this).

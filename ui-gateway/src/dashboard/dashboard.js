@@ -1,6 +1,6 @@
 // Keelson's dashboard: polls this gateway's /cluster and /metrics about once a
-// second and renders them (servers, job counts and dead letters from /cluster,
-// per-handler figures from /metrics). Everything is written with textContent:
+// second and renders them (servers, job counts, leases, schedules and dead letters
+// from /cluster, per-handler figures from /metrics). Everything is written with textContent:
 // names that come from heartbeats are never parsed as HTML. The pure parts
 // (Prometheus text parsing, rates, histogram quantiles) are exposed as
 // window.KeelsonDashboard for tests.
@@ -184,6 +184,14 @@
   function formatAge(ms) {
     return ms < 10000 ? fixed(ms / 1000, 1) + " s ago" : fixed(ms / 1000, 0) + " s ago";
   }
+  // An RFC 3339 slot relative to now: "in 4 s", "12 s ago"; "" when unreadable.
+  function formatWhen(text, now) {
+    const at = Date.parse(String(text));
+    if (Number.isNaN(at)) return "";
+    const s = Math.round((at - now) / 1000);
+    const span = (n) => (n < 120 ? n + " s" : n < 7200 ? Math.round(n / 60) + " min" : n < 172800 ? Math.round(n / 3600) + " h" : Math.round(n / 86400) + " d");
+    return s >= 0 ? "in " + span(s) : span(-s) + " ago";
+  }
   const STATE_LABELS = { up: "up", paused: "paused", not_ready: "not ready", left: "left", gone: "gone" };
 
   // ---- rendering ----
@@ -282,6 +290,66 @@
     show("servers-wrap", nodes.length > 0);
     show("servers-empty", nodes.length === 0);
     renderJobs(report.jobs);
+    const leases = report.leases || [];
+    const schedules = report.schedules || [];
+    renderLeases(leases);
+    renderSchedules(schedules);
+    // Neither: one line for the panel rather than two empty tables.
+    const none = leases.length === 0 && schedules.length === 0;
+    show("leased-pair", !none);
+    show("leased-empty", none);
+  }
+
+  // The leases held (singletons, the scheduler), each with its holder and token.
+  function renderLeases(leases) {
+    const body = document.getElementById("leases-body");
+    body.replaceChildren();
+    for (const l of leases) {
+      const tr = document.createElement("tr");
+      tr.setAttribute("data-lease", String(l.name));
+      cell(tr, String(l.name), "node");
+      cell(tr, String(l.node), "lease-holder");
+      cell(tr, String(l.token), "num mono");
+      body.appendChild(tr);
+    }
+    show("leases-wrap", leases.length > 0);
+    show("leases-empty", leases.length === 0);
+  }
+
+  // A slot and how far it is from now. A next slot already past (heartbeats are
+  // up to a second old) is due, not "ago".
+  function slotCell(tr, slot, className, next) {
+    const td = cell(tr, slot === null || slot === undefined ? "–" : String(slot), "mono " + className);
+    if (!slot) return td;
+    const due = next && Date.parse(String(slot)) <= Date.now();
+    const when = due ? "due" : formatWhen(slot, Date.now());
+    if (when) td.appendChild(el("span", "sub", when));
+    return td;
+  }
+
+  // The schedules: pattern and time zone, last and next slot (UTC), and the
+  // leader that fires them; without one, nothing fires.
+  function renderSchedules(schedules) {
+    const body = document.getElementById("schedules-body");
+    body.replaceChildren();
+    for (const s of schedules) {
+      const tr = document.createElement("tr");
+      tr.setAttribute("data-schedule", String(s.name));
+      const name = cell(tr, String(s.name), "node");
+      name.appendChild(el("span", "sub schedule-handler", String(s.handler)));
+      const cron = cell(tr, String(s.cron), "mono schedule-cron");
+      cron.appendChild(el("span", "sub schedule-timezone", String(s.timezone)));
+      slotCell(tr, s.last_slot, "schedule-last", false);
+      slotCell(tr, s.next_slot, "schedule-next", true);
+      if (s.leader === null || s.leader === undefined) {
+        cell(tr, "none: not firing", "bad schedule-leader");
+      } else {
+        cell(tr, String(s.leader), "schedule-leader");
+      }
+      body.appendChild(tr);
+    }
+    show("schedules-wrap", schedules.length > 0);
+    show("schedules-empty", schedules.length === 0);
   }
 
   const JOB_STATES = ["queued", "running", "succeeded", "failed", "cancelled"];

@@ -425,7 +425,8 @@ async fn a_rolling_upgrade_misses_and_doubles_no_slot() {
 
 /// The embedded mesh (memory transport) runs schedules and singletons too: each
 /// slot once, a slot skipped while the previous run of an `overlap = "skip"`
-/// schedule is unfinished, and a drained process stops its singleton.
+/// schedule is unfinished or when no server runs its handler, and a drained
+/// process stops its singleton.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_mesh_runs_schedules_and_singletons() {
     let scratch = support::Scratch::new();
@@ -470,6 +471,11 @@ cron = "* * * * * *"
 handler = "test.slow"
 body = {{ ms = 2500 }}
 overlap = "skip"
+
+[[logic_server.schedules]]
+name = "orphan"
+cron = "* * * * * *"
+handler = "nobody.runs.this"
 "#,
             secret = support::SECRET,
             record = record.display(),
@@ -505,16 +511,28 @@ overlap = "skip"
         (first..=last).all(|s| firsts.get(&s) == Some(&1)),
         "each slot once: {firsts:?}"
     );
-    let series = |name: &str, label: &str| -> f64 {
+    let series_of = |schedule: &str, name: &str, label: &str| -> f64 {
+        let schedule = format!("schedule=\"{schedule}\"");
         metrics
             .lines()
-            .filter(|l| l.starts_with(name) && l.contains("schedule=\"slow\"") && l.contains(label))
+            .filter(|l| l.starts_with(name) && l.contains(&schedule) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
     // Runs of 2.5 s, a slot a second, for about 6 s: a run every third slot at most.
+    let series = |name: &str, label: &str| series_of("slow", name, label);
     let skipped = series("keelson_schedule_skipped_total", "reason=\"overlap\"");
     let fired = series("keelson_schedule_firings_total", "kind=");
+    // A slot whose handler nobody runs is skipped, not retried for ever.
+    let orphaned = series_of(
+        "orphan",
+        "keelson_schedule_skipped_total",
+        "reason=\"no_handler\"",
+    );
+    assert!(
+        orphaned >= 3.0,
+        "orphan slots skipped: {orphaned}\n{metrics}"
+    );
     assert!(
         skipped >= 2.0 && (1.0..=3.0).contains(&fired),
         "the slow schedule: {fired} fired, {skipped} skipped for overlap\n{metrics}"

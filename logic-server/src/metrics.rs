@@ -265,7 +265,7 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         "keelson_schedule_skipped_total",
-        "Schedule slots not fired, by schedule and reason: misfire (missed, and not caught up by the misfire policy or older than catch_up_window_s), overlap (an earlier slot's job still running, overlap = skip)"
+        "Schedule slots not fired, by schedule and reason: misfire (missed, and not caught up by the misfire policy or older than catch_up_window_s), overlap (an earlier slot's job still running, overlap = skip), no_handler (no server runs jobs of its handler)"
     );
     describe_counter!(
         "keelson_schedule_stale_dropped_total",

@@ -48,8 +48,9 @@ pub(crate) struct Scheduler {
 enum Firing {
     /// Queued (or found already queued): the slot is done.
     Done,
-    /// Not fired, and never will be (overlap): the slot is done.
-    Skipped,
+    /// Not fired, and never will be (`overlap`: the previous run is unfinished;
+    /// `no_handler`: no server runs jobs of the handler): the slot is done.
+    Skipped(&'static str),
     /// A newer leader's mark was seen: this scheduler no longer leads.
     Stale,
     /// The lease is not held now.
@@ -139,8 +140,8 @@ impl Scheduler {
                                 .increment(1);
                             last.insert(s.name.clone(), Some(*slot));
                         }
-                        Firing::Skipped => {
-                            metrics::counter!("keelson_schedule_skipped_total", "schedule" => s.name.clone(), "reason" => "overlap")
+                        Firing::Skipped(reason) => {
+                            metrics::counter!("keelson_schedule_skipped_total", "schedule" => s.name.clone(), "reason" => reason)
                                 .increment(1);
                             last.insert(s.name.clone(), Some(*slot));
                         }
@@ -227,17 +228,14 @@ impl Scheduler {
             return Firing::Fenced;
         }
         let id = plan::slot_job_id(&s.name, slot);
-        let skipped = if s.overlap == crate::config::Overlap::Skip
-            && let Some(prev) = ran_before
-        {
-            let prev_id = plan::slot_job_id(&s.name, prev);
-            self.store()
-                .job(&prev_id)
-                .is_some_and(|r| matches!(r.state, JobState::Queued | JobState::Running))
-        } else {
-            false
-        };
-        if skipped {
+        let overlapping = s.overlap == crate::config::Overlap::Skip
+            && ran_before.is_some_and(|prev| {
+                self.store()
+                    .job(&plan::slot_job_id(&s.name, prev))
+                    .is_some_and(|r| matches!(r.state, JobState::Queued | JobState::Running))
+            });
+        let mut skipped = overlapping.then_some("overlap");
+        if overlapping {
             debug!(schedule = %s.name, %slot, "the previous run is not finished: slot skipped");
         } else if self.jobs.fresh_record(&id).await.is_none() {
             let slot_text = slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -257,17 +255,23 @@ impl Scheduler {
                 headers,
                 traceparent: None,
             };
-            if let Err((_, _, message)) = api::accept(&self.jobs, spec).await {
-                return Firing::Failed(message);
+            match api::accept(&self.jobs, spec).await {
+                Ok(_) => self.jobs.dispatcher.metrics.job_submitted(),
+                Err((_, "unknown_handler", message)) => {
+                    // Nothing can run it (no server ever declared its job queue):
+                    // the slot is skipped, not retried for ever.
+                    warn!(schedule = %s.name, %slot, %message, "scheduler: slot skipped");
+                    skipped = Some("no_handler");
+                }
+                Err((_, _, message)) => return Firing::Failed(message),
             }
-            self.jobs.dispatcher.metrics.job_submitted();
         }
         let mark = ScheduleMark {
             v: ProtocolVersion::CURRENT,
             name: s.name.clone(),
             slot_s: slot.timestamp(),
             token,
-            run_slot_s: if skipped {
+            run_slot_s: if skipped.is_some() {
                 ran_before.map(|r| r.timestamp())
             } else {
                 Some(slot.timestamp())
@@ -290,10 +294,9 @@ impl Scheduler {
             // slot from running twice even if a new leader replays it meanwhile.
             warn!(schedule = %s.name, error = %e, "a schedule mark is not replicated yet");
         }
-        if skipped {
-            Firing::Skipped
-        } else {
-            Firing::Done
+        match skipped {
+            Some(reason) => Firing::Skipped(reason),
+            None => Firing::Done,
         }
     }
 

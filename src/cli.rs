@@ -277,12 +277,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             expect_up,
         } => {
-            let config = settings::load(&source)?;
-            let runtime = tokio::runtime::Runtime::new()?;
-            let heard = runtime.block_on(crate::status::collect(
-                &config,
-                Duration::from_millis(listen_ms),
-            ))?;
+            let heard = hear_cluster(&source, listen_ms)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&heard.nodes)?);
             } else {
@@ -299,12 +294,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Schedules { listen_ms, json } => {
-            let config = settings::load(&source)?;
-            let runtime = tokio::runtime::Runtime::new()?;
-            let heard = runtime.block_on(crate::status::collect(
-                &config,
-                Duration::from_millis(listen_ms),
-            ))?;
+            let heard = hear_cluster(&source, listen_ms)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&heard.schedules)?);
             } else {
@@ -345,6 +335,17 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Load the configuration, set up logging, and run `role` until SIGINT or SIGTERM.
+/// What `keelson status` and `keelson schedules` print: the heartbeats heard on the
+/// transport of `source` for `listen_ms`.
+fn hear_cluster(source: &Source, listen_ms: u64) -> anyhow::Result<crate::status::Heard> {
+    let config = settings::load(source)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(crate::status::collect(
+        &config,
+        Duration::from_millis(listen_ms),
+    ))
+}
+
 fn serve(role: Role, source: &Source) -> anyhow::Result<()> {
     let config: KeelsonConfig = settings::load(source)?;
     let runtime = tokio::runtime::Runtime::new()?;

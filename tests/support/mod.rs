@@ -58,6 +58,27 @@ pub fn unix_ms() -> u64 {
     .unwrap()
 }
 
+/// Milliseconds since the Unix epoch of an RFC 3339 UTC time as the servers write
+/// it (`2026-11-29T22:30:05Z`, or with milliseconds `...05.123Z`).
+pub fn rfc3339_ms(rfc3339: &str) -> i64 {
+    let (date, time) = rfc3339.trim_end_matches('Z').split_once('T').unwrap();
+    let d: Vec<i64> = date.split('-').map(|p| p.parse().unwrap()).collect();
+    let (hms, ms) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<i64> = hms.split(':').map(|p| p.parse().unwrap()).collect();
+    // Days from civil (Howard Hinnant).
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    (days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000 + ms.parse::<i64>().unwrap()
+}
+
 /// Run `bash script args` with `env` added; fails the test with its output when it
 /// fails, else returns its output (standard output, then standard error).
 pub fn run_script(script: &str, args: &[&str], env: &[(&str, String)]) -> String {

@@ -542,3 +542,61 @@ handler = "nobody.runs.this"
         "drained: {events:?}"
     );
 }
+
+/// The lease queue deleted by an operator (or lost with a broker rebuilt) restarts
+/// the lease's tokens at 1, below the tokens the schedule's marks carry: the
+/// schedule keeps firing every slot, with tokens above its marks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lease_queue_does_not_stop_the_schedule() {
+    let vhost = Vhost::create("schedules-reset");
+    let mut mesh = Mesh::new(amqp_transport(&[vhost.url()]));
+    let record = mesh.scratch.path().join("record.jsonl");
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for node in ["logic-a", "logic-b"] {
+        index.insert(
+            node.to_owned(),
+            mesh.add_server(support::mesh::schedule_spec(node, &record))
+                .await,
+        );
+    }
+    mesh.add_gateway().await;
+    let client = reqwest::Client::new();
+    // A hand-over first, so that the marks carry token 2.
+    let (leader, first) = holder(&mesh, &client, "scheduler", 0).await;
+    mesh.stop_server(index[&leader]).await;
+    let (_, second) = holder(&mesh, &client, "scheduler", first).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deleted_ms = support::unix_ms() as i64;
+    vhost.delete_queue("keelson.lease.scheduler");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let lines = lines(&record);
+    let mut firsts: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+    for l in &lines {
+        if l["attempt"] == 1 {
+            firsts
+                .entry(unix_s(l["slot"].as_str().unwrap()))
+                .or_default()
+                .push(l["token"].as_u64().unwrap());
+        }
+    }
+    let from = deleted_ms / 1000 - 2;
+    let to = deleted_ms / 1000 + 5;
+    let wrong: Vec<_> = (from..=to)
+        .filter(|s| firsts.get(s).map(Vec::len) != Some(1))
+        .collect();
+    let after: Vec<u64> = firsts
+        .range(deleted_ms / 1000 + 2..)
+        .flat_map(|(_, t)| t.clone())
+        .collect();
+    eprintln!(
+        "tokens before the deletion up to {second}; after: {after:?}; wrong slots: {wrong:?}"
+    );
+    assert!(
+        wrong.is_empty(),
+        "slots missed or doubled around the deletion: {wrong:?}"
+    );
+    assert!(
+        !after.is_empty() && after.iter().all(|t| *t > second),
+        "after the deletion the schedule fires with tokens above its marks: {after:?}"
+    );
+}

@@ -71,10 +71,19 @@ impl Leased {
         Self { stop, task }
     }
 
-    /// Cancel the task, wait for it, then give the lease up.
+    /// Cancel the task, wait for it, then give the lease up; bounded (a broker that
+    /// does not answer cannot hold a drain up): after [`STOP_GRACE`] twice, the
+    /// candidate is dropped, which closes its channel in the background.
     pub(crate) async fn stop(self) {
         self.stop.send_replace(true);
-        let _ = self.task.await;
+        let mut task = self.task;
+        if tokio::time::timeout(STOP_GRACE * 2, &mut task)
+            .await
+            .is_err()
+        {
+            warn!("a lease candidate did not stop in time; dropped");
+            task.abort();
+        }
     }
 }
 

@@ -98,15 +98,14 @@ impl Scheduler {
         let mut last: HashMap<String, Option<DateTime<Utc>>> = HashMap::new();
         // The last slot of each schedule that ran as a job (for `overlap = "skip"`).
         let mut ran: HashMap<String, Option<DateTime<Utc>>> = HashMap::new();
+        let mut highest_mark = 0;
         for s in &self.schedules {
             let mark = self.mark(&s.name);
-            if let Some(m) = &mark
-                && m.token > token
-            {
-                warn!(schedule = %s.name, token, newer = m.token, "scheduler: a newer leader's mark is here; not firing");
-                self.stale(&s.name);
-                return;
-            }
+            highest_mark = highest_mark.max(mark.as_ref().map_or(0, |m| m.token));
+            ran.insert(
+                s.name.clone(),
+                mark.as_ref().and_then(|m| m.run_slot_s).and_then(from_unix),
+            );
             // A schedule never fired starts from now: the current second's slot,
             // if it is one, and on.
             let start = mark
@@ -114,7 +113,28 @@ impl Scheduler {
                 .or_else(|| from_unix(Utc::now().timestamp() - 1));
             last.insert(s.name.clone(), start);
         }
-        info!(token, schedules = self.schedules.len(), "scheduler leading");
+        // The token this scheduler fires with: the lease's, unless the marks carry a
+        // higher one. This server just gained the lease, so no newer leader exists:
+        // the lease's tokens restarted (its queue deleted or lost with the broker),
+        // and the scheduler fires above the marks, so that they keep fencing older
+        // leaders and a newer one still outranks it.
+        let lease_token = token;
+        let token = if highest_mark > lease_token {
+            warn!(
+                lease_token,
+                highest_mark,
+                "scheduler: the schedules' marks carry a higher token than the lease (its queue was deleted or lost?); firing above them"
+            );
+            highest_mark.saturating_add(lease_token)
+        } else {
+            lease_token
+        };
+        info!(
+            token,
+            lease_token,
+            schedules = self.schedules.len(),
+            "scheduler leading"
+        );
         'lead: loop {
             let now = Utc::now();
             let mut retry = false;
@@ -125,6 +145,7 @@ impl Scheduler {
                     metrics::counter!("keelson_schedule_skipped_total", "schedule" => s.name.clone(), "reason" => "misfire")
                         .increment(due.skipped);
                 }
+                let mut complete = true;
                 for (i, slot) in due.fire.iter().enumerate() {
                     // The missed slots come first, oldest first.
                     let kind = if (i as u64) < due.caught_up {
@@ -133,7 +154,10 @@ impl Scheduler {
                         "on_time"
                     };
                     let ran_before = ran.get(&s.name).copied().flatten();
-                    match self.fire(s, *slot, ran_before, token, &fence).await {
+                    match self
+                        .fire(s, *slot, ran_before, token, lease_token, &fence)
+                        .await
+                    {
                         Firing::Done => {
                             ran.insert(s.name.clone(), Some(*slot));
                             metrics::counter!("keelson_schedule_firings_total", "schedule" => s.name.clone(), "kind" => kind)
@@ -146,7 +170,11 @@ impl Scheduler {
                             last.insert(s.name.clone(), Some(*slot));
                         }
                         Firing::Stale => {
+                            // Not started again while this lease token is held: a
+                            // newer leader exists, and this server will hear that it
+                            // lost the lease.
                             self.stale(&s.name);
+                            cancel.cancelled().await;
                             return;
                         }
                         Firing::Fenced => {
@@ -156,12 +184,20 @@ impl Scheduler {
                         Firing::Failed(e) => {
                             warn!(schedule = %s.name, slot = %slot, error = %e, "scheduler: a firing failed; trying again");
                             retry = true;
+                            complete = false;
                             break;
                         }
                     }
                     if cancel.is_cancelled() {
+                        complete = false;
                         break;
                     }
+                }
+                // Every slot up to now was fired or counted as skipped: the next
+                // look starts after now (so skipped slots are counted once).
+                if complete && let Some(now_s) = from_unix(now.timestamp()) {
+                    let l = last.entry(s.name.clone()).or_default();
+                    *l = Some(l.map_or(now_s, |l| l.max(now_s)));
                 }
             }
             let wake = if retry {
@@ -218,13 +254,14 @@ impl Scheduler {
         slot: DateTime<Utc>,
         ran_before: Option<DateTime<Utc>>,
         token: u64,
+        lease_token: u64,
         fence: &Fence,
     ) -> Firing {
         // The token fence: a newer leader's mark means this one no longer leads.
         if self.mark(&s.name).is_some_and(|m| m.token > token) {
             return Firing::Stale;
         }
-        if fence.check() != Some(token) {
+        if fence.check() != Some(lease_token) {
             return Firing::Fenced;
         }
         let id = plan::slot_job_id(&s.name, slot);
@@ -255,7 +292,18 @@ impl Scheduler {
                 headers,
                 traceparent: None,
             };
-            match api::accept(&self.jobs, spec).await {
+            // Checked again after the barrier, and the queueing bounded by what is
+            // left of the fence: a scheduler that loses its lease while the broker
+            // is slow must not queue the slot after a new leader did.
+            if fence.check() != Some(lease_token) {
+                return Firing::Fenced;
+            }
+            let accepted =
+                tokio::time::timeout(fence.remaining(), api::accept(&self.jobs, spec)).await;
+            let Ok(accepted) = accepted else {
+                return Firing::Fenced;
+            };
+            match accepted {
                 Ok(_) => self.jobs.dispatcher.metrics.job_submitted(),
                 Err((_, "unknown_handler", message)) => {
                     // Nothing can run it (no server ever declared its job queue):
@@ -332,7 +380,7 @@ impl Scheduler {
         warn!(schedule = %s.name, token, "test failpoint: firing once more with a lost lease's token");
         let stale_fence = Fence::new();
         stale_fence.hold(token, Instant::now() + Duration::from_secs(5));
-        if let Firing::Stale = self.fire(s, slot, None, token, &stale_fence).await {
+        if let Firing::Stale = self.fire(s, slot, None, token, token, &stale_fence).await {
             self.stale(&s.name);
         }
     }

@@ -101,6 +101,11 @@ impl Fence {
             return None;
         }
         let until = self.state.valid_until.load(Ordering::Acquire);
+        // A hold in progress (see `hold`) changes the token around the validity:
+        // read it again, so that an old token is never paired with a new validity.
+        if self.state.token.load(Ordering::Acquire) != token {
+            return None;
+        }
         (nanos_since_epoch(Instant::now()) < until).then_some(token)
     }
 
@@ -130,6 +135,8 @@ impl Fence {
 
     /// Transport side: hold with `token`, valid until `until`.
     pub fn hold(&self, token: u64, until: Instant) {
+        // Not held while the validity changes (`check` reads the token on both sides).
+        self.state.token.store(0, Ordering::Release);
         self.state
             .valid_until
             .store(nanos_since_epoch(until), Ordering::Release);

@@ -16,12 +16,15 @@
 //!    exists at every instant. With no baton at all (a new lease) the first holder
 //!    takes token 1.
 //! 3. the holder keeps its newest baton unacknowledged and **renews** every quarter of
-//!    the fence window: it publishes the next copy of its baton (confirmed), then
-//!    acknowledges the previous one when the copy comes back. A confirmed renewal
-//!    proves that the broker still counted the holder's connection alive when it was
-//!    sent; the broker gives a silent connection up only after two to three heartbeat
-//!    intervals, so the holder's [`Fence`] stays valid for one heartbeat interval after
-//!    sending a confirmed renewal, and it fences itself when that passes unrenewed.
+//!    the fence window (the heartbeat interval negotiated with the broker): it
+//!    publishes the next copy of its baton (confirmed), and when that copy comes back
+//!    to it, acknowledges the previous one. A copy that comes back proves that this
+//!    consumer was still the active one when it was sent (a confirm alone would only
+//!    prove the connection alive: the broker may hand the baton on without closing
+//!    the channel); the broker gives a silent connection up only after two to three
+//!    heartbeat intervals, so the holder's [`Fence`] stays valid for one heartbeat
+//!    interval after sending a renewal that came back, and it fences itself when that
+//!    passes without a newer one.
 //!    (Holding a copy at most a renewal long also keeps it far from RabbitMQ's
 //!    `consumer_timeout`.)
 //! 4. release closes the channel: the broker returns the baton and activates the next
@@ -82,14 +85,19 @@ impl Mark {
     }
 }
 
-/// The fence window of a transport: how long a confirmed renewal vouches for the
-/// lease (one heartbeat interval).
-fn window(shared: &Shared) -> Duration {
-    match shared.config.heartbeat_s {
+/// The fence window of a connection: how long a renewal that came back vouches for
+/// the lease (one heartbeat interval, as negotiated with the broker: the lower of
+/// the client's and the broker's).
+fn window(link: &Link) -> Duration {
+    match link.connection.configuration().heartbeat() {
         0 => WINDOW_WITHOUT_HEARTBEATS,
         s => Duration::from_secs(u64::from(s)),
     }
 }
+
+/// How long one broker operation of a lease session may take before the session
+/// is given up (a blocked connection, a queue without a leader).
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A candidate for a lease on RabbitMQ: the handle of its driver task.
 pub(crate) struct AmqpLease {
@@ -184,15 +192,19 @@ enum End {
 /// The state of a session: waiting in line, or holding with a token.
 enum Phase {
     Waiting {
-        /// The highest token among the batons seen.
+        /// The highest token among the batons seen, and the tag of that baton (kept
+        /// unacknowledged until our own baton is confirmed; lower ones are
+        /// acknowledged at once).
         max_token: u64,
+        max_tag: Option<u64>,
         /// The number of our latest probe: only that one may end the wait.
         probe: u64,
     },
     Holding {
         token: u64,
-        /// The copy number of the newest baton published.
+        /// The copy number of the newest baton published, and when it was sent.
         copy: u64,
+        sent: Instant,
         /// The tag of the baton copy held (unacknowledged).
         held: Option<u64>,
     },
@@ -311,15 +323,22 @@ impl Driver {
     /// One attachment: open a channel, wait in line, hold, until the channel or the
     /// connection goes, or the candidate stops.
     async fn session(&mut self, link: &Link) -> End {
-        let (channel, mut consumer) = match self.open(link).await {
-            Ok(opened) => opened,
-            Err(e) => return End::Failed(e.to_string()),
+        let mut stop = self.stop.clone();
+        let opened = tokio::select! {
+            () = stopped(&mut stop) => return End::Stopped,
+            opened = tokio::time::timeout(STEP_TIMEOUT, self.open(link)) => opened,
+        };
+        let (channel, mut consumer) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => return End::Failed(e.to_string()),
+            Err(_) => return End::Failed("opening the lease channel timed out".to_owned()),
         };
         let end = self.attached(link, &channel, &mut consumer).await;
         if channel.status().connected() {
             // Closing returns the held baton to the queue and activates the next
             // candidate at once.
-            let _ = channel.close(200, "lease released".into()).await;
+            let _ = tokio::time::timeout(STEP_TIMEOUT, channel.close(200, "lease released".into()))
+                .await;
         }
         end
     }
@@ -330,7 +349,7 @@ impl Driver {
         channel: &Channel,
         consumer: &mut lapin::Consumer,
     ) -> End {
-        let window = window(&self.shared);
+        let window = window(link);
         let renew_every = window / 4;
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         let probe = Mark {
@@ -339,15 +358,23 @@ impl Driver {
             nonce: nonce.clone(),
             copy: 0,
         };
-        if let Err(e) = self.publish(channel, &probe).await {
-            return End::Failed(e);
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            () = stopped(&mut stop) => return End::Stopped,
+            published = tokio::time::timeout(STEP_TIMEOUT, self.publish(channel, &probe)) => {
+                match published {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return End::Failed(e),
+                    Err(_) => return End::Failed("a lease probe was not confirmed in time".to_owned()),
+                }
+            }
         }
         let mut phase = Phase::Waiting {
             max_token: 0,
+            max_tag: None,
             probe: 0,
         };
         let mut renew_at = Instant::now() + renew_every;
-        let mut stop = self.stop.clone();
         loop {
             let holding = matches!(phase, Phase::Holding { .. });
             let valid_for = self.fence.remaining();
@@ -361,11 +388,11 @@ impl Driver {
                     return End::Failed("connection lost".to_owned());
                 }
                 () = tokio::time::sleep(valid_for), if holding => {
-                    self.lost(&phase, "no renewal was confirmed within the fence window");
-                    return End::Failed("renewal not confirmed in time".to_owned());
+                    self.lost(&phase, "no renewal came back within the fence window");
+                    return End::Failed("renewal not back in time".to_owned());
                 }
                 () = tokio::time::sleep_until(renew_at), if holding => {
-                    if let Err(reason) = self.renew(channel, &mut phase, &nonce, window).await {
+                    if let Err(reason) = self.renew(channel, &mut phase, &nonce).await {
                         self.lost(&phase, &reason);
                         return End::Failed(reason);
                     }
@@ -399,30 +426,29 @@ impl Driver {
         }
     }
 
-    async fn renew(
-        &self,
-        channel: &Channel,
-        phase: &mut Phase,
-        nonce: &str,
-        window: Duration,
-    ) -> Result<(), String> {
-        let Phase::Holding { token, copy, .. } = phase else {
+    /// Publish the next copy of the baton. The fence is extended only when the copy
+    /// comes back to this consumer (see `on_message`): a confirm proves that the
+    /// connection is alive, not that this consumer is still the active one (the
+    /// broker may have handed the baton on without closing our channel, e.g. when
+    /// our node lost the queue's leader for a moment).
+    async fn renew(&self, channel: &Channel, phase: &mut Phase, nonce: &str) -> Result<(), String> {
+        let Phase::Holding {
+            token, copy, sent, ..
+        } = phase
+        else {
             return Ok(());
         };
         *copy += 1;
+        *sent = Instant::now();
         let mark = Mark {
             kind: "baton".to_owned(),
             token: *token,
             nonce: nonce.to_owned(),
             copy: *copy,
         };
-        let sent = Instant::now();
-        let deadline = sent + self.fence.remaining();
+        let deadline = *sent + self.fence.remaining();
         match tokio::time::timeout_at(deadline, self.publish(channel, &mark)).await {
-            Ok(Ok(())) => {
-                self.fence.extend(sent + window);
-                Ok(())
-            }
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("no renewal was confirmed within the fence window".to_owned()),
         }
@@ -443,26 +469,39 @@ impl Driver {
             return Self::ack(channel, tag, false).await;
         };
         match phase {
-            Phase::Waiting { max_token, probe } => {
+            Phase::Waiting {
+                max_token,
+                max_tag,
+                probe,
+            } => {
                 let ours = mark.kind == "probe" && mark.nonce == nonce;
                 if !ours || mark.copy != *probe {
-                    if mark.kind == "baton" {
-                        *max_token = (*max_token).max(mark.token);
+                    // Keep only the highest baton (unacknowledged until our own is
+                    // confirmed, so that one with the highest token always exists);
+                    // everything else goes at once, so nothing piles up.
+                    if mark.kind == "baton" && (max_tag.is_none() || mark.token > *max_token) {
+                        *max_token = mark.token;
+                        if let Some(lower) = max_tag.replace(tag) {
+                            Self::ack(channel, lower, false).await?;
+                        }
+                    } else {
+                        Self::ack(channel, tag, false).await?;
                     }
-                    // Receiving anything means we are the active consumer now; our
-                    // first probe may have gone to the holder before us, so probe
-                    // again: when that one arrives, every baton before it has been
-                    // seen. (Everything stays unacknowledged until our own baton is
-                    // confirmed.)
-                    if !ours {
-                        *probe += 1;
+                    // Receiving anything means we are the active consumer now (we
+                    // stay so until our channel closes); our first probe may have
+                    // gone to the holder before us, so probe once more: when that
+                    // one arrives, every baton before it has been seen.
+                    if *probe == 0 && !ours {
+                        *probe = 1;
                         let again = Mark {
                             kind: "probe".to_owned(),
                             token: 0,
                             nonce: nonce.to_owned(),
-                            copy: *probe,
+                            copy: 1,
                         };
-                        self.publish(channel, &again).await?;
+                        tokio::time::timeout(STEP_TIMEOUT, self.publish(channel, &again))
+                            .await
+                            .map_err(|_| "a lease probe was not confirmed in time".to_owned())??;
                     }
                     return Ok(());
                 }
@@ -478,21 +517,30 @@ impl Driver {
                     .await
                     .map_err(|_| "the new baton was not confirmed in time".to_owned())??;
                 self.fence.hold(token, sent + window);
-                // Every message up to our probe: the old batons and the probes.
+                // Every message up to our probe: the highest old baton.
                 Self::ack(channel, tag, true).await?;
                 *phase = Phase::Holding {
                     token,
                     copy: 0,
+                    sent,
                     held: None,
                 };
                 info!(queue = %self.queue, token, "lease acquired");
                 let _ = self.events.send(LeaseEvent::Acquired { token });
                 Ok(())
             }
-            Phase::Holding { token, copy, held } => {
+            Phase::Holding {
+                token,
+                copy,
+                sent,
+                held,
+            } => {
                 if mark.kind == "baton" && mark.nonce == nonce {
                     if mark.copy == *copy {
-                        // Our newest copy: hold it, let the previous one go.
+                        // Our newest copy came back to us: we are still the active
+                        // consumer, as of when it was sent. Hold it, let the
+                        // previous one go.
+                        self.fence.extend(*sent + window);
                         if let Some(previous) = held.replace(tag) {
                             Self::ack(channel, previous, false).await?;
                         }

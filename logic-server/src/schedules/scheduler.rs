@@ -13,6 +13,7 @@
 
 use super::plan::{self, Schedule};
 use crate::context::{Effects, RecordWrite};
+use crate::dispatch::unix_ms_now;
 use crate::jobs::{Jobs, api};
 use chrono::{DateTime, Utc};
 use keelson_protocol::job::{JobSpec, JobState};
@@ -57,10 +58,6 @@ enum Firing {
     Fenced,
     /// Could not be queued now (the broker is away): try again.
     Failed(String),
-}
-
-fn unix_ms_now() -> u64 {
-    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
 fn from_unix(s: i64) -> Option<DateTime<Utc>> {
